@@ -1,0 +1,345 @@
+"""Typed, validated recipe configuration.
+
+A recipe config is a YAML file under ``recipes/`` whose keys mirror the dataclasses below. Loading
+checks every key and every value's type: an unknown key or a value of the wrong type stops with a
+:class:`ConfigError` that names the key and the file, and for unknown keys lists the valid ones.
+
+A config may start from another with ``base: other.yaml`` (resolved relative to the file); its own
+keys then override the base's, section by section. Command-line overrides use dotted keys,
+``corpus.simulation.seed=3``, and go through the same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe config has an unknown key, a value of the wrong type, or an invalid value."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulationConfig:
+    """Size and acoustics of the simulated CHiME-6 corpus (stage 0 without ``--corpus-dir``)."""
+
+    seed: int = 20201130
+    # Minutes of conversation per session; CHiME-6's sessions are about 2.5 h each.
+    train_minutes_per_session: float = 6.0
+    eval_minutes_per_session: float = 4.0  # dev and eval sessions
+    # Far-field arrays U01..U0N (CHiME-6 has 6; S01 lacks U03 and S05 lacks U04 as in the real corpus).
+    num_arrays: int = 2
+    # Arrays dominate disk use (4 channels each): render them for dev and eval, for train on request.
+    train_arrays: bool = False
+    # Speech synthesis engines whose voices are used; every engine gives male and female voices.
+    engines: list[str] = field(default_factory=lambda: ["espeak-ng", "flite", "festival"])
+    # Distinct sentences in the training text pool (dev and eval draw from a disjoint pool).
+    train_sentences: int = 4000
+    eval_sentences: int = 600
+    # Sentences are restricted to this many most frequent words of the text source, so that the
+    # test sets' out-of-vocabulary rate stays small enough for WER to be meaningful.
+    vocabulary_size: int = 4000
+    min_words: int = 3
+    max_words: int = 16
+    # Conversation: probability that a turn overlaps the previous one, and silence between turns.
+    overlap_probability: float = 0.2
+    max_overlap_seconds: float = 1.5
+    mean_pause_seconds: float = 0.4
+    backchannel_probability: float = 0.08
+    # Annotation tags as in the real transcripts.
+    tag_probability: float = 0.04
+    redacted_probability: float = 0.01
+    # Room acoustics: reverberation time range (s) and diffuse noise level at the arrays (SNR, dB).
+    rt60_range: list[float] = field(default_factory=lambda: [0.25, 0.6])
+    snr_db_range: list[float] = field(default_factory=lambda: [8.0, 20.0])
+    # Attenuation of the other speakers at a worn microphone, beyond what distance gives (dB).
+    worn_crosstalk_db: float = 6.0
+
+
+@dataclass
+class CorpusConfig:
+    """Where the corpus comes from: a real CHiME-6 copy (``dir``) or the simulation."""
+
+    dir: Optional[str] = None  # a real CHiME-6 directory; None = simulate under data_dir/corpus
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+@dataclass
+class ManifestConfig:
+    """Stage 1: lhotse manifests."""
+
+    mics: list[str] = field(default_factory=lambda: ["ihm", "mdm"])
+    # Parts whose array (mdm) manifests are prepared; train needs arrays rendered or a real corpus.
+    mdm_parts: list[str] = field(default_factory=lambda: ["dev", "eval"])
+
+
+@dataclass
+class FeatureConfig:
+    """Stage 2: log-mel filterbanks."""
+
+    num_mel_bins: int = 80
+    num_jobs: int = 2
+    # Array channel used for evaluation on array microphones (0 = CH1); enhancement comes later.
+    reference_channel: int = 0
+    # Worn microphones are binaural; the channel used (0 = left).
+    worn_channel: int = 0
+
+
+@dataclass
+class TokenizerConfig:
+    """Stage 3: sentencepiece model."""
+
+    vocab_size: int = 300
+    model_type: Literal["bpe", "unigram", "char"] = "bpe"
+    character_coverage: float = 1.0
+
+
+@dataclass
+class RecipeConfig:
+    """The whole recipe."""
+
+    data_dir: str = "data/chime6_sim"
+    exp_dir: str = "exp/chime6_sim"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    manifests: ManifestConfig = field(default_factory=ManifestConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    # Filled in by the loader, not by the file.
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections (all when none are named), for stage markers."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against type ``tp``; return it (ints are accepted where floats are)."""
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(
+            f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail()
+        return _build(tp, value, source, prefix=key + ".")
+    if origin is Literal:
+        if value not in get_args(tp):
+            fail()
+        return value
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        fail()
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, list):
+            fail()
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            fail()
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _public_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    fields = _public_fields(cls)
+    hints = get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}'"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f"; valid keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name, source) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: key 'base' expects str (a config file), got {base!r}")
+        data = _deep_merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.subkey=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Load and validate a recipe config, applying ``key=value`` overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        data = _read_yaml(Path(path))
+        source = str(path)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
+    cfg = _build(RecipeConfig, data, source)
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RecipeConfig) -> None:
+    """Checks of values beyond their types."""
+    src = cfg.source
+    sim = cfg.corpus.simulation
+
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"{src}: key '{key}' {what}")
+
+    need(sim.train_minutes_per_session > 0, "corpus.simulation.train_minutes_per_session", "must be > 0")
+    need(sim.eval_minutes_per_session > 0, "corpus.simulation.eval_minutes_per_session", "must be > 0")
+    need(0 <= sim.num_arrays <= 6, "corpus.simulation.num_arrays", "must be between 0 and 6")
+    known_engines = {"espeak-ng", "flite", "festival"}
+    need(
+        bool(sim.engines) and set(sim.engines) <= known_engines,
+        "corpus.simulation.engines",
+        f"must be a non-empty list from {sorted(known_engines)}",
+    )
+    need(len(sim.rt60_range) == 2 and 0 < sim.rt60_range[0] <= sim.rt60_range[1],
+         "corpus.simulation.rt60_range", "must be [low, high] seconds with 0 < low <= high")
+    need(len(sim.snr_db_range) == 2 and sim.snr_db_range[0] <= sim.snr_db_range[1],
+         "corpus.simulation.snr_db_range", "must be [low, high] dB with low <= high")
+    need(0 <= sim.overlap_probability <= 1, "corpus.simulation.overlap_probability", "must be in [0, 1]")
+    need(1 <= sim.min_words <= sim.max_words, "corpus.simulation.min_words", "must be >= 1 and <= max_words")
+    need(set(cfg.manifests.mics) <= {"ihm", "mdm"} and cfg.manifests.mics,
+         "manifests.mics", "must be a non-empty list from ['ihm', 'mdm']")
+    need(set(cfg.manifests.mdm_parts) <= {"train", "dev", "eval"}, "manifests.mdm_parts",
+         "must be a list from ['train', 'dev', 'eval']")
+    need(0 <= cfg.features.reference_channel <= 3, "features.reference_channel", "must be 0..3 (CH1..CH4)")
+    need(cfg.features.worn_channel in (0, 1), "features.worn_channel", "must be 0 or 1")
+    need(cfg.features.num_jobs >= 1, "features.num_jobs", "must be >= 1")
+    need(cfg.tokenizer.vocab_size >= 10, "tokenizer.vocab_size", "must be >= 10")
+
+
+def dump_config(cfg: RecipeConfig, path: str | Path) -> None:
+    from asr_parallel.utils.io import atomic_write_text
+
+    atomic_write_text(path, f"# effective config, from {cfg.source}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def add_config_args(parser) -> None:
+    """The options every stage entry point shares."""
+    parser.add_argument("--config", default="recipes/chime6_sim.yaml", help="recipe config (YAML)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set corpus.simulation.seed=3 (repeatable)",
+    )

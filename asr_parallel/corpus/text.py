@@ -1,0 +1,104 @@
+"""Real English sentences for the simulated corpus, from Debian's fortune-cookie files.
+
+Source: the ``fortunes`` and ``fortunes-min`` Debian packages (fortune-mod 1.99.1, BSD licence;
+see /usr/share/doc/fortunes/copyright). The files hold quotations, jokes and sayings separated by
+lines containing ``%``. They are split into sentences and only sentences a speaker could read aloud
+are kept: letters, apostrophes and ordinary punctuation, no digits, URLs or code.
+
+To make word error rate meaningful on a small corpus, sentences are restricted to the most
+frequent words of the source (``vocabulary_size``); train and test sentence pools are disjoint, so
+the test sets hold new sentences over a shared vocabulary, as real conversations do.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+# Files of pictures, definitions or non-English material; the rest is prose.
+EXCLUDED_FILES = {"art", "ascii-art", "translate-me", "perl", "linux", "debian", "definitions"}
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ALLOWED = re.compile(r"^[A-Za-z' ,.!?]+$")
+_ATTRIBUTION = re.compile(r"^\s*--")
+
+
+@dataclass(frozen=True)
+class SentencePools:
+    train: list[str]
+    eval: list[str]
+    vocabulary: list[str]
+
+
+def words_of(sentence: str) -> list[str]:
+    """Lower-cased words of a display sentence, punctuation removed (Kaldi-style)."""
+    return [w.strip("'") for w in re.sub(r"[.?,:;!]", " ", sentence.lower()).split() if w.strip("'")]
+
+
+def _clean(sentence: str) -> str | None:
+    s = sentence.replace("\t", " ").replace('"', "").replace("`", "'")
+    s = s.replace(" -- ", ", ").replace("--", ", ").replace(" - ", ", ")
+    s = re.sub(r"\s+", " ", s).strip().strip("()")
+    if not s or not _ALLOWED.match(s):
+        return None
+    # Only sentences that start as sentences do and contain no shouting or initials.
+    if not s[0].isupper() or re.search(r"[A-Z]{3,}", s) or re.search(r"\b[A-Za-z]\.", s[:-1]):
+        return None
+    if s[-1] not in ".!?":
+        s += "."
+    return s
+
+
+def read_fortune_sentences(directory: Path = FORTUNE_DIR) -> list[str]:
+    """All usable sentences of the fortune files, in a fixed order, without duplicates."""
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{directory}: the fortune text files are missing; install the Debian packages "
+            "'fortunes' and 'fortunes-min' (tools/setup.sh does this when run as root)"
+        )
+    seen: set[str] = set()
+    out: list[str] = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix or path.name in EXCLUDED_FILES or not path.is_file():
+            continue
+        text = path.read_text(encoding="latin-1")
+        for entry in text.split("\n%\n"):
+            lines = [ln for ln in entry.splitlines() if not _ATTRIBUTION.match(ln)]
+            joined = " ".join(lines).replace('"', "")
+            for raw in _SENTENCE_END.split(joined):
+                s = _clean(raw)
+                if s and s.lower() not in seen:
+                    seen.add(s.lower())
+                    out.append(s)
+    return out
+
+
+def sentence_pools(
+    train_sentences: int,
+    eval_sentences: int,
+    vocabulary_size: int,
+    min_words: int,
+    max_words: int,
+    seed: int,
+    directory: Path = FORTUNE_DIR,
+) -> SentencePools:
+    """Disjoint train and eval sentence pools over the ``vocabulary_size`` most frequent words."""
+    sentences = [s for s in read_fortune_sentences(directory) if min_words <= len(words_of(s)) <= max_words]
+    counts = Counter(w for s in sentences for w in words_of(s))
+    vocabulary = {w for w, _ in counts.most_common(vocabulary_size)}
+    usable = [s for s in sentences if all(w in vocabulary for w in words_of(s))]
+    random.Random(seed).shuffle(usable)
+    need = train_sentences + eval_sentences
+    if len(usable) < need:
+        raise ValueError(
+            f"only {len(usable)} sentences of {min_words}-{max_words} words use the {vocabulary_size} most "
+            f"frequent words of {directory}; {need} were asked for (train_sentences + eval_sentences): "
+            "raise vocabulary_size or ask for fewer sentences"
+        )
+    eval_pool, train_pool = usable[:eval_sentences], usable[eval_sentences:need]
+    used_vocab = sorted({w for s in train_pool + eval_pool for w in words_of(s)})
+    return SentencePools(train=train_pool, eval=eval_pool, vocabulary=used_vocab)
