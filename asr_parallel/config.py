@@ -46,12 +46,18 @@ class SimulationConfig:
     train_arrays: bool = False
     # Speech synthesis engines whose voices are used; every engine gives male and female voices.
     engines: list[str] = field(default_factory=lambda: ["espeak-ng", "flite", "festival"])
-    # Distinct sentences in the training text pool (dev and eval draw from a disjoint pool).
-    train_sentences: int = 4000
-    eval_sentences: int = 600
-    # Sentences are restricted to this many most frequent words of the text source, so that the
-    # test sets' out-of-vocabulary rate stays small enough for WER to be meaningful.
-    vocabulary_size: int = 4000
+    # Distinct base voices (engine, voice, variant) the 80 speakers are drawn from; 0 = all of them
+    # (152 with the three engines). Rate and pitch make every speaker's voice distinct regardless.
+    base_voice_limit: int = 0
+    # Distinct sentences in the training text pool (dev and eval draw from a disjoint pool). The
+    # training sessions together go through their pool; size it near the number of training turns.
+    train_sentences: int = 2400
+    eval_sentences: int = 500
+    # Sentences are restricted to this many most frequent words of the text source, and at most this
+    # fraction of eval sentences holds a word no training sentence has: the test sets'
+    # out-of-vocabulary rate stays small enough for WER to be meaningful.
+    vocabulary_size: int = 3000
+    eval_oov_sentence_fraction: float = 0.1
     min_words: int = 3
     max_words: int = 16
     # Conversation: probability that a turn overlaps the previous one, and silence between turns.
@@ -318,6 +324,9 @@ def validate(cfg: RecipeConfig) -> None:
          "corpus.simulation.rt60_range", "must be [low, high] seconds with 0 < low <= high")
     need(len(sim.snr_db_range) == 2 and sim.snr_db_range[0] <= sim.snr_db_range[1],
          "corpus.simulation.snr_db_range", "must be [low, high] dB with low <= high")
+    need(sim.base_voice_limit == 0 or sim.base_voice_limit >= 2 * len(sim.engines),
+         "corpus.simulation.base_voice_limit", "must be 0 (all) or at least 2 per engine (a male and a female)")
+    need(0 <= sim.eval_oov_sentence_fraction <= 1, "corpus.simulation.eval_oov_sentence_fraction", "must be in [0, 1]")
     need(0 <= sim.overlap_probability <= 1, "corpus.simulation.overlap_probability", "must be in [0, 1]")
     need(1 <= sim.min_words <= sim.max_words, "corpus.simulation.min_words", "must be >= 1 and <= max_words")
     need(set(cfg.manifests.mics) <= {"ihm", "mdm"} and cfg.manifests.mics,

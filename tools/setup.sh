@@ -43,7 +43,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install --upgrade pip setuptools wheel
+"${pip[@]}" install --upgrade pip "setuptools<82" wheel  # torch 2.11 requires setuptools<82
 # Pinned together first, so that no later resolution pulls another torch.
 "${pip[@]}" install "torch==2.11.0" "torchaudio==2.11.0"
 "${pip[@]}" install -e ".[test]"

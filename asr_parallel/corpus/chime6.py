@@ -100,6 +100,29 @@ class CheckReport:
         return "\n".join([head] + [f"  - {p}" for p in shown] + more)
 
 
+def _wav_data_shortfall(path: Path) -> int:
+    """Bytes that a RIFF/WAVE file's ``data`` chunk announces but the file does not hold (0 if whole).
+
+    libsndfile quietly shortens a truncated file's frame count to what is there, so the header is read
+    here: chunks are walked from the 12-byte RIFF header to the ``data`` chunk (RF64 and odd files: 0).
+    """
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            cid, clen = struct.unpack("<4sI", f.read(8))
+            if cid == b"data":
+                return max(0, pos + 8 + clen - size)
+            pos += 8 + clen + (clen & 1)
+    return 0
+
+
 def check_wav(path: Path, channels: int | None = None) -> str | None:
     """None if ``path`` is a readable 16 kHz wav whose data is complete, else what is wrong."""
     try:
@@ -112,12 +135,9 @@ def check_wav(path: Path, channels: int | None = None) -> str | None:
         return f"{path}: {info.channels} channel(s), expected {channels}"
     if info.frames <= 0:
         return f"{path}: holds no audio samples"
-    if info.format == "WAV" and info.subtype in ("PCM_16", "PCM_24", "PCM_32", "FLOAT"):
-        width = {"PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4}[info.subtype]
-        expected = info.frames * info.channels * width
-        size = path.stat().st_size
-        if size < expected:  # the header promises more data than the file holds
-            return f"{path}: truncated: header announces {expected} bytes of samples, file has {size} bytes"
+    missing = _wav_data_shortfall(path)
+    if missing:
+        return f"{path}: truncated: its header announces {missing} more bytes of samples than the file holds"
     return None
 
 

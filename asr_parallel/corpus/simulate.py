@@ -24,11 +24,11 @@ and marked done, so an interrupted run resumes with the sessions it had not fini
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
-import os
 import random
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +97,12 @@ def assign_voices(cfg: SimulationConfig) -> dict[str, Voice]:
     """
     rng = random.Random(cfg.seed)
     pool = base_voices(cfg.engines)
+    if cfg.base_voice_limit:
+        # Keep one male and one female base voice per engine, then fill up to the limit at random.
+        keep = {next(b for b in pool if b[0] == e and b[3] == g) for e in cfg.engines for g in ("male", "female")
+                if any(b[0] == e and b[3] == g for b in pool)}
+        rest = [b for b in pool if b not in keep]
+        pool = sorted(keep | set(rng.sample(rest, max(0, min(len(rest), cfg.base_voice_limit - len(keep))))))
     by_engine = {e: [b for b in pool if b[0] == e] for e in cfg.engines}
     speakers = session_speakers()
     train_ids = [p for s in chime6.SESSIONS["train"] for p in speakers[s]]
@@ -140,13 +146,26 @@ def assign_voices(cfg: SimulationConfig) -> dict[str, Voice]:
 
 def plan_utterances(rng: random.Random, cfg: SimulationConfig, speakers: list[str], sentences: list[str],
                     minutes: float) -> list[Utterance]:
-    """Texts and speakers of a conversation long enough to fill ``minutes`` (timing comes later)."""
+    """Texts and speakers of a conversation long enough to fill ``minutes`` (timing comes later).
+
+    ``sentences`` is this session's share of the text pool; it is gone through in a shuffled order
+    (and again if the session is long), so that the sessions of a part together cover their pool.
+    """
     target = minutes * 60 * 1.15  # a margin: actual durations are known only after synthesis
-    est, out, last = 0.0, [], None
+    order = list(sentences)
+    rng.shuffle(order)
+    est, out, last, next_sentence = 0.0, [], None, 0
+
+    def take() -> str:
+        nonlocal next_sentence
+        s = order[next_sentence % len(order)]
+        next_sentence += 1
+        return s
+
     while est < target:
         spk = rng.choice([s for s in speakers if s != last] if last and rng.random() < 0.9 else speakers)
         n = 1 if rng.random() < 0.7 else 2
-        text = " ".join(rng.choice(sentences) for _ in range(n))
+        text = " ".join(take() for _ in range(n))
         utt = Utterance(speaker=spk, words=text, spoken=text)
         r = rng.random()
         if r < cfg.redacted_probability:
@@ -461,24 +480,28 @@ def _session_job(args) -> dict:
 def simulate_corpus(corpus: str | Path, state_dir: str | Path, cfg: SimulationConfig, num_jobs: int = 1) -> dict:
     """Generate (or finish generating) the whole corpus; returns and writes its totals."""
     corpus, state_dir = Path(corpus), Path(state_dir)
-    fingerprint = json.dumps(asdict(cfg), sort_keys=True)
-    import hashlib
-
-    fp = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    fp = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
     voices = assign_voices(cfg)
     pools = sentence_pools(cfg.train_sentences, cfg.eval_sentences, cfg.vocabulary_size,
-                           cfg.min_words, cfg.max_words, cfg.seed)
+                           cfg.min_words, cfg.max_words, cfg.seed, cfg.eval_oov_sentence_fraction)
     atomic_write_json(state_dir / "voices.json", {p: asdict(v) | {"key": v.key()} for p, v in sorted(voices.items())})
     atomic_write_json(state_dir / "sentences.json", {"train": pools.train, "eval": pools.eval})
 
     todo, stats = [], {}
+    test_sessions = chime6.SESSIONS["dev"] + chime6.SESSIONS["eval"]
     for part, sessions in chime6.SESSIONS.items():
         for session in sessions:
             marker = StageMarker(state_dir, f"sim_{session}", fp)
             if marker.is_done():
                 stats[session] = json.loads(marker.path.read_text())["stats"]
             else:
-                sentences = pools.train if part == "train" else pools.eval
+                # Each session speaks its own share of the pool: training sessions together cover the
+                # training text, and dev and eval hold different sentences.
+                if part == "train":
+                    i = chime6.SESSIONS["train"].index(session)
+                    sentences = pools.train[i::len(chime6.SESSIONS["train"])]
+                else:
+                    sentences = pools.eval[test_sessions.index(session)::len(test_sessions)]
                 todo.append((str(corpus), session, cfg, voices, sentences, str(state_dir / "tmp" / session)))
     if todo:
         log.info("simulating %d of 20 sessions with %d job(s)", len(todo), num_jobs)
@@ -488,6 +511,7 @@ def simulate_corpus(corpus: str | Path, state_dir: str | Path, cfg: SimulationCo
         for result in tqdm(pool.map(_session_job, todo), total=len(todo), desc="sessions", disable=not todo):
             StageMarker(state_dir, f"sim_{result['session']}", fp).mark_done(stats=result)
             stats[result["session"]] = result
+    shutil.rmtree(state_dir / "tmp", ignore_errors=True)
     summary = summarize(stats, voices)
     atomic_write_json(state_dir / "corpus_summary.json", summary)
     return summary

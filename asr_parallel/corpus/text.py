@@ -84,21 +84,37 @@ def sentence_pools(
     min_words: int,
     max_words: int,
     seed: int,
+    eval_oov_sentence_fraction: float = 0.1,
     directory: Path = FORTUNE_DIR,
 ) -> SentencePools:
-    """Disjoint train and eval sentence pools over the ``vocabulary_size`` most frequent words."""
+    """Disjoint train and eval sentence pools over the ``vocabulary_size`` most frequent words.
+
+    Eval sentences are new sentences, but only ``eval_oov_sentence_fraction`` of them may hold a
+    word that no training sentence has: that keeps the test sets' out-of-vocabulary rate near the
+    1-2 % of a real recognition task instead of letting it grow with the size of the text source.
+    """
     sentences = [s for s in read_fortune_sentences(directory) if min_words <= len(words_of(s)) <= max_words]
     counts = Counter(w for s in sentences for w in words_of(s))
     vocabulary = {w for w, _ in counts.most_common(vocabulary_size)}
     usable = [s for s in sentences if all(w in vocabulary for w in words_of(s))]
     random.Random(seed).shuffle(usable)
-    need = train_sentences + eval_sentences
-    if len(usable) < need:
+    if len(usable) < train_sentences + eval_sentences:
         raise ValueError(
             f"only {len(usable)} sentences of {min_words}-{max_words} words use the {vocabulary_size} most "
-            f"frequent words of {directory}; {need} were asked for (train_sentences + eval_sentences): "
-            "raise vocabulary_size or ask for fewer sentences"
+            f"frequent words of {directory}; {train_sentences + eval_sentences} were asked for "
+            "(train_sentences + eval_sentences): raise vocabulary_size or ask for fewer sentences"
         )
-    eval_pool, train_pool = usable[:eval_sentences], usable[eval_sentences:need]
+    train_pool, rest = usable[:train_sentences], usable[train_sentences:]
+    train_vocab = {w for s in train_pool for w in words_of(s)}
+    covered = [s for s in rest if all(w in train_vocab for w in words_of(s))]
+    uncovered = [s for s in rest if not all(w in train_vocab for w in words_of(s))]
+    n_oov = int(round(eval_sentences * eval_oov_sentence_fraction))
+    if len(covered) < eval_sentences - n_oov:
+        raise ValueError(
+            f"only {len(covered)} unused sentences are covered by the training sentences' words; "
+            f"{eval_sentences - n_oov} were asked for: raise train_sentences or lower eval_sentences"
+        )
+    eval_pool = covered[: eval_sentences - n_oov] + uncovered[:n_oov]
+    random.Random(seed + 1).shuffle(eval_pool)
     used_vocab = sorted({w for s in train_pool + eval_pool for w in words_of(s)})
     return SentencePools(train=train_pool, eval=eval_pool, vocabulary=used_vocab)

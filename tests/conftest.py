@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests keep torch to one thread: two ranks on two cores is the normal setting."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from chime6_fixture import TINY_SIMULATION, make_fixture_corpus  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def fixture_corpus(tmp_path_factory) -> Path:
+    """A tiny hand-made corpus in the real CHiME-6 layout (not produced by the simulator)."""
+    root = tmp_path_factory.mktemp("chime6_fixture") / "CHiME6"
+    make_fixture_corpus(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def simulated(tmp_path_factory) -> Path:
+    """A tiny simulated corpus (stage 0 only); returns the data dir."""
+    from asr_parallel.config import load_config
+    from asr_parallel.corpus.simulate import simulate_corpus
+
+    data = tmp_path_factory.mktemp("sim")
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", TINY_SIMULATION + [f"data_dir={data}"])
+    simulate_corpus(data / "corpus", data, cfg.corpus.simulation, num_jobs=2)
+    return data

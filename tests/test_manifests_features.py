@@ -1,0 +1,110 @@
+"""Stages 1-3 on the tiny simulated corpus: lhotse reads it, counts match, features and BPE."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asr_parallel.corpus import chime6
+from chime6_fixture import TINY_SIMULATION
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(module_or_script: str, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable] + (["-m", module_or_script] if not module_or_script.endswith(".py")
+                              else [str(REPO / module_or_script)])
+    cmd += ["--config", str(REPO / "recipes/chime6_sim.yaml"), "--set", f"data_dir={data}"]
+    for o in TINY_SIMULATION:
+        cmd += ["--set", o]
+    cmd += list(extra)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def prepared(simulated):
+    """Stages 0 (already generated: only marked), 1, 2 and 3 on the simulated corpus."""
+    for step in ["local/prepare_corpus.py", "local/prepare_manifests.py", "asr_parallel.bin.compute_fbank",
+                 "asr_parallel.bin.train_bpe"]:
+        r = run_stage(step, simulated)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return simulated
+
+
+def test_manifest_counts_match_generator(prepared):
+    from lhotse import load_manifest
+
+    corpus = prepared / "corpus"
+    summary = json.loads((prepared / "manifests" / "summary.json").read_text())
+    for part, sessions in chime6.SESSIONS.items():
+        segs = [s for session in sessions
+                for s in json.loads(chime6.transcript_file(corpus, part, session).read_text())]
+        usable = [s for s in segs if "[redacted]" not in s["words"]]
+        cuts = load_manifest(prepared / "manifests" / f"chime6-ihm_cuts_{part}.jsonl.gz")
+        assert len(cuts) == len(usable)
+        assert summary["splits"][f"ihm/{part}"]["dropped_empty_text"] == len(segs) - len(usable)
+        speakers = {s["speaker"] for s in usable}
+        assert {c.supervisions[0].speaker for c in cuts} == speakers
+        if part != "train":
+            mdm = load_manifest(prepared / "manifests" / f"chime6-mdm_cuts_{part}.jsonl.gz")
+            assert len(mdm) == len(usable)
+            for cut in mdm:
+                # the reference array's CH1
+                src = Path(cut.recording.sources[cut.channel].source).name
+                assert src.endswith(".CH1.wav")
+            refs = sorted(s["ref"] for s in usable)
+            assert sorted(c.id.split("_")[2].split("-")[0] for c in mdm) == refs
+
+
+def test_worn_cuts_use_the_wearers_own_microphone(prepared):
+    from lhotse import load_manifest
+
+    cuts = load_manifest(prepared / "manifests" / "chime6-ihm_cuts_dev.jsonl.gz")
+    for cut in cuts:
+        src = Path(cut.recording.sources[cut.channel // 2].source).name
+        assert src == f"{cut.recording_id}_{cut.supervisions[0].speaker}.wav"
+        assert cut.channel % 2 == 0  # left channel (features.worn_channel = 0)
+        text = cut.supervisions[0].text
+        assert text == text.lower() and "." not in text and "[redacted]" not in text
+
+
+def test_feature_shapes(prepared):
+    from lhotse import load_manifest
+
+    for name in ["ihm_cuts_train", "ihm_cuts_dev", "mdm_cuts_eval"]:
+        cuts = load_manifest(prepared / "fbank" / f"chime6-{name}.jsonl.gz")
+        for cut in list(cuts)[:5]:
+            feats = cut.load_features()
+            assert feats.shape == (cut.num_frames, 80)
+            assert abs(cut.num_frames - round(cut.duration * 100)) <= 2
+            assert feats.std() > 0.1
+
+
+def test_tokenizer_tables(prepared):
+    import sentencepiece as spm
+
+    lang = prepared / "lang_bpe_60"
+    sp = spm.SentencePieceProcessor(model_file=str(lang / "bpe.model"))
+    tokens = [line.split() for line in (lang / "tokens.txt").read_text().splitlines()]
+    assert tokens[0] == ["<blk>", "0"] and tokens[2] == ["<unk>", "2"]
+    assert len(tokens) == sp.get_piece_size()
+    words = [line.split()[0] for line in (lang / "words.txt").read_text().splitlines()]
+    assert words[:3] == ["<eps>", "!SIL", "<UNK>"] and words[-3:] == ["#0", "<s>", "</s>"]
+    lexicon = dict(line.split(" ", 1) for line in (lang / "lexicon.txt").read_text().splitlines())
+    assert set(lexicon) == set(words[3:-3])
+    assert all("[" not in w for w in lexicon)  # event tags are not words
+    w = words[3]
+    assert sp.decode(lexicon[w].split()) == w
+
+
+def test_stages_are_idempotent(prepared):
+    before = {p: p.stat().st_mtime_ns for p in (prepared / "fbank").glob("*.jsonl.gz")}
+    for step in ["local/prepare_manifests.py", "asr_parallel.bin.compute_fbank"]:
+        r = run_stage(step, prepared)
+        assert r.returncode == 0 and "already done" in r.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in (prepared / "fbank").glob("*.jsonl.gz")}
+    # A changed config redoes the stage.
+    r = run_stage("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=50")
+    assert r.returncode == 0 and (prepared / "lang_bpe_50" / "bpe.model").is_file()

@@ -1,0 +1,24 @@
+from lhotse.recipes.utils import normalize_text_chime6
+
+from asr_parallel.text import scoring_text, training_text
+
+
+def test_kaldi_normalisation_of_chime6_transcripts():
+    """The normalisation stage 1 applies (lhotse's, Kaldi-style) does what the recipe relies on."""
+    assert normalize_text_chime6("Okay. So, what?", normalize="kaldi") == "okay so what"
+    assert normalize_text_chime6("we [inaudible 0:12:34.56] later", normalize="kaldi") == "we [inaudible] later"
+    assert normalize_text_chime6("Hello [redacted] there", normalize="kaldi") == ""
+    assert normalize_text_chime6("mm- yes - no", normalize="kaldi") == "mm yes no"
+
+
+def test_training_text_drops_event_tags():
+    assert training_text("[laughs] okay so [noise] what") == "okay so what"
+    assert training_text("[inaudible]") == ""
+    assert training_text("  plain   words ") == "plain words"
+
+
+def test_scoring_rules():
+    assert scoring_text("[laughs] Okay [noise] mm mhm MMM hmm") == "okay hmm hmm hmm hmm"
+    assert scoring_text("this is [redacted]") is None
+    assert scoring_text("[inaudible]") == ""
+    assert scoring_text("mmmm summer") == "mmmm summer"  # only the listed hesitations are mapped
