@@ -26,15 +26,52 @@ def _file_fingerprint(path: Path, cfg: FeatureConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _extract_chunk(args) -> list:
+    """Worker: features of one chunk of cuts into its own lilcom archive; returns the cuts."""
+    cuts, storage, num_mel_bins = args
+    import torch
+    from lhotse import Fbank, FbankConfig, LilcomChunkyWriter
+
+    torch.set_num_threads(1)
+    extractor = Fbank(FbankConfig(num_mel_bins=num_mel_bins))
+    with LilcomChunkyWriter(storage) as writer:
+        return [cut.compute_and_store_features(extractor, writer) for cut in cuts]
+
+
+def extract(cuts, storage: Path, num_mel_bins: int, num_jobs: int, desc: str, chunk_size: int = 200):
+    """Fbank features of ``cuts`` in ``num_jobs`` processes (forked: no re-import per worker), in chunks
+    of ``chunk_size`` cuts, each written to its own archive under ``storage``; a progress bar counts cuts."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lhotse import CutSet
+    from tqdm import tqdm
+
+    storage.mkdir(parents=True, exist_ok=True)
+    cuts = list(cuts)
+    chunks = [(cuts[i:i + chunk_size], storage / f"feats-{i // chunk_size:05d}", num_mel_bins)
+              for i in range(0, len(cuts), chunk_size)]
+    out = []
+    with tqdm(total=len(cuts), desc=desc, unit="cut") as bar:
+        if num_jobs == 1:
+            results = map(_extract_chunk, chunks)
+            for done in results:
+                out += done
+                bar.update(len(done))
+        else:
+            with ProcessPoolExecutor(num_jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+                for done in pool.map(_extract_chunk, chunks):
+                    out += done
+                    bar.update(len(done))
+    return CutSet.from_cuts(out)
+
+
 def compute_fbank(manifest_dir: str | Path, out_dir: str | Path, pairs: list[tuple[str, str]],
                   cfg: FeatureConfig) -> dict:
     """Extract features for every (mic, part) in ``pairs``; returns frames per set."""
-    import torch
-    from lhotse import Fbank, FbankConfig, LilcomChunkyWriter, load_manifest
+    from lhotse import load_manifest
 
-    torch.set_num_threads(1)
     manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
-    extractor = Fbank(FbankConfig(num_mel_bins=cfg.num_mel_bins))
     stats = {}
     for mic, part in pairs:
         name = f"chime6-{mic}_cuts_{part}"
@@ -52,10 +89,7 @@ def compute_fbank(manifest_dir: str | Path, out_dir: str | Path, pairs: list[tup
         cuts = load_manifest(src)
         log.info("%s/%s: extracting %d-dim fbank for %d cuts with %d job(s)", mic, part,
                  cfg.num_mel_bins, len(cuts), cfg.num_jobs)
-        cuts = cuts.compute_and_store_features(
-            extractor=extractor, storage_path=storage, num_jobs=cfg.num_jobs,
-            storage_type=LilcomChunkyWriter,
-        )
+        cuts = extract(cuts, storage, cfg.num_mel_bins, cfg.num_jobs, desc=f"fbank {mic}/{part}")
         with atomic_path(dst) as tmp:
             cuts.to_file(tmp)
         frames = sum(c.num_frames for c in cuts)

@@ -8,7 +8,6 @@ Both are measured in one run on freshly generated sessions; nothing from data/ i
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
