@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
-stop_stage=3
+stop_stage=7
 config=recipes/chime6_sim.yaml   # recipe config under recipes/
 corpus_dir=                      # a real CHiME-6 copy; empty = the simulated corpus
 overrides=                       # config overrides, "key=value key=value"
@@ -21,6 +21,10 @@ Stages:
   1  manifests   lhotse manifests and supervision cuts per split and microphone
   2  features    80-dim log-mel filterbanks (lilcom) for worn and array microphones
   3  tokenizer   sentencepiece BPE, tokens.txt, words.txt, lexicon.txt
+  4  graph       word n-gram LM from the training transcripts, TLG decoding graph
+  5  train       acoustic model with the configured strategy (torchrun when train.world_size > 1)
+  6  decode      greedy and WFST decoding of dev and eval, worn and array microphones
+  7  score       WER by CHiME-6 rules per split, microphone, session, location; results.json
 
 Options (defaults in brackets):
   --stage N          first stage to run [$stage]
@@ -46,9 +50,10 @@ fi
 python=.venv/bin/python
 [ -x "$python" ] || { echo "run.sh: $python missing; run tools/setup.sh (or drop --setup false)" >&2; exit 1; }
 
-common=(--config "$config")
+cfg_args=(--config "$config")
+for kv in $overrides; do cfg_args+=(--set "$kv"); done
+common=("${cfg_args[@]}")
 [ -n "$corpus_dir" ] && common+=(--corpus-dir "$corpus_dir")
-for kv in $overrides; do common+=(--set "$kv"); done
 [ "$force" = true ] && common+=(--force)
 
 # run_stage N NAME COMMAND...: runs COMMAND when N is within [stage, stop_stage].
@@ -70,4 +75,19 @@ run_stage 0 corpus    "$python" local/prepare_corpus.py "${common[@]}" --num-job
 run_stage 1 manifests "$python" local/prepare_manifests.py "${common[@]}"
 run_stage 2 features  "$python" -m asr_parallel.bin.compute_fbank "${common[@]}"
 run_stage 3 tokenizer "$python" -m asr_parallel.bin.train_bpe "${common[@]}"
+run_stage 4 graph     "$python" -m asr_parallel.bin.prepare_graph "${common[@]}"
+
+# Training: one process, or torchrun with train.world_size ranks (gloo on CPU, NCCL on GPU).
+train() {
+  local world_size
+  world_size=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get train.world_size)
+  if [ "$world_size" -gt 1 ]; then
+    .venv/bin/torchrun --standalone --nproc-per-node "$world_size" -m asr_parallel.bin.train "${cfg_args[@]}"
+  else
+    "$python" -m asr_parallel.bin.train "${cfg_args[@]}"
+  fi
+}
+run_stage 5 train     train
+run_stage 6 decode    "$python" -m asr_parallel.bin.decode "${cfg_args[@]}"
+run_stage 7 score     "$python" -m asr_parallel.bin.score "${cfg_args[@]}"
 log "run.sh: stages $stage..$stop_stage finished"

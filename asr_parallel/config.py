@@ -114,6 +114,97 @@ class TokenizerConfig:
 
 
 @dataclass
+class MlpConfig:
+    """The survey's DNN: ``num_layers`` equal-width layers over spliced frames."""
+
+    num_layers: int = 6
+    hidden_dim: int = 1024
+    context_left: int = 5
+    context_right: int = 5
+    subsample: int = 3
+    dropout: float = 0.1
+
+
+@dataclass
+class TdnnConfig:
+    """Kaldi-like TDNN (TDNN-F when ``bottleneck_dim`` > 0)."""
+
+    hidden_dim: int = 512
+    kernels: list[int] = field(default_factory=lambda: [5, 3, 3, 3, 3, 3, 3])
+    dilations: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1, 1, 1])
+    subsample: int = 3
+    subsample_layer: int = 1
+    bottleneck_dim: int = 0
+    dropout: float = 0.1
+
+
+@dataclass
+class ConformerConfig:
+    """torchaudio Conformer layers behind a x4 convolutional subsampling."""
+
+    model_dim: int = 144
+    num_layers: int = 6
+    num_heads: int = 4
+    ffn_dim: int = 576
+    kernel: int = 15
+    dropout: float = 0.1
+    layers_per_stage: int = 1
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "tdnn", "conformer"] = "conformer"
+    mlp: MlpConfig = field(default_factory=MlpConfig)
+    tdnn: TdnnConfig = field(default_factory=TdnnConfig)
+    conformer: ConformerConfig = field(default_factory=ConformerConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Training loop: data, optimiser, schedule, checkpoints, logging."""
+
+    world_size: int = 1  # processes (ranks); 1 = a single process without torch.distributed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    seed: int = 42
+    epochs: int = 10
+    max_duration: float = 200.0  # seconds of audio per batch per rank (lhotse bucketing sampler)
+    num_buckets: int = 10
+    num_workers: int = 0  # data-loader worker processes per rank
+    spec_augment: bool = True
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-3
+    scheduler: Literal["constant", "warmup_cosine", "warmup_linear"] = "warmup_cosine"
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 5.0
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 3
+    max_bad_batches: int = 20  # consecutive NaN/inf losses before the run stops
+    log_every_steps: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit; for tests and benchmarks)
+    time_limit_minutes: float = 0.0  # stop at the end of the first epoch past this (0 = no limit)
+    average_last_checkpoints: int = 1  # average the model over the last N epoch checkpoints for decoding
+
+
+@dataclass
+class DecodeConfig:
+    """Language model, decoding graph and search."""
+
+    lm_order: int = 3
+    methods: list[str] = field(default_factory=lambda: ["greedy", "wfst"])
+    beam: float = 16.0
+    max_active: int = 7000
+    min_active: int = 20
+    # Tried on dev; the best by dev worn-microphone WER is applied to eval, as Kaldi's scoring does.
+    lm_weights: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 1.1])
+    blank_penalty: float = 0.0
+    batch_size: int = 16
+
+
+@dataclass
 class RecipeConfig:
     """The whole recipe."""
 
@@ -123,17 +214,23 @@ class RecipeConfig:
     manifests: ManifestConfig = field(default_factory=ManifestConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # The parallel-training strategy: {name: ..., its parameters}; see asr_parallel.strategies.
+    strategy: dict = field(default_factory=lambda: {"name": "single"})
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     # Filled in by the loader, not by the file.
     source: str = field(default="<defaults>", metadata={"internal": True})
+    strategy_params: Any = field(default=None, metadata={"internal": True}, compare=False)
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("source", None)
-        return d
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+        return json.loads(json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                      for k, v in d.items()}))
 
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections (all when none are named), for stage markers."""
@@ -212,6 +309,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             fail()
         return value
     if tp is Any:
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            fail()
         return value
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
@@ -337,6 +438,28 @@ def validate(cfg: RecipeConfig) -> None:
     need(cfg.features.worn_channel in (0, 1), "features.worn_channel", "must be 0 or 1")
     need(cfg.features.num_jobs >= 1, "features.num_jobs", "must be >= 1")
     need(cfg.tokenizer.vocab_size >= 10, "tokenizer.vocab_size", "must be >= 10")
+    tr = cfg.train
+    need(tr.world_size >= 1, "train.world_size", "must be >= 1")
+    need(tr.epochs >= 1, "train.epochs", "must be >= 1")
+    need(tr.max_duration > 0, "train.max_duration", "must be > 0")
+    need(tr.lr > 0, "train.lr", "must be > 0")
+    need(tr.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
+    need(tr.max_bad_batches >= 1, "train.max_bad_batches", "must be >= 1")
+    need(tr.average_last_checkpoints >= 1, "train.average_last_checkpoints", "must be >= 1")
+    need(set(cfg.decode.methods) <= {"greedy", "wfst"} and cfg.decode.methods, "decode.methods",
+         "must be a non-empty list from ['greedy', 'wfst']")
+    need(bool(cfg.decode.lm_weights), "decode.lm_weights", "must list at least one weight")
+    need(1 <= cfg.decode.lm_order <= 5, "decode.lm_order", "must be 1..5")
+    td = cfg.model.tdnn
+    need(len(td.kernels) == len(td.dilations), "model.tdnn.dilations", "must have one entry per kernel")
+    need(0 <= td.subsample_layer < len(td.kernels), "model.tdnn.subsample_layer", "must index a layer")
+    # The strategy section is checked against the chosen strategy's own parameters.
+    from asr_parallel.strategies import parse_strategy
+
+    try:
+        cfg.strategy_params = parse_strategy(cfg.strategy)
+    except ValueError as e:
+        raise ConfigError(f"{src}: {e}") from None
 
 
 def dump_config(cfg: RecipeConfig, path: str | Path) -> None:
@@ -352,3 +475,35 @@ def add_config_args(parser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set corpus.simulation.seed=3 (repeatable)",
     )
+
+
+def main(argv=None) -> None:
+    """``python -m asr_parallel.config --config FILE [--set k=v] [--get key | --dump]``: read a config
+    from the shell (run.sh asks for ``train.world_size`` this way) or print the effective config."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    add_config_args(p)
+    p.add_argument("--get", default=None, help="print one dotted key's value")
+    p.add_argument("--dump", action="store_true", help="print the whole effective config as YAML")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    if args.get:
+        node: Any = cfg.to_dict()
+        for k in args.get.split("."):
+            if not isinstance(node, dict) or k not in node:
+                print(f"ERROR: {args.config}: no key '{args.get}'", file=sys.stderr)
+                raise SystemExit(1)
+            node = node[k]
+        print(node if not isinstance(node, (dict, list)) else json.dumps(node))
+    else:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    main()

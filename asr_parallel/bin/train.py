@@ -1,0 +1,101 @@
+"""Stage 5: train the acoustic model with the strategy of the recipe config.
+
+Run directly for one process, or under torchrun for several (the recipe does this from
+``train.world_size``): ``torchrun --standalone --nproc-per-node 2 -m asr_parallel.bin.train ...``.
+gloo on CPU, NCCL on GPU (one GPU per rank). The experiment directory is
+``exp_dir/{model}_{strategy and its parameters}_w{world size}``; re-running resumes from its latest
+checkpoint, and a finished run is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from asr_parallel.config import ConfigError, add_config_args, load_config
+from asr_parallel.utils.logging import setup_logging
+
+
+def experiment_dir(cfg) -> Path:
+    from asr_parallel.strategies import run_name
+
+    return Path(cfg.exp_dir) / f"{cfg.model.name}_{run_name(cfg.strategy)}_w{cfg.train.world_size}"
+
+
+def setup_distributed(cfg):
+    import torch
+
+    from asr_parallel.strategies.base import DistContext
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world != cfg.train.world_size:
+        raise ConfigError(f"train.world_size is {cfg.train.world_size} but {world} process(es) were launched; "
+                          "launch with torchrun --nproc-per-node train.world_size (run.sh does)")
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--exp-dir", default=None, help="experiment directory (default: derived from the config)")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dist = setup_distributed(cfg)
+    except ConfigError as e:
+        print(f"ERROR: stage 5 (train): {e}", file=sys.stderr)
+        raise SystemExit(1)
+    import sentencepiece as spm
+    from lhotse import load_manifest
+
+    from asr_parallel.tokenizer import lang_dir_name
+    from asr_parallel.train.trainer import Trainer, TrainingError
+
+    exp = Path(args.exp_dir) if args.exp_dir else experiment_dir(cfg)
+    data = Path(cfg.data_dir)
+    try:
+        if (exp / "final.pt").is_file() and (exp / "train_summary.json").is_file():
+            if dist.is_main:
+                print(f"{exp}: training already finished (final.pt); skipping")
+            return
+        for path in [data / "fbank/chime6-ihm_cuts_train.jsonl.gz", data / lang_dir_name(cfg.tokenizer) / "bpe.model"]:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; run the earlier stages first")
+        sp = spm.SentencePieceProcessor(model_file=str(data / lang_dir_name(cfg.tokenizer) / "bpe.model"))
+        train_cuts = load_manifest(data / "fbank/chime6-ihm_cuts_train.jsonl.gz")
+        dev_path = data / "fbank/chime6-ihm_cuts_dev.jsonl.gz"
+        dev_cuts = load_manifest(dev_path) if dev_path.is_file() else None
+        trainer = Trainer(cfg, exp, dist, train_cuts, dev_cuts, sp)
+        summary = trainer.fit()
+        if dist.is_main:
+            print(f"{exp}: {summary['steps']} steps in {summary['wall_seconds'] / 60:.1f} min, "
+                  f"{summary['frames_per_second']:.0f} frames/s")
+    except (TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"ERROR: stage 5 (train), rank {dist.rank}: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        if dist.distributed:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

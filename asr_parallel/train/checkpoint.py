@@ -1,0 +1,119 @@
+"""Checkpoints that resume training exactly.
+
+A checkpoint is a directory ``checkpoint-{step:08d}`` holding one file per rank (``rank{r}.pt``):
+model, optimiser, scheduler, strategy state, data position (epoch, batches done in the epoch), step
+counters and every random generator's state. Each rank writes its file into
+``checkpoint-{step}.tmp``; after a barrier rank 0 renames the directory, so a checkpoint either exists
+complete or not at all. Loading uses ``torch.load(weights_only=True)``: only tensors and plain
+Python containers are stored (numpy's generator state is converted to a tensor).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asr_parallel.utils.io import atomic_path
+
+_NAME = re.compile(r"^checkpoint-(\d{8})$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    """random.setstate wants tuples; a round trip through torch.save may give lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save(exp_dir: Path, step: int, rank: int, world_size: int, state: dict, barrier, keep: int) -> Path:
+    """Write this rank's part of checkpoint ``step``; every rank must call it (collective)."""
+    final = exp_dir / f"checkpoint-{step:08d}"
+    tmp = exp_dir / f"checkpoint-{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    with atomic_path(tmp / f"rank{rank}.pt") as path:
+        torch.save(state, path)
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune(exp_dir, keep)
+    barrier()
+    return final
+
+
+def complete_checkpoints(exp_dir: Path, world_size: int) -> list[Path]:
+    """Finished checkpoints with a file for every rank, oldest first."""
+    if not exp_dir.is_dir():
+        return []
+    found = []
+    for d in exp_dir.iterdir():
+        if _NAME.match(d.name) and all((d / f"rank{r}.pt").is_file() for r in range(world_size)):
+            found.append(d)
+    return sorted(found)
+
+
+def latest(exp_dir: Path, world_size: int) -> Path | None:
+    ckpts = complete_checkpoints(exp_dir, world_size)
+    return ckpts[-1] if ckpts else None
+
+
+def load(path: Path, rank: int, device: torch.device | str = "cpu") -> dict:
+    return torch.load(path / f"rank{rank}.pt", map_location=device, weights_only=True)
+
+
+def prune(exp_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` step checkpoints (epoch models are kept separately)."""
+    ckpts = sorted(d for d in exp_dir.iterdir() if _NAME.match(d.name))
+    for d in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def save_model(path: Path, model_state: dict, meta: dict) -> None:
+    """A model for decoding (rank 0's evaluation model), written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model_state, "meta": meta}, tmp)
+
+
+def average_models(paths: list[Path]) -> dict:
+    """Parameter average of several saved models (as icefall's ``--avg``)."""
+    avg = None
+    for p in paths:
+        state = torch.load(p, map_location="cpu", weights_only=True)["model"]
+        if avg is None:
+            avg = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                if v.is_floating_point():
+                    avg[k] += v.double()
+    n = len(paths)
+    return {k: (v / n).float() if v.is_floating_point() else v for k, v in avg.items()}

@@ -1,0 +1,95 @@
+"""Training and evaluation batches from lhotse cuts with precomputed features.
+
+Batches come from lhotse's ``DynamicBucketingSampler`` (cuts of similar duration together, up to
+``max_duration`` seconds per batch), each rank reading its own shard. A batch holds padded features
+(B, T, F), their lengths, the BPE token ids of each transcript and the cut ids.
+
+Utterances whose token sequence cannot fit the model's CTC output (fewer output frames than tokens
+plus the blanks needed between repeated tokens) are removed before training, with a printed count.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from asr_parallel.text import training_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    feats: torch.Tensor  # (B, T, F)
+    feat_lens: torch.Tensor  # (B,)
+    tokens: list[list[int]]
+    texts: list[str]
+    cut_ids: list[str]
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.feat_lens.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.feats.to(device, non_blocking=True), self.feat_lens.to(device), self.tokens, self.texts,
+                     self.cut_ids)
+
+
+class CutDataset(torch.utils.data.Dataset):
+    """Maps a CutSet (a batch from the sampler) to a :class:`Batch`."""
+
+    def __init__(self, sp):
+        self.sp = sp
+
+    def __getitem__(self, cuts) -> Batch:
+        from lhotse.dataset.collation import collate_features
+
+        cuts = cuts.sort_by_duration(ascending=False)
+        feats, lens = collate_features(cuts)
+        texts = [training_text(c.supervisions[0].text) for c in cuts]
+        tokens = self.sp.encode(texts)
+        return Batch(feats, lens, tokens, texts, [c.id for c in cuts])
+
+
+def ctc_min_frames(tokens: list[int]) -> int:
+    """CTC needs a frame per token plus a blank between each pair of equal neighbours."""
+    return len(tokens) + sum(1 for a, b in zip(tokens, tokens[1:]) if a == b)
+
+
+def filter_for_ctc(cuts, sp, output_lengths, desc: str, report: bool = True):
+    """Drop cuts that CTC cannot align (too many tokens for the output frames) or with no tokens."""
+    kept, dropped_long, dropped_empty = [], 0, 0
+    for cut in cuts:
+        tokens = sp.encode(training_text(cut.supervisions[0].text))
+        if not tokens:
+            dropped_empty += 1
+            continue
+        frames = int(output_lengths(torch.tensor([cut.num_frames]))[0])
+        if frames < ctc_min_frames(tokens):
+            dropped_long += 1
+            continue
+        kept.append(cut)
+    from lhotse import CutSet
+
+    if (dropped_long or dropped_empty) and report:
+        msg = (f"{desc}: removed {dropped_long} utterance(s) whose BPE sequence cannot fit the CTC output length "
+               f"and {dropped_empty} with no words left after removing event tags; {len(kept)} remain")
+        log.warning(msg)
+        print(msg)
+    return CutSet.from_cuts(kept), {"dropped_too_long": dropped_long, "dropped_empty": dropped_empty}
+
+
+def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, rank: int, world_size: int, seed: int):
+    from lhotse.dataset import DynamicBucketingSampler
+
+    return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=shuffle, num_buckets=num_buckets,
+                                   drop_last=shuffle, world_size=world_size, rank=rank, seed=seed,
+                                   buffer_size=max(1000, len(cuts) if hasattr(cuts, "__len__") else 1000))
+
+
+def loader(dataset, batches, num_workers: int):
+    """A DataLoader over an iterable of CutSet batches (the sampler, possibly fast-forwarded)."""
+    return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False)

@@ -1,0 +1,388 @@
+"""The training loop: CTC acoustic models over BPE units, with a pluggable parallel strategy.
+
+One process per rank (``torchrun`` for more than one; gloo on CPU, NCCL on GPU). The loop is the
+same for every strategy: the strategy wraps the model and acts around the optimiser step, or owns
+the step entirely (see :mod:`asr_parallel.strategies.base`).
+
+Per step: features (SpecAugment in training) -> model -> log-softmax -> CTC loss (summed over the
+batch, divided by its utterances) -> backward -> gradient clipping -> optimiser and schedule step.
+A step whose loss or gradient norm is NaN or inf is skipped (the skip is agreed across ranks) and
+counted; ``max_bad_batches`` of them in a row stop the run with an error naming the batch.
+
+Checkpoints (every ``checkpoint_every_steps`` and at the end of every epoch) hold everything needed
+to resume exactly; on CPU with a fixed seed the losses after a resume equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from asr_parallel.config import RecipeConfig, dump_config
+from asr_parallel.decode.greedy import greedy_ctc
+from asr_parallel.models import build_model
+from asr_parallel.score.wer import corpus_errors
+from asr_parallel.strategies import build_strategy
+from asr_parallel.strategies.base import DistContext
+from asr_parallel.train import checkpoint as ckpt
+from asr_parallel.train.data import Batch, CutDataset, filter_for_ctc, loader, make_sampler
+from asr_parallel.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many bad batches in a row, ...)."""
+
+
+def ctc_loss(logits: torch.Tensor, out_lens: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+    """CTC loss summed over the batch (blank = 0), from (B, T, V) logits, in float32."""
+    log_probs = logits.float().log_softmax(-1)
+    targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+    target_lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
+    return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lens.cpu(), target_lens, blank=0,
+                      reduction="sum", zero_infinity=False)
+
+
+class SpecAugment(torch.nn.Module):
+    """Two frequency masks of up to 27 bins and time masks covering up to 5% of the frames
+    (Park et al., Interspeech 2019, LibriSpeech basic policy), drawn per utterance."""
+
+    def __init__(self):
+        super().__init__()
+        import torchaudio
+
+        self.freq = torchaudio.transforms.FrequencyMasking(27, iid_masks=True)
+        self.time = torchaudio.transforms.TimeMasking(40, iid_masks=True, p=0.05)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
+        for _ in range(2):
+            x = self.freq(x)
+            x = self.time(x)
+        return x.squeeze(1).transpose(1, 2)
+
+
+def lr_lambda(cfg, total_steps: int):
+    def f(step: int) -> float:
+        if cfg.scheduler == "constant":
+            return 1.0
+        warm = cfg.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if cfg.scheduler == "warmup_linear":
+            return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    def __init__(self, cfg: RecipeConfig, exp_dir: Path, dist: DistContext, train_cuts, dev_cuts, sp):
+        self.cfg, self.tc, self.exp_dir, self.dist, self.sp = cfg, cfg.train, Path(exp_dir), dist, sp
+        self.device = dist.device
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.tc.seed)  # identical initial model on every rank
+        self.model = build_model(cfg.model, cfg.features.num_mel_bins, sp.get_piece_size()).to(self.device)
+        torch.manual_seed(self.tc.seed + 1000 * dist.rank)  # dropout and SpecAugment differ per rank
+        out_lens = self.model.output_lengths
+        self.train_cuts, self.filter_stats = filter_for_ctc(train_cuts, sp, out_lens, "train",
+                                                                dist.is_main)
+        self.dev_cuts = filter_for_ctc(dev_cuts, sp, out_lens, "dev", dist.is_main)[0] if dev_cuts is not None else None
+        self.strategy = build_strategy(cfg.strategy, dist)
+        self.wrapped = self.strategy.wrap_model(self.model)
+        self.optimizer = make_optimizer(self.tc, self.wrapped.parameters())
+        rank, world = self.strategy.data_shard()
+        self.sampler = make_sampler(self.train_cuts, self.tc.max_duration, self.tc.num_buckets, True, rank, world,
+                                    self.tc.seed)
+        self.dataset = CutDataset(sp)
+        self.batches_per_epoch = self._epoch_batches(0, count_only=True)
+        # The schedule spans all epochs; max_steps only stops early (so a run stopped by max_steps and
+        # resumed with a larger one follows the same schedule as an uninterrupted run).
+        self.total_steps = self.batches_per_epoch * self.tc.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tc, self.total_steps))
+        self.spec_augment = SpecAugment().to(self.device) if self.tc.spec_augment else None
+        self.use_bf16 = self.tc.bf16 and self.device.type == "cuda"
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.frames_total = 0
+        self.elapsed_before = 0.0  # wall-clock of earlier runs of this experiment (resume)
+        self.writer = None
+        self.history: list[dict] = []
+        self.losses: list[float] = []  # training loss of every step of this process's run
+
+    # ------------------------------------------------------------------ data
+
+    def _epoch_batches(self, epoch: int, count_only: bool = False):
+        """This epoch's batches, the same count on every rank (the minimum), deterministic from the seed."""
+        self.sampler.set_epoch(epoch)
+        batches = list(self.sampler)
+        n = len(batches)
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            t = torch.tensor([n], device=self.device if self.device.type == "cuda" else "cpu")
+            tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+            n = int(t.item())
+        return n if count_only else batches[:n]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _barrier(self):
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                         "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
+                         "frames_total": self.frames_total, "elapsed": self.elapsed_before + self._elapsed()},
+            "rng": ckpt.rng_state(),
+            "history": json.dumps(self.history),
+            "world_size": self.dist.world_size,
+        }
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save(self.exp_dir, self.step, self.dist.rank, self.dist.world_size, self.state_dict(),
+                         self._barrier, self.tc.keep_checkpoints)
+
+    def maybe_resume(self) -> bool:
+        path = ckpt.latest(self.exp_dir, self.dist.world_size)
+        if path is None:
+            return False
+        state = ckpt.load(path, self.dist.rank, self.device)
+        if state["world_size"] != self.dist.world_size:
+            raise TrainingError(f"{path} was written by {state['world_size']} ranks, this run has "
+                                f"{self.dist.world_size}; start a new experiment directory")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.strategy.load_state_dict(state["strategy"])
+        p = state["progress"]
+        self.step, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
+        self.bad_in_row, self.bad_total, self.frames_total = p["bad_in_row"], p["bad_total"], p["frames_total"]
+        self.elapsed_before = p["elapsed"]
+        self.history = json.loads(state["history"])
+        ckpt.set_rng_state(state["rng"])
+        if self.dist.is_main:
+            print(f"resuming from {path}: epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ steps
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+    def _elapsed(self) -> float:
+        return time.time() - self.t_start if hasattr(self, "t_start") else 0.0
+
+    def _any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (so ranks skip a bad step together)."""
+        if not self.dist.distributed:
+            return flag
+        import torch.distributed as tdist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def train_step(self, batch: Batch) -> dict:
+        """One optimiser step on ``batch`` (a strategy that owns the step does it all itself)."""
+        if self.strategy.owns_step:
+            return self.strategy.train_step(batch, self)
+        batch = batch.to(self.device)
+        self.wrapped.train()
+        feats = self.spec_augment(batch.feats) if self.spec_augment is not None else batch.feats
+        with self._autocast():
+            logits, out_lens = self.wrapped(feats, batch.feat_lens)
+        loss = ctc_loss(logits, out_lens, batch.tokens) / len(batch.tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.tc.grad_clip)
+        bad = self._any(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"bad": True, "loss": float(loss.detach()), "cut_ids": batch.cut_ids}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.strategy.after_optimizer_step(self.step, self.wrapped, self.optimizer)
+        return {"bad": False, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                "frames": batch.num_frames, "tokens": sum(len(t) for t in batch.tokens)}
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Dev CTC loss per utterance and greedy WER (CHiME-6 rules), on rank 0's evaluation model."""
+        model = self.strategy.eval_model(self.wrapped)
+        model.eval()
+        sampler = make_sampler(self.dev_cuts, self.tc.max_duration, 1, False, 0, 1, 0)
+        total_loss, utts, pairs = 0.0, 0, []
+        for cuts in sampler:
+            batch = self.dataset[cuts].to(self.device)
+            with self._autocast():
+                logits, out_lens = model(batch.feats, batch.feat_lens)
+            total_loss += float(ctc_loss(logits, out_lens, batch.tokens))
+            utts += len(batch.tokens)
+            for hyp, cut_id in zip(greedy_ctc(logits.float(), out_lens), batch.cut_ids):
+                pairs.append((self.dev_cuts[cut_id].supervisions[0].text, self.sp.decode(hyp)))
+        errors = corpus_errors(pairs)
+        return {"dev_loss": total_loss / max(1, utts), "dev_wer_greedy": errors.wer}
+
+    # ------------------------------------------------------------------ main loop
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.step or None)
+        if self.step == 0:
+            import yaml
+
+            self.writer.add_text("config", "```\n" + yaml.safe_dump(self.cfg.to_dict(), sort_keys=False) + "\n```")
+            self.writer.add_text("model", "```\n" + self.model.summary() + "\n```")
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        resumed = self.maybe_resume()
+        if self.dist.is_main:
+            dump_config(self.cfg, self.exp_dir / "config.yaml")
+            self._tensorboard()
+            if not resumed:
+                print(self.model.summary())
+                print(f"training {self.cfg.model.name} with strategy {self.cfg.strategy['name']} on "
+                      f"{self.dist.world_size} rank(s), {self.device}; {len(self.train_cuts)} training utterances, "
+                      f"{self.batches_per_epoch} batches per epoch per rank, {self.total_steps} steps")
+        self.t_start = time.time()
+        stop = False
+        while self.epoch < self.tc.epochs and not stop:
+            batches = self._epoch_batches(self.epoch)
+            todo = batches[self.batch_in_epoch:]
+            bar = tqdm(total=len(batches), initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
+                       disable=not self.dist.is_main, unit="batch", leave=True, mininterval=2.0)
+            t_log, frames_log = time.time(), 0
+            for batch in loader(self.dataset, todo, self.tc.num_workers):
+                out = self.train_step(batch)
+                self.batch_in_epoch += 1
+                bar.update(1)
+                if out["bad"]:
+                    self.bad_in_row += 1
+                    self.bad_total += 1
+                    log.warning("skipped batch with non-finite loss or gradient (%d in a row, %d in all): %s",
+                                self.bad_in_row, self.bad_total, ", ".join(out["cut_ids"][:4]))
+                    if self.bad_in_row >= self.tc.max_bad_batches:
+                        raise TrainingError(
+                            f"{self.bad_in_row} batches in a row had a NaN or inf loss or gradient (epoch "
+                            f"{self.epoch + 1}, step {self.step}; last batch: {', '.join(out['cut_ids'][:4])}); "
+                            "lower train.lr or check the data")
+                    continue
+                self.bad_in_row = 0
+                self.losses.append(round(out["loss"], 6))
+                self.frames_total += out["frames"]
+                frames_log += out["frames"]
+                if self.dist.is_main and self.step % self.tc.log_every_steps == 0:
+                    now = time.time()
+                    fps = frames_log / max(1e-9, now - t_log) * self.dist.world_size
+                    self._log_step(out, fps)
+                    bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    t_log, frames_log = now, 0
+                if self.step % self.tc.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+                if self.tc.max_steps and self.step >= self.tc.max_steps:
+                    stop = True
+                    break
+            bar.close()
+            if not stop:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._end_of_epoch()
+                if self.tc.time_limit_minutes and (self.elapsed_before + self._elapsed()) / 60 > self.tc.time_limit_minutes:
+                    if self.dist.is_main:
+                        print(f"time limit of {self.tc.time_limit_minutes} min reached after epoch {self.epoch}")
+                    stop = True
+        if stop and self.tc.max_steps:
+            self.save_checkpoint()
+        return self._finish()
+
+    def _log_step(self, out: dict, fps: float) -> None:
+        w = self.writer
+        w.add_scalar("train/loss", out["loss"], self.step)
+        w.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+        w.add_scalar("train/grad_norm", out["grad_norm"], self.step)
+        w.add_scalar("train/frames_per_second", fps, self.step)
+        w.add_scalar("comm/bytes_sent", self.strategy.comm.bytes_sent, self.step)
+        w.add_scalar("comm/collective_calls", self.strategy.comm.calls, self.step)
+        w.add_scalar("train/bad_batches", self.bad_total, self.step)
+
+    def _end_of_epoch(self) -> None:
+        self.save_checkpoint()
+        if self.dist.is_main:
+            model = self.strategy.eval_model(self.wrapped)
+            ckpt.save_model(self.exp_dir / f"epoch-{self.epoch}.pt", model.state_dict(), {"epoch": self.epoch,
+                                                                                          "step": self.step})
+            metrics = self.evaluate() if self.dev_cuts is not None and len(self.dev_cuts) else {}
+            elapsed = self.elapsed_before + self._elapsed()
+            row = {"epoch": self.epoch, "step": self.step, "elapsed_seconds": round(elapsed, 1),
+                   "bytes_sent": self.strategy.comm.bytes_sent, **{k: round(v, 4) for k, v in metrics.items()}}
+            self.history.append(row)
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"dev/{k}", v, self.step)
+            if "dev_wer_greedy" in metrics:
+                self.writer.add_scalar("dev_vs_time/wer_greedy", metrics["dev_wer_greedy"], int(elapsed))
+            self.writer.flush()
+            print(f"epoch {self.epoch}: step {self.step}, {elapsed / 60:.1f} min, "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        self._barrier()
+
+    def _finish(self) -> dict:
+        summary = {}
+        if self.dist.is_main:
+            epochs = sorted(self.exp_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+            chosen = epochs[-self.tc.average_last_checkpoints:]
+            if chosen and self.batch_in_epoch == 0:
+                state = ckpt.average_models(chosen)
+                meta = {"averaged": [p.name for p in chosen], "step": self.step}
+            else:  # stopped inside an epoch (max_steps): the current model
+                state, meta = self.strategy.eval_model(self.wrapped).state_dict(), {"step": self.step}
+            ckpt.save_model(self.exp_dir / "final.pt", state, meta)
+            summary = {
+                "model": self.cfg.model.name, "strategy": self.cfg.strategy, "world_size": self.dist.world_size,
+                "device": str(self.device), "params": self.model.num_params(),
+                "flops_per_frame": self.model.flops_per_frame(), "steps": self.step, "epochs": self.epoch,
+                "wall_seconds": round(self.elapsed_before + self._elapsed(), 1),
+                "frames_per_second": round(self.frames_total * self.dist.world_size
+                                           / max(1e-9, self.elapsed_before + self._elapsed()), 1),
+                "bytes_sent_per_rank": self.strategy.comm.bytes_sent, "collective_calls": self.strategy.comm.calls,
+                "bad_batches": self.bad_total, "filtered": self.filter_stats, "history": self.history,
+                "losses": self.losses,
+            }
+            atomic_write_json(self.exp_dir / "train_summary.json", summary)
+            if self.writer is not None:
+                self.writer.close()
+        self._barrier()
+        return summary
