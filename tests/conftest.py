@@ -40,3 +40,26 @@ def simulated(tmp_path_factory) -> Path:
     cfg = load_config(REPO / "recipes/chime6_sim.yaml", TINY_SIMULATION + [f"data_dir={data}"])
     simulate_corpus(data / "corpus", data, cfg.corpus.simulation, num_jobs=2)
     return data
+
+
+def run_entry(module_or_script: str, data: Path, *extra: str):
+    """Run a stage entry point on the tiny simulated corpus in ``data``."""
+    import subprocess
+
+    cmd = [sys.executable] + (["-m", module_or_script] if not module_or_script.endswith(".py")
+                              else [str(REPO / module_or_script)])
+    cmd += ["--config", str(REPO / "recipes/chime6_sim.yaml"), "--set", f"data_dir={data}"]
+    for o in TINY_SIMULATION:
+        cmd += ["--set", o]
+    cmd += list(extra)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def prepared(simulated) -> Path:
+    """Stages 0 (already generated: only marked) to 4 on the tiny simulated corpus; the data dir."""
+    for step in ["local/prepare_corpus.py", "local/prepare_manifests.py", "asr_parallel.bin.compute_fbank",
+                 "asr_parallel.bin.train_bpe", "asr_parallel.bin.prepare_graph"]:
+        r = run_entry(step, simulated)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return simulated

@@ -1,36 +1,12 @@
 """Stages 1-3 on the tiny simulated corpus: lhotse reads it, counts match, features and BPE."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
 from asr_parallel.corpus import chime6
-from chime6_fixture import TINY_SIMULATION
+from conftest import run_entry
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_stage(module_or_script: str, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable] + (["-m", module_or_script] if not module_or_script.endswith(".py")
-                              else [str(REPO / module_or_script)])
-    cmd += ["--config", str(REPO / "recipes/chime6_sim.yaml"), "--set", f"data_dir={data}"]
-    for o in TINY_SIMULATION:
-        cmd += ["--set", o]
-    cmd += list(extra)
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def prepared(simulated):
-    """Stages 0 (already generated: only marked), 1, 2 and 3 on the simulated corpus."""
-    for step in ["local/prepare_corpus.py", "local/prepare_manifests.py", "asr_parallel.bin.compute_fbank",
-                 "asr_parallel.bin.train_bpe"]:
-        r = run_stage(step, simulated)
-        assert r.returncode == 0, r.stderr[-3000:]
-    return simulated
 
 
 def test_manifest_counts_match_generator(prepared):
@@ -102,9 +78,9 @@ def test_tokenizer_tables(prepared):
 def test_stages_are_idempotent(prepared):
     before = {p: p.stat().st_mtime_ns for p in (prepared / "fbank").glob("*.jsonl.gz")}
     for step in ["local/prepare_manifests.py", "asr_parallel.bin.compute_fbank"]:
-        r = run_stage(step, prepared)
+        r = run_entry(step, prepared)
         assert r.returncode == 0 and "already done" in r.stderr
     assert before == {p: p.stat().st_mtime_ns for p in (prepared / "fbank").glob("*.jsonl.gz")}
     # A changed config redoes the stage.
-    r = run_stage("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=50")
+    r = run_entry("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=50")
     assert r.returncode == 0 and (prepared / "lang_bpe_50" / "bpe.model").is_file()

@@ -42,11 +42,12 @@ def setup_distributed(cfg):
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
-    if world > 1:
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1  # under torchrun: a process group even for 1
+    if launched:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, initialized=launched)
 
 
 def main(argv=None):

@@ -32,10 +32,11 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: object = None
+    initialized: bool = False  # a torch.distributed process group exists (torchrun, even with one rank)
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.initialized or self.world_size > 1
 
     @property
     def is_main(self) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from asr_parallel.strategies.base import Strategy
@@ -45,7 +44,7 @@ class SyncSGD(Strategy):
         return model.module if hasattr(model, "module") else model
 
 
-def _counting_allreduce_hook(strategy: SyncSGD, bucket) -> torch.futures.Future:
+def _counting_allreduce_hook(strategy: SyncSGD, bucket):
     """DDP's default all-reduce (average), counting the bytes each rank sends and receives."""
     import torch.distributed as dist
 

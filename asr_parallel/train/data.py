@@ -90,6 +90,9 @@ def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, ran
 
 
 def loader(dataset, batches, num_workers: int):
-    """A DataLoader over an iterable of CutSet batches (the sampler, possibly fast-forwarded)."""
+    """A DataLoader over an iterable of CutSet batches (the sampler, possibly fast-forwarded).
+
+    It gets a generator of its own: by default a DataLoader draws its workers' base seed from the
+    global torch generator, which would shift dropout and SpecAugment after a resume."""
     return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, generator=torch.Generator().manual_seed(0))

@@ -85,11 +85,13 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
-def make_optimizer(cfg, params):
+def make_optimizer(cfg, params, fused: bool = False):
+    """The configured optimiser; ``fused`` (GPU) selects the single-kernel implementation."""
+    kw = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kw)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
 class Trainer:
@@ -104,9 +106,7 @@ class Trainer:
         self.train_cuts, self.filter_stats = filter_for_ctc(train_cuts, sp, out_lens, "train",
                                                                 dist.is_main)
         self.dev_cuts = filter_for_ctc(dev_cuts, sp, out_lens, "dev", dist.is_main)[0] if dev_cuts is not None else None
-        self.strategy = build_strategy(cfg.strategy, dist)
-        self.wrapped = self.strategy.wrap_model(self.model)
-        self.optimizer = make_optimizer(self.tc, self.wrapped.parameters())
+        self._setup_training(self.model)
         rank, world = self.strategy.data_shard()
         self.sampler = make_sampler(self.train_cuts, self.tc.max_duration, self.tc.num_buckets, True, rank, world,
                                     self.tc.seed)
@@ -116,8 +116,29 @@ class Trainer:
         # resumed with a larger one follows the same schedule as an uninterrupted run).
         self.total_steps = self.batches_per_epoch * self.tc.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tc, self.total_steps))
+        self._init_counters()
+
+    def _setup_training(self, model) -> None:
+        """Strategy, wrapped model, optimiser and step options (shared with the benchmark)."""
+        self.strategy = build_strategy(self.cfg.strategy, self.dist)
+        self.wrapped = self.strategy.wrap_model(model)
+        self.fused = self.device.type == "cuda"  # fused optimisers skip a step on device (found_inf)
+        self.optimizer = make_optimizer(self.tc, self.wrapped.parameters(), fused=self.fused)
         self.spec_augment = SpecAugment().to(self.device) if self.tc.spec_augment else None
         self.use_bf16 = self.tc.bf16 and self.device.type == "cuda"
+
+    @classmethod
+    def for_benchmark(cls, cfg: RecipeConfig, dist: DistContext, model) -> "Trainer":
+        """A trainer without data, for timing :meth:`train_step` on given batches."""
+        self = cls.__new__(cls)
+        self.cfg, self.tc, self.dist, self.device = cfg, cfg.train, dist, dist.device
+        self.model = model
+        self._setup_training(model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tc, 10**9))
+        self._init_counters()
+        return self
+
+    def _init_counters(self) -> None:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -127,7 +148,8 @@ class Trainer:
         self.elapsed_before = 0.0  # wall-clock of earlier runs of this experiment (resume)
         self.writer = None
         self.history: list[dict] = []
-        self.losses: list[float] = []  # training loss of every step of this process's run
+        self.losses: list[float] = []  # training loss of every good step of this process's run
+        self.pending: list[dict] = []  # steps whose device figures the host has not read yet
 
     # ------------------------------------------------------------------ data
 
@@ -164,9 +186,24 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "history": json.dumps(self.history),
             "world_size": self.dist.world_size,
+            "fingerprint": self.fingerprint(),
         }
 
+    # Keys of the train section that do not change what is computed, only when it stops or reports.
+    OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "checkpoint_every_steps",
+                        "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints")
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        d = self.cfg.to_dict()
+        train = {k: v for k, v in d["train"].items() if k not in self.OPERATIONAL_KEYS}
+        key = {"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
+               "features": d["features"], "train": train}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
     def save_checkpoint(self) -> Path:
+        self._drain()
         return ckpt.save(self.exp_dir, self.step, self.dist.rank, self.dist.world_size, self.state_dict(),
                          self._barrier, self.tc.keep_checkpoints)
 
@@ -178,6 +215,9 @@ class Trainer:
         if state["world_size"] != self.dist.world_size:
             raise TrainingError(f"{path} was written by {state['world_size']} ranks, this run has "
                                 f"{self.dist.world_size}; start a new experiment directory")
+        if state.get("fingerprint") != self.fingerprint():
+            raise TrainingError(f"{path} was written with a different model, strategy or training config; "
+                                f"delete {self.exp_dir} or train into another experiment directory")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -200,18 +240,14 @@ class Trainer:
     def _elapsed(self) -> float:
         return time.time() - self.t_start if hasattr(self, "t_start") else 0.0
 
-    def _any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (so ranks skip a bad step together)."""
-        if not self.dist.distributed:
-            return flag
-        import torch.distributed as tdist
-
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
     def train_step(self, batch: Batch) -> dict:
-        """One optimiser step on ``batch`` (a strategy that owns the step does it all itself)."""
+        """One optimiser step on ``batch`` (a strategy that owns the step does it all itself).
+
+        Returns device tensors (``loss``, ``grad_norm``, ``bad``) and host figures. A batch whose loss or
+        gradient norm is not finite (on any rank) updates nothing, but counts as a step. On GPU the
+        decision stays on the device: the fused optimiser skips the update when ``found_inf`` is set,
+        so no step waits for the GPU; the host reads the flags at logging time (:meth:`_drain`).
+        """
         if self.strategy.owns_step:
             return self.strategy.train_step(batch, self)
         batch = batch.to(self.device)
@@ -223,16 +259,44 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.tc.grad_clip)
-        bad = self._any(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"bad": True, "loss": float(loss.detach()), "cut_ids": batch.cut_ids}
-        self.optimizer.step()
+        bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float().reshape(1)
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)  # ranks skip a bad step together
+        if self.fused:
+            self.optimizer.found_inf = bad
+            self.optimizer.step()
+        elif not bool(bad.item()):
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.strategy.after_optimizer_step(self.step, self.wrapped, self.optimizer)
-        return {"bad": False, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                "frames": batch.num_frames, "tokens": sum(len(t) for t in batch.tokens)}
+        return {"bad": bad, "loss": loss.detach(), "grad_norm": grad_norm.detach(), "frames": batch.num_frames,
+                "cut_ids": batch.cut_ids}
+
+    def _drain(self) -> dict | None:
+        """Read the pending steps' device figures on the host (one synchronisation), update the counters
+        and check for runs of bad batches; returns the last step's figures."""
+        last = None
+        for out in self.pending:
+            loss, bad = float(out["loss"]), bool(out["bad"].item())
+            last = {"loss": loss, "grad_norm": float(out["grad_norm"]), "bad": bad}
+            if bad:
+                self.bad_in_row += 1
+                self.bad_total += 1
+                log.warning("skipped batch with non-finite loss or gradient (%d in a row, %d in all): %s",
+                            self.bad_in_row, self.bad_total, ", ".join(out["cut_ids"][:4]))
+                if self.bad_in_row >= self.tc.max_bad_batches:
+                    raise TrainingError(
+                        f"{self.bad_in_row} batches in a row had a NaN or inf loss or gradient (epoch "
+                        f"{self.epoch + 1}, step {self.step}; last batch: {', '.join(out['cut_ids'][:4])}); "
+                        "lower train.lr or check the data")
+            else:
+                self.bad_in_row = 0
+                self.losses.append(round(loss, 6))
+        self.pending = []
+        return last
 
     # ------------------------------------------------------------------ evaluation
 
@@ -241,7 +305,9 @@ class Trainer:
         """Dev CTC loss per utterance and greedy WER (CHiME-6 rules), on rank 0's evaluation model."""
         model = self.strategy.eval_model(self.wrapped)
         model.eval()
-        sampler = make_sampler(self.dev_cuts, self.tc.max_duration, 1, False, 0, 1, 0)
+        from lhotse.dataset import SimpleCutSampler
+
+        sampler = SimpleCutSampler(self.dev_cuts, max_duration=self.tc.max_duration, shuffle=False)
         total_loss, utts, pairs = 0.0, 0, []
         for cuts in sampler:
             batch = self.dataset[cuts].to(self.device)
@@ -289,34 +355,26 @@ class Trainer:
             for batch in loader(self.dataset, todo, self.tc.num_workers):
                 out = self.train_step(batch)
                 self.batch_in_epoch += 1
-                bar.update(1)
-                if out["bad"]:
-                    self.bad_in_row += 1
-                    self.bad_total += 1
-                    log.warning("skipped batch with non-finite loss or gradient (%d in a row, %d in all): %s",
-                                self.bad_in_row, self.bad_total, ", ".join(out["cut_ids"][:4]))
-                    if self.bad_in_row >= self.tc.max_bad_batches:
-                        raise TrainingError(
-                            f"{self.bad_in_row} batches in a row had a NaN or inf loss or gradient (epoch "
-                            f"{self.epoch + 1}, step {self.step}; last batch: {', '.join(out['cut_ids'][:4])}); "
-                            "lower train.lr or check the data")
-                    continue
-                self.bad_in_row = 0
-                self.losses.append(round(out["loss"], 6))
                 self.frames_total += out["frames"]
                 frames_log += out["frames"]
-                if self.dist.is_main and self.step % self.tc.log_every_steps == 0:
-                    now = time.time()
-                    fps = frames_log / max(1e-9, now - t_log) * self.dist.world_size
-                    self._log_step(out, fps)
-                    bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                    t_log, frames_log = now, 0
+                bar.update(1)
+                self.pending.append(out)
+                log_now = self.step % self.tc.log_every_steps == 0
+                if self.device.type == "cpu" or log_now:  # on GPU, synchronise only to log
+                    last = self._drain()
+                    if log_now and self.dist.is_main and last is not None:
+                        now = time.time()
+                        fps = frames_log / max(1e-9, now - t_log) * self.dist.world_size
+                        self._log_step(last, fps)
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                        t_log, frames_log = now, 0
                 if self.step % self.tc.checkpoint_every_steps == 0:
                     self.save_checkpoint()
                 if self.tc.max_steps and self.step >= self.tc.max_steps:
                     stop = True
                     break
             bar.close()
+            self._drain()
             if not stop:
                 self.epoch += 1
                 self.batch_in_epoch = 0

@@ -1,0 +1,181 @@
+"""Benchmark: the project's trainer against a bare PyTorch loop, on the same model and batches, in
+one run; and the decoding real-time factor.
+
+Both loops run ``--steps`` optimiser steps over the same pre-collated batches (from the recipe's
+training features when they exist, else synthetic ones of the same shape), after ``--warmup`` steps
+each. The bare loop is forward, CTC loss, backward, gradient clipping and the optimiser step; the
+trainer's step adds its checks, schedule and strategy hooks (SpecAugment is off in both, being part
+of the data, not of the loop). They alternate in ``--repeats`` rounds and the medians are compared,
+since this machine is shared and noisy. Prints frames/s of both and their ratio, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from asr_parallel.config import add_config_args, load_config
+from asr_parallel.utils.io import atomic_write_json
+
+
+def get_batches(cfg, n: int, sp):
+    from asr_parallel.train.data import Batch, CutDataset, make_sampler
+
+    path = Path(cfg.data_dir) / "fbank" / "chime6-ihm_cuts_train.jsonl.gz"
+    if path.is_file() and sp is not None:
+        from lhotse import load_manifest
+
+        sampler = make_sampler(load_manifest(path), cfg.train.max_duration, cfg.train.num_buckets, True, 0, 1,
+                               cfg.train.seed)
+        ds = CutDataset(sp)
+        batches = []
+        for cuts in sampler:
+            batches.append(ds[cuts])
+            if len(batches) == n:
+                break
+        return batches, "recipe features"
+    g = torch.Generator().manual_seed(0)
+    frames = int(cfg.train.max_duration * 100 / 8)
+    return [Batch(torch.randn(8, frames, cfg.features.num_mel_bins, generator=g), torch.full((8,), frames),
+                  [[int(x) for x in torch.randint(3, 100, (frames // 30,), generator=g)] for _ in range(8)],
+                  [""] * 8, [f"synthetic{i}" for i in range(8)]) for _ in range(n)], "synthetic"
+
+
+def bare_loop(model, batches, device, bf16: bool, train_cfg) -> float:
+    from asr_parallel.train.trainer import ctc_loss, make_optimizer
+
+    opt = make_optimizer(train_cfg, model.parameters(), fused=device.type == "cuda")
+    clip = train_cfg.grad_clip
+    model.train()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for b in batches:
+        b = b.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
+            logits, out_lens = model(b.feats, b.feat_lens)
+        loss = ctc_loss(logits, out_lens, b.tokens) / len(b.tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    sync()
+    return time.perf_counter() - t0
+
+
+def trainer_loop(trainer, batches) -> float:
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for b in batches:
+        trainer.train_step(b)
+    sync()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output", default="exp/bench/train_loop.json")
+    p.add_argument("--decode", action="store_true", help="also measure decoding real-time factor on dev")
+    args = p.parse_args(argv)
+
+    import sentencepiece as spm
+
+    from asr_parallel.bin.train import setup_distributed
+    from asr_parallel.strategies.base import DistContext
+    from asr_parallel.tokenizer import lang_dir_name
+    from asr_parallel.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides + ["train.spec_augment=false"])
+    import os
+
+    dist = setup_distributed(cfg) if "TORCHELASTIC_RUN_ID" in os.environ else None
+    bpe = Path(cfg.data_dir) / lang_dir_name(cfg.tokenizer) / "bpe.model"
+    sp = spm.SentencePieceProcessor(model_file=str(bpe)) if bpe.is_file() else None
+    batches, source = get_batches(cfg, args.warmup + args.steps, sp)
+    if dist is None:
+        use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+        dist = DistContext(device=torch.device("cuda" if use_cuda else "cpu"))
+    device = dist.device
+    bf16 = cfg.train.bf16 and device.type == "cuda"
+    vocab = sp.get_piece_size() if sp else 500
+    from asr_parallel.models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    base = build_model(cfg.model, cfg.features.num_mel_bins, vocab)
+    trainer = Trainer.for_benchmark(cfg, dist, copy.deepcopy(base).to(device))
+    bare_model = copy.deepcopy(base).to(device)
+    frames = sum(b.num_frames for b in batches[args.warmup:])
+    bare_loop(bare_model, batches[:args.warmup], device, bf16, cfg.train)
+    trainer_loop(trainer, batches[:args.warmup])
+    t_bare, t_trainer = [], []
+    for _ in range(args.repeats):
+        t_bare.append(bare_loop(bare_model, batches[args.warmup:], device, bf16, cfg.train))
+        t_trainer.append(trainer_loop(trainer, batches[args.warmup:]))
+    fps_bare = frames / statistics.median(t_bare) * dist.world_size
+    fps_trainer = frames / statistics.median(t_trainer) * dist.world_size
+    result = {
+        "machine": f"{platform.node()}", "device": str(device), "bf16": bf16,
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(), "model": cfg.model.name, "params": base.num_params(),
+        "strategy": cfg.strategy["name"], "world_size": dist.world_size, "batches": source,
+        "steps": args.steps, "repeats": args.repeats, "frames_per_repeat": frames,
+        "bare_frames_per_second": round(fps_bare, 1), "trainer_frames_per_second": round(fps_trainer, 1),
+        "ratio_trainer_to_bare": round(fps_trainer / fps_bare, 4),
+        "seconds_bare": [round(t, 3) for t in t_bare], "seconds_trainer": [round(t, 3) for t in t_trainer],
+    }
+    if args.decode and dist.is_main:
+        result["decode"] = decode_rtf(cfg, base, device, sp)
+    if dist.is_main:
+        print(json.dumps(result, indent=2))
+        print(f"{cfg.model.name} on {device}{' bf16' if bf16 else ''}: bare loop {fps_bare:,.0f} frames/s, trainer "
+              f"{fps_trainer:,.0f} frames/s, ratio {fps_trainer / fps_bare:.3f}")
+        atomic_write_json(args.output, result)
+    if dist.distributed:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+
+
+def decode_rtf(cfg, model, device, sp) -> dict:
+    """Real-time factor of greedy and WFST decoding on the dev worn-microphone set (untrained model:
+    speed only; WFST search is slower on a trained model's peakier outputs only through the beam)."""
+    from lhotse import load_manifest
+
+    from asr_parallel.bin.prepare_graph import graph_paths
+    from asr_parallel.decode.run import network_outputs
+    from asr_parallel.decode.wfst import WfstDecoder
+    from asr_parallel.tokenizer import lang_dir_name
+
+    path = Path(cfg.data_dir) / "fbank" / "chime6-ihm_cuts_dev.jsonl.gz"
+    _, graph = graph_paths(cfg)
+    if not path.is_file() or not graph.is_file():
+        return {"skipped": "no dev features or graph; run stages 0-4"}
+    cuts = load_manifest(path)
+    audio = sum(c.duration for c in cuts)
+    t0 = time.perf_counter()
+    outputs = network_outputs(model.to(device), cuts, device)
+    t_net = time.perf_counter() - t0
+    dec = WfstDecoder(graph, Path(cfg.data_dir) / lang_dir_name(cfg.tokenizer) / "words.txt", cfg.decode.beam,
+                      cfg.decode.max_active)
+    t0 = time.perf_counter()
+    for lp, _ in outputs.values():
+        dec.decode(lp, 1.0)
+    t_wfst = time.perf_counter() - t0
+    return {"audio_seconds": round(audio, 1), "rtf_network": round(t_net / audio, 5),
+            "rtf_wfst_search": round(t_wfst / audio, 5)}
+
+
+if __name__ == "__main__":
+    main()

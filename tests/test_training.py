@@ -1,0 +1,106 @@
+"""The trainer on the tiny simulated corpus: the loss falls, a resumed run equals an uninterrupted
+one, and NaN losses are skipped and counted, then stop the run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr_parallel.config import load_config
+from asr_parallel.strategies.base import DistContext
+from chime6_fixture import TINY_SIMULATION
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_MLP = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64", "model.mlp.dropout=0.1",
+             "train.max_duration=20", "train.log_every_steps=1000", "train.warmup_steps=5", "train.lr=0.003",
+             "train.checkpoint_every_steps=1000", "train.epochs=30"]
+
+
+def make_trainer(data: Path, exp: Path, *overrides: str):
+    import sentencepiece as spm
+    from lhotse import load_manifest
+
+    from asr_parallel.train.trainer import Trainer
+
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", TINY_SIMULATION + SMALL_MLP + [f"data_dir={data}", *overrides])
+    sp = spm.SentencePieceProcessor(model_file=str(data / "lang_bpe_60" / "bpe.model"))
+    train = load_manifest(data / "fbank/chime6-ihm_cuts_train.jsonl.gz")
+    dev = load_manifest(data / "fbank/chime6-ihm_cuts_dev.jsonl.gz")
+    return Trainer(cfg, exp, DistContext(), train, dev, sp)
+
+
+def test_loss_decreases(prepared, tmp_path):
+    trainer = make_trainer(prepared, tmp_path / "exp", "train.max_steps=40")
+    summary = trainer.fit()
+    losses = summary["losses"]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert (tmp_path / "exp" / "final.pt").is_file()
+    assert list((tmp_path / "exp" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_equals_uninterrupted_run(prepared, tmp_path):
+    full = make_trainer(prepared, tmp_path / "full", "train.max_steps=12").fit()
+    first = make_trainer(prepared, tmp_path / "resumed", "train.max_steps=5").fit()
+    assert first["losses"] == full["losses"][:5]
+    # A new process (here: a new trainer) finds the checkpoint and continues from step 5.
+    second = make_trainer(prepared, tmp_path / "resumed", "train.max_steps=12")
+    summary = second.fit()
+    assert summary["losses"] == full["losses"][5:]
+    a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_across_an_epoch_boundary_and_checkpoint_atomicity(prepared, tmp_path):
+    """Checkpoints every 3 steps; the newest complete one is used, a half-written one ignored."""
+    from asr_parallel.train import checkpoint as ckpt
+
+    exp = tmp_path / "exp"
+    t = make_trainer(prepared, exp, "train.max_steps=7", "train.checkpoint_every_steps=3", "train.keep_checkpoints=2")
+    t.fit()
+    names = sorted(p.name for p in exp.glob("checkpoint-*"))
+    assert names[-1] == "checkpoint-00000007" and len(names) == 2
+    (exp / "checkpoint-00000009.tmp").mkdir()  # a save killed half-way
+    assert ckpt.latest(exp, 1).name == "checkpoint-00000007"
+
+
+def test_nan_loss_is_skipped_and_counted(prepared, tmp_path, monkeypatch):
+    import asr_parallel.train.trainer as trainer_module
+
+    real = trainer_module.ctc_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer_module, "ctc_loss", sometimes_nan)
+    trainer = make_trainer(prepared, tmp_path / "exp", "train.max_steps=6")
+    summary = trainer.fit()
+    assert summary["bad_batches"] == 1 and summary["steps"] == 6
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_consecutive_nan_losses_stop_the_run(prepared, tmp_path, monkeypatch):
+    import asr_parallel.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "ctc_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    trainer = make_trainer(prepared, tmp_path / "exp", "train.max_steps=6", "train.max_bad_batches=3")
+    with pytest.raises(trainer_module.TrainingError, match="3 batches in a row had a NaN or inf loss"):
+        trainer.fit()
+
+
+def test_utterances_too_long_for_ctc_are_filtered(prepared, capsys):
+    import sentencepiece as spm
+    from lhotse import load_manifest
+
+    from asr_parallel.train.data import ctc_min_frames, filter_for_ctc
+
+    assert ctc_min_frames([5, 5, 6, 6, 6]) == 5 + 3
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "lang_bpe_60" / "bpe.model"))
+    cuts = load_manifest(prepared / "fbank/chime6-ihm_cuts_train.jsonl.gz")
+    kept, stats = filter_for_ctc(cuts, sp, lambda n: n // 40, "train")  # an absurd 40x subsampling
+    assert stats["dropped_too_long"] > 0 and len(kept) + sum(stats.values()) == len(cuts)
+    assert "cannot fit the CTC output length" in capsys.readouterr().out

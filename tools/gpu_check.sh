@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU checks, run on a lent GPU machine through the device tool (see RESULTS.md for what it gave):
+#   1. NCCL: torchrun with one rank, sync_sgd (DDP over NCCL), bf16 autocast, trainer steps;
+#   2. throughput of the project's trainer against a bare PyTorch loop (bf16), conformer and mlp;
+# The machine has torch but not lhotse or the kaldi* packages: they travel as wheels in .whl/
+# (python 3.12, see tools/gpu_wheels.sh). Results are written under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "gpu_check: wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, lhotse, kaldifst, kaldi_decoder; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+run() {  # name, then the command
+  local name=$1; shift
+  echo "== $name"
+  timeout 240 "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/$name.log" | tail -4
+}
+big="--set train.max_duration=600 --set train.device=cuda --set train.bf16=true --steps 20 --warmup 3 --repeats 3"
+run nccl_sync_sgd_conformer python3 -m torch.distributed.run --standalone --nproc-per-node 1 \
+  -m asr_parallel.bin.bench_train --set strategy.name=sync_sgd $big --output "$OUT/bench_nccl_sync_sgd_conformer.json"
+run bench_conformer python3 -m asr_parallel.bin.bench_train $big --output "$OUT/bench_conformer.json"
+run bench_mlp python3 -m asr_parallel.bin.bench_train --set model.name=mlp $big --output "$OUT/bench_mlp.json"
+run bench_tdnn python3 -m asr_parallel.bin.bench_train --set model.name=tdnn $big --output "$OUT/bench_tdnn.json"
+echo "== done"
