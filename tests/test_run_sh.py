@@ -21,8 +21,8 @@ def run_sh(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_stages_and_options():
     r = run_sh("--help")
     assert r.returncode == 0
-    for text in ["0  corpus", "1  manifests", "2  features", "3  tokenizer", "--stage", "--stop-stage",
-                 "--config", "--corpus-dir"]:
+    for text in ["0  corpus", "1  manifests", "2  features", "3  tokenizer", "4  graph", "5  train",
+                 "6  decode", "7  score", "--stage", "--stop-stage", "--config", "--corpus-dir"]:
         assert text in r.stdout
 
 
@@ -34,7 +34,7 @@ def test_unknown_option_and_missing_value():
 
 
 def test_real_layout_corpus_end_to_end_and_rerun(fixture_corpus, tmp_path):
-    args = ["--config", "recipes/chime6.yaml", "--corpus-dir", str(fixture_corpus),
+    args = ["--config", "recipes/chime6.yaml", "--corpus-dir", str(fixture_corpus), "--stop-stage", "3",
             "--overrides", f"data_dir={tmp_path}/data tokenizer.vocab_size=40"]
     r = run_sh(*args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

@@ -104,3 +104,27 @@ def test_utterances_too_long_for_ctc_are_filtered(prepared, capsys):
     kept, stats = filter_for_ctc(cuts, sp, lambda n: n // 40, "train")  # an absurd 40x subsampling
     assert stats["dropped_too_long"] > 0 and len(kept) + sum(stats.values()) == len(cuts)
     assert "cannot fit the CTC output length" in capsys.readouterr().out
+
+
+def test_device_side_skip_with_fused_optimizer(prepared, tmp_path):
+    """The GPU path (fused optimiser, skip decided on the device through found_inf), run on the CPU:
+    a non-finite batch leaves the parameters untouched and is counted when the host drains."""
+    import copy
+
+    from asr_parallel.train.trainer import make_optimizer
+
+    trainer = make_trainer(prepared, tmp_path / "exp")
+    trainer.fused = True
+    trainer.optimizer = make_optimizer(trainer.tc, trainer.wrapped.parameters(), fused=True)
+    batch = trainer.dataset[next(iter(trainer._epoch_batches(0)))]
+    out = trainer.train_step(batch)
+    trainer.pending.append(out)
+    assert trainer._drain()["bad"] is False and trainer.losses
+    before = copy.deepcopy(trainer.model.state_dict())
+    bad_batch = copy.copy(batch)
+    bad_batch.feats = batch.feats.clone()
+    bad_batch.feats[0, 0, 0] = float("nan")
+    trainer.pending.append(trainer.train_step(bad_batch))
+    assert trainer._drain()["bad"] is True and trainer.bad_total == 1
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

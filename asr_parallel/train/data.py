@@ -82,8 +82,12 @@ def filter_for_ctc(cuts, sp, output_lengths, desc: str, report: bool = True):
 
 
 def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, rank: int, world_size: int, seed: int):
+    import warnings
+
     from lhotse.dataset import DynamicBucketingSampler
 
+    # The cut sets here are small and read eagerly on purpose; lhotse warns about that.
+    warnings.filterwarnings("ignore", message="You are using DynamicBucketingSampler with an eagerly read CutSet")
     return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=shuffle, num_buckets=num_buckets,
                                    drop_last=shuffle, world_size=world_size, rank=rank, seed=seed,
                                    buffer_size=max(1000, len(cuts) if hasattr(cuts, "__len__") else 1000))

@@ -47,7 +47,10 @@ def ctc_loss(logits: torch.Tensor, out_lens: torch.Tensor, tokens: list[list[int
     log_probs = logits.float().log_softmax(-1)
     targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
     target_lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lens.cpu(), target_lens, blank=0,
+    if log_probs.is_cuda:  # copy the targets without making the host wait for the GPU
+        targets = targets.pin_memory().to(log_probs.device, non_blocking=True)
+        target_lens = target_lens.pin_memory().to(log_probs.device, non_blocking=True)
+    return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lens, target_lens, blank=0,
                       reduction="sum", zero_infinity=False)
 
 
@@ -265,7 +268,7 @@ class Trainer:
 
             tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)  # ranks skip a bad step together
         if self.fused:
-            self.optimizer.found_inf = bad
+            self.optimizer.found_inf = bad[0]  # a 0-dim tensor, as the fused kernels expect
             self.optimizer.step()
         elif not bool(bad.item()):
             self.optimizer.step()
