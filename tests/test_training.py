@@ -128,3 +128,10 @@ def test_device_side_skip_with_fused_optimizer(prepared, tmp_path):
     assert trainer._drain()["bad"] is True and trainer.bad_total == 1
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_set_smaller_than_a_batch_is_an_error(prepared, tmp_path):
+    from asr_parallel.train.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="no training batches"):
+        make_trainer(prepared, tmp_path / "exp", "train.max_duration=5000")

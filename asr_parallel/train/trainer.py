@@ -115,6 +115,12 @@ class Trainer:
                                     self.tc.seed)
         self.dataset = CutDataset(sp)
         self.batches_per_epoch = self._epoch_batches(0, count_only=True)
+        if self.batches_per_epoch == 0:
+            hours = sum(c.duration for c in self.train_cuts) / 3600
+            raise TrainingError(f"no training batches: {len(self.train_cuts)} utterances ({hours:.2f} h) in "
+                                f"{self.tc.num_buckets} duration buckets fill no batch of train.max_duration="
+                                f"{self.tc.max_duration} s per rank (incomplete batches are dropped); lower "
+                                "train.max_duration or train.num_buckets")
         # The schedule spans all epochs; max_steps only stops early (so a run stopped by max_steps and
         # resumed with a larger one follows the same schedule as an uninterrupted run).
         self.total_steps = self.batches_per_epoch * self.tc.epochs
