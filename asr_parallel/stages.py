@@ -50,6 +50,14 @@ def parser(stage: int, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def experiment_parser(description: str, **extra) -> argparse.ArgumentParser:
+    """Options of the experiment stages (5-7, benchmarks): the config, and the experiment directory."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--exp-dir", default=None, help="experiment directory (default: derived from the config)")
+    return p
+
+
 def load(args) -> RecipeConfig:
     overrides = list(args.overrides)
     if args.corpus_dir:

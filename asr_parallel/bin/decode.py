@@ -4,21 +4,19 @@ EXP/decode/; decoding speed (real-time factors) to EXP/decode/timing.json."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
 from pathlib import Path
 
-from asr_parallel.config import ConfigError, add_config_args, load_config
+from asr_parallel.config import ConfigError, load_config
+from asr_parallel.stages import experiment_parser
 from asr_parallel.utils.io import StageMarker, atomic_write_json
 from asr_parallel.utils.logging import setup_logging
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--exp-dir", default=None, help="experiment directory (default: derived from the config)")
+    p = experiment_parser(__doc__)
     p.add_argument("--force", action="store_true", help="decode again even if done")
     args = p.parse_args(argv)
     setup_logging()

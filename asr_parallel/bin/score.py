@@ -4,25 +4,27 @@ EXP/wer_report.txt and EXP/results.json; prints the final table."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from asr_parallel.config import ConfigError, add_config_args, load_config
+from asr_parallel.config import ConfigError, load_config
+from asr_parallel.stages import experiment_parser
 from asr_parallel.utils.logging import setup_logging
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--exp-dir", default=None, help="experiment directory (default: derived from the config)")
+    p = experiment_parser(__doc__)
     args = p.parse_args(argv)
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         from asr_parallel.bin.train import experiment_dir
-        from asr_parallel.score.report import score_experiment, summary_table, write_report
+        from asr_parallel.score.report import (
+            score_experiment,
+            summary_table,
+            write_report,
+        )
 
         exp = Path(args.exp_dir) if args.exp_dir else experiment_dir(cfg)
         decode_dir = exp / "decode"

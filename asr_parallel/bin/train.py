@@ -9,12 +9,12 @@ checkpoint, and a finished run is skipped.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from asr_parallel.config import ConfigError, add_config_args, load_config
+from asr_parallel.config import ConfigError, load_config
+from asr_parallel.stages import experiment_parser
 from asr_parallel.utils.logging import setup_logging
 
 
@@ -51,9 +51,7 @@ def setup_distributed(cfg):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--exp-dir", default=None, help="experiment directory (default: derived from the config)")
+    p = experiment_parser(__doc__)
     args = p.parse_args(argv)
     setup_logging()
     try:
