@@ -3,7 +3,7 @@
 #   1. NCCL: torchrun with one rank, sync_sgd (DDP over NCCL), bf16 autocast, trainer steps;
 #   2. throughput of the project's trainer against a bare PyTorch loop (bf16), conformer and mlp;
 # The machine has torch but not lhotse or the kaldi* packages: they travel as wheels in .whl/
-# (python 3.12, see tools/gpu_wheels.sh). Results are written under $OUT.
+# (python 3.12; tools/gpu_wheels.sh downloads them here). Results are written under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
