@@ -224,9 +224,6 @@ class RecipeConfig:
     source: str = field(default="<defaults>", metadata={"internal": True})
     strategy_params: Any = field(default=None, metadata={"internal": True}, compare=False)
 
-    def section(self, name: str) -> Any:
-        return getattr(self, name)
-
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
         return json.loads(json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v

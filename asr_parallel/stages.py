@@ -78,8 +78,7 @@ def marker(cfg: RecipeConfig, stage: int, sections: tuple[str, ...]) -> StageMar
             upstream = json.loads(path.read_text())["fingerprint"]
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             upstream = "missing"
-    d = cfg.to_dict()
-    text = json.dumps({s: d[s] for s in sections}, sort_keys=True) + upstream + str(corpus_dir(cfg).resolve())
+    text = cfg.fingerprint(*sections) + upstream + str(corpus_dir(cfg).resolve())
     return StageMarker(cfg.data_dir, f"stage{stage}_{STAGES[stage][0]}", hashlib.sha256(text.encode()).hexdigest()[:16])
 
 

@@ -97,7 +97,7 @@ class Strategy:
     def after_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pass
 
-    def train_step(self, batch, trainer):  # pragma: no cover - only strategies that own the step
+    def train_step(self, batch, trainer):  # only strategies that own the step implement this
         raise NotImplementedError
 
     # -- checkpoints

@@ -97,15 +97,5 @@ class StageMarker:
         except (FileNotFoundError, json.JSONDecodeError):
             return False
 
-    def recorded_fingerprint(self) -> str | None:
-        try:
-            return json.loads(self.path.read_text()).get("fingerprint")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
     def mark_done(self, **info) -> None:
         atomic_write_json(self.path, {"fingerprint": self.fingerprint, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
-
-    def clear(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()

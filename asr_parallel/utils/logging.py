@@ -15,8 +15,3 @@ def setup_logging(level: int = logging.INFO) -> None:
         force=True,
     )
 
-
-def fail(message: str, code: int = 1) -> "NoReturn":  # noqa: F821
-    """Print a one-line error for the user and exit (no traceback for expected errors)."""
-    print(f"ERROR: {message}", file=sys.stderr)
-    raise SystemExit(code)
