@@ -12,6 +12,7 @@ keys then override the base's, section by section. Command-line overrides use do
 from __future__ import annotations
 
 import dataclasses
+import re
 import hashlib
 import json
 import types
@@ -123,6 +124,7 @@ class MlpConfig:
     context_right: int = 5
     subsample: int = 3
     dropout: float = 0.1
+    activation: Literal["relu", "sigmoid", "tanh"] = "relu"  # sigmoid: the DNNs of Chen et al. 2012
 
 
 @dataclass
@@ -256,6 +258,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against type ``tp``; return it (ints are accepted where floats are)."""
 
@@ -298,6 +303,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             fail()
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads exponents without a dot (1e9) as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()
         return float(value)

@@ -12,10 +12,10 @@ TINY_TRAINING = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_d
                  "train.max_duration=20", "train.num_buckets=2", "train.log_every_steps=2", "decode.lm_weights=[0.5,1.0]"]
 
 
-def run_sh(data: Path, exp: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_sh(data: Path, exp: Path, *extra: str, stop_stage: int = 7) -> subprocess.CompletedProcess:
     overrides = " ".join(TINY_SIMULATION + TINY_TRAINING + [f"data_dir={data}", f"exp_dir={exp}", *extra])
-    return subprocess.run(["bash", str(REPO / "run.sh"), "--setup", "false", "--stage", "4", "--overrides",
-                           overrides], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(["bash", str(REPO / "run.sh"), "--setup", "false", "--stage", "4", "--stop-stage",
+                           str(stop_stage), "--overrides", overrides], cwd=REPO, capture_output=True, text=True)
 
 
 def check_results(exp_run: Path):
@@ -50,3 +50,42 @@ def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):
     results = check_results(tmp_path / "exp" / "mlp_sync_sgd_w2")
     summary = results["train_summary"]
     assert summary["world_size"] == 2 and summary["bytes_sent_per_rank"] == 8 * summary["params"] * 4
+
+
+BMUF = ["train.world_size=2", "strategy.name=bmuf", "strategy.sync_period=3", "strategy.warmup_steps=2",
+        "strategy.block_momentum=0.5", "train.checkpoint_every_steps=5", "model.mlp.dropout=0.0"]
+
+
+def test_bmuf_under_torchrun_resumes_mid_block_from_checkpoint_files(prepared, tmp_path):
+    import torch
+
+    from asr_parallel.strategies.cost import ModelSize, predict
+
+    r = run_sh(prepared, tmp_path / "a", *BMUF)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = "mlp_bmuf_block_momentum0.5_sync_period3_warmup_steps2_w2"
+    results = check_results(tmp_path / "a" / run)
+    summary = results["train_summary"]
+    assert "communication per rank" in r.stdout
+    # Blocks end after steps 5 and 8 (2 warm-up steps, then every 3); measured = cost model.
+    assert summary["collective_calls"] == 2 + 2
+    assert summary["bytes_sent_per_rank"] == summary["predicted"]["bytes_sent"]
+    assert summary["predicted"] == predict({"name": "bmuf", "sync_period": 3, "warmup_steps": 2,
+                                            "block_momentum": 0.5}, ModelSize(summary["params"]), 2, 8)
+    # Stopped after step 7 (checkpoint at step 5, mid-block), re-run to step 8: the same model.
+    b = tmp_path / "b"
+    r = run_sh(prepared, b, *BMUF, "train.max_steps=7", stop_stage=5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("final.pt", "train_summary.json"):
+        (b / run / name).unlink()
+    for ckpt in (b / run).glob("checkpoint-00000007"):
+        import shutil
+
+        shutil.rmtree(ckpt)  # resume from the checkpoint of step 5, written in the middle of a block
+    r = run_sh(prepared, b, *BMUF, stop_stage=5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "checkpoint-00000005" in r.stdout
+    a_model = torch.load(tmp_path / "a" / run / "final.pt", weights_only=True)
+    b_model = torch.load(b / run / "final.pt", weights_only=True)
+    for key, value in a_model["model"].items():
+        assert torch.equal(value, b_model["model"][key]), key

@@ -85,6 +85,10 @@ def main(argv=None):
         if dist.is_main:
             print(f"{exp}: {summary['steps']} steps in {summary['wall_seconds'] / 60:.1f} min, "
                   f"{summary['frames_per_second']:.0f} frames/s")
+            if dist.world_size > 1:
+                predicted = summary["predicted"]["bytes_sent"]
+                print(f"communication per rank: {summary['bytes_sent_per_rank'] / 2**20:.1f} MiB sent in "
+                      f"{summary['collective_calls']} collective calls (cost model: {predicted / 2**20:.1f} MiB)")
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"ERROR: stage 5 (train), rank {dist.rank}: {e}", file=sys.stderr)
         raise SystemExit(1)

@@ -13,7 +13,7 @@ def build_model(cfg, input_dim: int, vocab_size: int) -> AcousticModel:
 
         m = cfg.mlp
         return build_mlp(input_dim, vocab_size, m.num_layers, m.hidden_dim, m.context_left, m.context_right,
-                         m.subsample, m.dropout)
+                         m.subsample, m.dropout, m.activation)
     if cfg.name == "tdnn":
         from asr_parallel.models.tdnn import build_tdnn
 

@@ -39,12 +39,15 @@ class Splice(Stage):
 
 
 class FeedForward(Stage):
-    """Linear -> ReLU -> LayerNorm (-> dropout): a hidden layer of the survey's DNN."""
+    """Linear -> ReLU (or sigmoid, tanh) -> LayerNorm (-> dropout): a hidden layer of the survey's DNN."""
 
-    def __init__(self, input_dim: int, output_dim: int, dropout: float, frames_ratio: float):
+    ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+    def __init__(self, input_dim: int, output_dim: int, dropout: float, frames_ratio: float,
+                 activation: str = "relu"):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(input_dim, output_dim), nn.ReLU(), nn.LayerNorm(output_dim),
-                                 nn.Dropout(dropout))
+        self.net = nn.Sequential(nn.Linear(input_dim, output_dim), self.ACTIVATIONS[activation](),
+                                 nn.LayerNorm(output_dim), nn.Dropout(dropout))
         self.output_dim = output_dim
         self.flops_per_frame = linear_flops(input_dim, output_dim) * frames_ratio
 

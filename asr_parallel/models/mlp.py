@@ -10,12 +10,12 @@ from asr_parallel.models.layers import FeedForward, Output, Splice
 
 
 def build_mlp(input_dim: int, vocab_size: int, num_layers: int, hidden_dim: int, context_left: int,
-              context_right: int, subsample: int, dropout: float) -> AcousticModel:
+              context_right: int, subsample: int, dropout: float, activation: str = "relu") -> AcousticModel:
     splice = Splice(input_dim, context_left, context_right, subsample)
     stages = [("splice", splice)]
     dim, ratio = splice.output_dim, 1.0 / subsample
     for i in range(num_layers):
-        stages.append((f"layer{i + 1}", FeedForward(dim, hidden_dim, dropout, ratio)))
+        stages.append((f"layer{i + 1}", FeedForward(dim, hidden_dim, dropout, ratio, activation)))
         dim = hidden_dim
     stages.append(("output", Output(dim, vocab_size, ratio)))
     return AcousticModel(stages)

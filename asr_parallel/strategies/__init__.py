@@ -10,10 +10,15 @@ from __future__ import annotations
 import dataclasses
 
 from asr_parallel.strategies.base import Strategy
+from asr_parallel.strategies.bmuf import BMUF
+from asr_parallel.strategies.easgd import EASGD
+from asr_parallel.strategies.hierarchical import Hierarchical
+from asr_parallel.strategies.model_averaging import ModelAveraging
 from asr_parallel.strategies.single import SingleProcess
 from asr_parallel.strategies.sync_sgd import SyncSGD
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (SingleProcess, SyncSGD)}
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (SingleProcess, SyncSGD, ModelAveraging, BMUF,
+                                                                   EASGD, Hierarchical)}
 
 
 def parse_strategy(section: dict):

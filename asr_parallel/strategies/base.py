@@ -17,6 +17,7 @@ own state in ``state_dict`` (saved in every checkpoint, per rank), and names the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,26 +46,85 @@ class DistContext:
 
 @dataclass
 class CommCounter:
-    """Bytes this rank sent and received at collective calls, and the number of calls."""
+    """Bytes this rank sent and received at collective calls, and the number of calls.
+
+    A ring all-reduce of n values of b bytes over K ranks makes each rank send and receive
+    2(K-1)/K * n * b bytes (reduce-scatter, then all-gather). Calls are counted from the tensors that
+    actually go through ``torch.distributed`` (their element count, element size and group size), under
+    a label (``gradients``, ``params``, ``buffers``, ``optimizer``, ``intra``, ``inter``, ...), so the
+    cost model's prediction (:mod:`asr_parallel.strategies.cost`) can be checked against them.
+    """
 
     bytes_sent: int = 0
     bytes_received: int = 0
     calls: int = 0
+    by_label: dict = field(default_factory=dict)  # label -> [bytes sent, calls]
 
-    def all_reduce(self, numel: int, element_size: int, world_size: int) -> None:
-        """A ring all-reduce of ``numel`` values: each rank sends and receives 2(K-1)/K of them."""
+    def all_reduce(self, numel: int, element_size: int, world_size: int, label: str = "gradients") -> None:
+        """Count one ring all-reduce of ``numel`` values over ``world_size`` ranks."""
         if world_size <= 1:
             return
-        nbytes = 2 * (world_size - 1) * numel * element_size // world_size
+        nbytes = ring_allreduce_bytes(numel, element_size, world_size)
         self.bytes_sent += nbytes
         self.bytes_received += nbytes
         self.calls += 1
+        entry = self.by_label.setdefault(label, [0, 0])
+        entry[0] += nbytes
+        entry[1] += 1
 
     def state_dict(self) -> dict:
-        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls}
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls,
+                "by_label": {k: list(v) for k, v in self.by_label.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.bytes_sent, self.bytes_received, self.calls = state["bytes_sent"], state["bytes_received"], state["calls"]
+        self.by_label = {k: list(v) for k, v in state.get("by_label", {}).items()}
+
+
+def ring_allreduce_bytes(numel: int, element_size: int, world_size: int) -> int:
+    """Bytes each rank sends (and receives) in a ring all-reduce: 2(K-1)/K * n * b, rounded down."""
+    if world_size <= 1:
+        return 0
+    return 2 * (world_size - 1) * numel * element_size // world_size
+
+
+def group_size(group=None) -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_world_size(group) if tdist.is_initialized() else 1
+
+
+def all_reduce(tensor: torch.Tensor, counter: CommCounter, group=None, label: str = "params", op=None) -> torch.Tensor:
+    """``torch.distributed.all_reduce`` (sum by default) on ``tensor`` in place, counted in ``counter``."""
+    import torch.distributed as tdist
+
+    k = group_size(group)
+    if k > 1:
+        counter.all_reduce(tensor.numel(), tensor.element_size(), k, label)
+        tdist.all_reduce(tensor, op=op if op is not None else tdist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+@contextmanager
+def counting_collectives(counter: CommCounter, label: str):
+    """Count the all-reduces that library code (torch's model averagers) makes inside the block.
+
+    ``torch.distributed.all_reduce`` is wrapped for the duration, so the count comes from the tensors
+    the library really sends, not from a re-statement of its schedule.
+    """
+    import torch.distributed as tdist
+
+    original = tdist.all_reduce
+
+    def counted(tensor, op=tdist.ReduceOp.SUM, group=None, async_op=False):
+        counter.all_reduce(tensor.numel(), tensor.element_size(), tdist.get_world_size(group), label)
+        return original(tensor, op=op, group=group, async_op=async_op)
+
+    tdist.all_reduce = counted
+    try:
+        yield counter
+    finally:
+        tdist.all_reduce = original
 
 
 class Strategy:
@@ -86,14 +146,20 @@ class Strategy:
     def data_shard(self) -> tuple[int, int]:
         return self.dist.rank, self.dist.world_size
 
-    # -- model
+    # -- model and optimiser
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the optimiser exists, before the schedule: may scale learning rates."""
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return model
 
-    # -- step hooks
+    # -- step hooks (``step`` counts optimiser steps from 1; the step being taken or just taken)
+    def after_backward(self, step: int, model: nn.Module) -> None:
+        """Gradients are ready and not yet clipped (synchronous warm-up phases average them here)."""
+
     def after_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pass
 

@@ -32,25 +32,38 @@ class SyncSGD(Strategy):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if not self.dist.distributed:
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp = DDP(model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
-                  bucket_cap_mb=self.params.bucket_cap_mb,
-                  find_unused_parameters=self.params.find_unused_parameters)
-        ddp.register_comm_hook(self, _counting_allreduce_hook)
-        return ddp
+        return ddp_wrap(model, self.dist, self, None, "gradients", self.params.bucket_cap_mb,
+                        self.params.find_unused_parameters)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return model.module if hasattr(model, "module") else model
 
 
-def _counting_allreduce_hook(strategy: SyncSGD, bucket):
-    """DDP's default all-reduce (average), counting the bytes each rank sends and receives."""
-    import torch.distributed as dist
+def ddp_wrap(model: nn.Module, dist, strategy: Strategy, group, label: str, bucket_cap_mb: float = 25.0,
+             find_unused_parameters: bool = False) -> nn.Module:
+    """DDP over ``group`` (None: all ranks) whose gradient all-reduces are counted in ``strategy.comm``.
 
+    Buffers (batch-norm statistics) are not broadcast from rank 0 before every forward pass: that
+    traffic would escape the accounting, and rank 0's statistics, the ones evaluated, are the same
+    either way.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+              process_group=group, bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False,
+              find_unused_parameters=find_unused_parameters)
+    ddp.register_comm_hook((strategy, group, label), _counting_allreduce_hook)
+    return ddp
+
+
+def _counting_allreduce_hook(state, bucket):
+    """DDP's default all-reduce (average over the group), counting the bytes each rank sends and receives."""
+    import torch.distributed as tdist
+
+    strategy, group, label = state
     buf = bucket.buffer()
-    world = dist.get_world_size()
-    strategy.comm.all_reduce(buf.numel(), buf.element_size(), world)
+    world = tdist.get_world_size(group)
+    strategy.comm.all_reduce(buf.numel(), buf.element_size(), world, label)
     buf.div_(world)
-    fut = dist.all_reduce(buf, async_op=True).get_future()
+    fut = tdist.all_reduce(buf, group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])

@@ -133,6 +133,7 @@ class Trainer:
         self.wrapped = self.strategy.wrap_model(model)
         self.fused = self.device.type == "cuda"  # fused optimisers skip a step on device (found_inf)
         self.optimizer = make_optimizer(self.tc, self.wrapped.parameters(), fused=self.fused)
+        self.strategy.setup_optimizer(self.optimizer)  # before the schedule records the base rates
         self.spec_augment = SpecAugment().to(self.device) if self.tc.spec_augment else None
         self.use_bf16 = self.tc.bf16 and self.device.type == "cuda"
 
@@ -221,12 +222,20 @@ class Trainer:
         if path is None:
             return False
         state = ckpt.load(path, self.dist.rank, self.device)
+        self.load_state_dict(state, path)
+        if self.dist.is_main:
+            print(f"resuming from {path}: epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}")
+        return True
+
+    def load_state_dict(self, state: dict, path="checkpoint") -> None:
+        """Restore everything :meth:`state_dict` saved (``path`` names the source in errors)."""
         if state["world_size"] != self.dist.world_size:
             raise TrainingError(f"{path} was written by {state['world_size']} ranks, this run has "
                                 f"{self.dist.world_size}; start a new experiment directory")
         if state.get("fingerprint") != self.fingerprint():
             raise TrainingError(f"{path} was written with a different model, strategy or training config; "
-                                f"delete {self.exp_dir} or train into another experiment directory")
+                                f"delete {getattr(self, 'exp_dir', 'it')} or train into another experiment "
+                                "directory")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -237,9 +246,6 @@ class Trainer:
         self.elapsed_before = p["elapsed"]
         self.history = json.loads(state["history"])
         ckpt.set_rng_state(state["rng"])
-        if self.dist.is_main:
-            print(f"resuming from {path}: epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}")
-        return True
 
     # ------------------------------------------------------------------ steps
 
@@ -267,6 +273,7 @@ class Trainer:
         loss = ctc_loss(logits, out_lens, batch.tokens) / len(batch.tokens)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.strategy.after_backward(self.step + 1, self.wrapped)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.tc.grad_clip)
         bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float().reshape(1)
         if self.dist.distributed:
@@ -402,8 +409,16 @@ class Trainer:
         w.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
         w.add_scalar("train/grad_norm", out["grad_norm"], self.step)
         w.add_scalar("train/frames_per_second", fps, self.step)
-        w.add_scalar("comm/bytes_sent", self.strategy.comm.bytes_sent, self.step)
-        w.add_scalar("comm/collective_calls", self.strategy.comm.calls, self.step)
+        comm = self.strategy.comm
+        prev_step, prev_bytes = getattr(self, "_comm_logged", (0, 0))
+        w.add_scalar("comm/bytes_sent", comm.bytes_sent, self.step)
+        w.add_scalar("comm/bytes_received", comm.bytes_received, self.step)
+        w.add_scalar("comm/bytes_sent_per_step", (comm.bytes_sent - prev_bytes) / max(1, self.step - prev_step),
+                     self.step)
+        w.add_scalar("comm/collective_calls", comm.calls, self.step)
+        for label, (nbytes, _) in comm.by_label.items():
+            w.add_scalar(f"comm/bytes_sent_{label}", nbytes, self.step)
+        self._comm_logged = (self.step, comm.bytes_sent)
         w.add_scalar("train/bad_batches", self.bad_total, self.step)
 
     def _end_of_epoch(self) -> None:
@@ -426,6 +441,16 @@ class Trainer:
                   + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         self._barrier()
 
+    def predicted_comm(self) -> dict:
+        """The cost model's bytes and calls per rank for the steps taken (to set beside the counts)."""
+        import os
+
+        from asr_parallel.strategies.cost import ModelSize, predict
+
+        size = ModelSize.of(self.model, self.optimizer)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        return predict(self.cfg.strategy, size, self.dist.world_size, self.step, local)
+
     def _finish(self) -> dict:
         summary = {}
         if self.dist.is_main:
@@ -445,6 +470,7 @@ class Trainer:
                 "frames_per_second": round(self.frames_total * self.dist.world_size
                                            / max(1e-9, self.elapsed_before + self._elapsed()), 1),
                 "bytes_sent_per_rank": self.strategy.comm.bytes_sent, "collective_calls": self.strategy.comm.calls,
+                "bytes_by_label": self.strategy.comm.by_label, "predicted": self.predicted_comm(),
                 "bad_batches": self.bad_total, "filtered": self.filter_stats, "history": self.history,
                 "losses": self.losses,
             }

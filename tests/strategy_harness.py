@@ -1,0 +1,169 @@
+"""Shared by the strategy tests: a toy model and per-rank batches, the project's trainer driven on
+them in spawned gloo ranks, and an independent single-process computation of every update rule.
+
+The reference functions restate the rules of ALGORITHMS.md on plain tensors; they import nothing
+from :mod:`asr_parallel.strategies`, so a wrong strategy cannot agree with them by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+VOCAB = 12
+LR = 0.01
+# A smooth activation: with ReLU, float rounding in another summation order can flip a unit at its kink
+# and change a gradient by far more than rounding (seen: 0.09 from a 5e-7 change of the weights).
+MLP = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=32", "model.mlp.dropout=0.0",
+       "model.mlp.activation=tanh"]
+CONFORMER = ["model.name=conformer", "model.conformer.model_dim=16", "model.conformer.num_layers=1",
+             "model.conformer.num_heads=2", "model.conformer.ffn_dim=32", "model.conformer.kernel=3",
+             "model.conformer.dropout=0.0"]
+SGD = ["train.optimizer=sgd", "train.momentum=0.0", "train.weight_decay=0.0", f"train.lr={LR}",
+       "train.scheduler=constant", "train.grad_clip=1e9", "train.spec_augment=false", "train.device=cpu"]
+
+
+def config(strategy: dict, model=MLP, train=SGD):
+    from asr_parallel.config import load_config
+
+    cfg = load_config("recipes/chime6_sim.yaml", model + train)
+    cfg.strategy = dict(strategy)
+    return cfg
+
+
+def build(cfg, seed: int = 0):
+    from asr_parallel.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg.model, 80, VOCAB)
+
+
+def batch(step: int, rank: int):
+    """Rank ``rank``'s batch for optimiser step ``step`` (1-based): two utterances of its own."""
+    from asr_parallel.train.data import Batch
+
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    feats = torch.randn(2, 40, 80, generator=g)
+    lens = torch.tensor([40, 33])
+    tokens = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 2)]
+    return Batch(feats, lens, tokens, ["a", "b"], [f"s{step}r{rank}a", f"s{step}r{rank}b"])
+
+
+# ---------------------------------------------------------------- in the spawned ranks
+
+
+def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None) -> dict:
+    """Train ``steps`` steps through the project's trainer; with ``resume_after``, save its state after
+    that many steps, build a fresh trainer (other initial weights) that loads it, and go on."""
+    from asr_parallel.train.trainer import Trainer
+
+    trainer = Trainer.for_benchmark(cfg, dist, build(cfg))
+    for s in range(1, steps + 1):
+        if resume_after is not None and s == resume_after + 1:
+            path = f"{tmp}/state-{dist.rank}.pt"
+            torch.save(trainer.state_dict(), path)
+            trainer = Trainer.for_benchmark(cfg, dist, build(cfg, seed=99))
+            trainer.load_state_dict(torch.load(path, weights_only=True))
+        trainer.train_step(batch(s, dist.rank))
+    from asr_parallel.strategies.cost import ModelSize
+
+    st = trainer.strategy
+    size = ModelSize.of(trainer.model, trainer.optimizer)
+    return {"local": copy.deepcopy(trainer.model.state_dict()),
+            "eval": copy.deepcopy(st.eval_model(trainer.wrapped).state_dict()),
+            "strategy": st.state_dict(), "comm": st.comm.state_dict(), "steps": trainer.step,
+            "size": [size.params, size.buffers, size.optimizer_state, size.element_size]}
+
+
+def spawn_worker(rank, world, store, out, scenarios, tmp):
+    import torch.distributed as tdist
+
+    from asr_parallel.strategies.base import DistContext
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist = DistContext(rank=rank, world_size=world, initialized=True)
+    results = {}
+    for name, (strategy, steps, resume_after, model, train) in scenarios.items():
+        results[name] = run_trainer(config(strategy, model, train), dist, steps, resume_after, tmp)
+    torch.save(results, f"{out}-{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def run_ranks(world: int, scenarios: dict, tmp_path) -> list[dict]:
+    """Run every scenario (name -> (strategy, steps, resume_after, model, train)) on ``world`` ranks."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "results"
+    mp.spawn(spawn_worker, args=(world, str(tmp_path / "store"), str(out), scenarios, str(tmp_path)),
+             nprocs=world, join=True)
+    return [torch.load(f"{out}-{r}.pt", weights_only=True) for r in range(world)]
+
+
+# ---------------------------------------------------------------- independent reference
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def load_flat(model, vec: torch.Tensor) -> None:
+    i = 0
+    for p in model.parameters():
+        p.data.copy_(vec[i:i + p.numel()].view_as(p))
+        i += p.numel()
+
+
+def gradient(model, b) -> torch.Tensor:
+    from asr_parallel.train.trainer import ctc_loss
+
+    model.zero_grad(set_to_none=True)
+    logits, out_lens = model(b.feats, b.feat_lens)
+    (ctc_loss(logits, out_lens, b.tokens) / len(b.tokens)).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def reference(cfg, workers: list[list[int]], steps: int, rule: str, tau: int = 1, warmup: int = 0,
+              eta: float = 0.0, zeta: float = 1.0, nesterov: bool = False, beta: float = 0.9) -> dict:
+    """Plain SGD on every worker (a worker's gradient is the mean over its member ranks' batches);
+    ``warmup`` steps of gradient averaging over all workers; then every ``tau`` steps the ``rule``
+    (sync, average, bmuf, easgd) across workers, as ALGORITHMS.md states it."""
+    models = [build(cfg) for _ in workers]
+    k = len(workers)
+    ref = flat(models[0]).clone()
+    delta = torch.zeros_like(ref)
+    glob = ref.clone()
+    for s in range(1, steps + 1):
+        grads = [torch.stack([gradient(m, batch(s, r)) for r in ranks]).mean(0) for m, ranks in zip(models, workers)]
+        if rule == "sync" or s <= warmup:
+            grads = [torch.stack(grads).mean(0)] * k
+        for m, g in zip(models, grads):
+            load_flat(m, flat(m) - LR * g)
+        if warmup and s == warmup:
+            ref = flat(models[0]).clone()
+            glob = ref.clone()
+        elif rule != "sync" and s > warmup and (s - warmup) % tau == 0:
+            xs = [flat(m) for m in models]
+            mean = torch.stack(xs).mean(0)
+            if rule == "average":
+                new = [mean] * k
+                glob = mean
+            elif rule == "bmuf":
+                delta = eta * delta + zeta * (ref - mean)
+                glob = ref - delta
+                ref = glob - eta * delta if nesterov else glob
+                new = [ref] * k
+            elif rule == "easgd":
+                alpha = beta / k
+                new = [x - alpha * (x - glob) for x in xs]
+                glob = glob + alpha * sum(x - glob for x in xs)
+            for m, v in zip(models, new):
+                load_flat(m, v)
+    return {"locals": [flat(m) for m in models], "global": glob, "delta": delta, "reference": ref}
+
+
+def flat_state(state: dict, model_cfg) -> torch.Tensor:
+    """Flat parameter vector of a saved state dict, in the model's parameter order."""
+    names = [n for n, _ in build(model_cfg).named_parameters()]
+    return torch.cat([state[n].reshape(-1) for n in names])
