@@ -40,14 +40,18 @@ def build(cfg, seed: int = 0):
 
 
 def batch(step: int, rank: int):
-    """Rank ``rank``'s batch for optimiser step ``step`` (1-based): two utterances of its own."""
+    """Rank ``rank``'s batch for optimiser step ``step`` (1-based): two or three utterances of its own,
+    whose padded length changes from step to step (variable-length speech)."""
     from asr_parallel.train.data import Batch
 
     g = torch.Generator().manual_seed(1000 * step + rank)
-    feats = torch.randn(2, 40, 80, generator=g)
-    lens = torch.tensor([40, 33])
-    tokens = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 2)]
-    return Batch(feats, lens, tokens, ["a", "b"], [f"s{step}r{rank}a", f"s{step}r{rank}b"])
+    frames = 40 + 6 * (step % 3)
+    utts = 2 + step % 2
+    feats = torch.randn(utts, frames, 80, generator=g)
+    lens = torch.tensor([frames, frames - 7, frames - 3][:utts])
+    tokens = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 2, 4)[:utts]]
+    ids = [f"s{step}r{rank}u{i}" for i in range(utts)]
+    return Batch(feats, lens, tokens, ["x"] * utts, ids)
 
 
 # ---------------------------------------------------------------- in the spawned ranks
@@ -59,21 +63,27 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
     from asr_parallel.train.trainer import Trainer
 
     trainer = Trainer.for_benchmark(cfg, dist, build(cfg))
+    pipeline = trainer.strategy.owns_step  # one data stream for all ranks
     for s in range(1, steps + 1):
         if resume_after is not None and s == resume_after + 1:
             path = f"{tmp}/state-{dist.rank}.pt"
             torch.save(trainer.state_dict(), path)
             trainer = Trainer.for_benchmark(cfg, dist, build(cfg, seed=99))
             trainer.load_state_dict(torch.load(path, weights_only=True))
-        trainer.train_step(batch(s, dist.rank))
+        trainer.train_step(batch(s, 0 if pipeline else dist.rank))
+    trainer.strategy.end_of_epoch(trainer)
     from asr_parallel.strategies.cost import ModelSize
 
     st = trainer.strategy
     size = ModelSize.of(trainer.model, trainer.optimizer)
+    evaluated = st.eval_model(trainer.wrapped)
     return {"local": copy.deepcopy(trainer.model.state_dict()),
-            "eval": copy.deepcopy(st.eval_model(trainer.wrapped).state_dict()),
+            "eval": copy.deepcopy(evaluated.state_dict()) if evaluated is not None else None,
             "strategy": st.state_dict(), "comm": st.comm.state_dict(), "steps": trainer.step,
-            "size": [size.params, size.buffers, size.optimizer_state, size.element_size]}
+            "size": [size.params, size.buffers, size.optimizer_state, size.element_size],
+            "delays": list(getattr(st, "delays", [])), "starts": list(getattr(st, "starts", [])),
+            "part": sorted(trainer.wrapped.state_dict()) if pipeline else None,
+            "predicted": trainer.predicted_comm() if pipeline else None}
 
 
 def spawn_worker(rank, world, store, out, scenarios, tmp):
@@ -167,3 +177,51 @@ def flat_state(state: dict, model_cfg) -> torch.Tensor:
     """Flat parameter vector of a saved state dict, in the model's parameter order."""
     names = [n for n, _ in build(model_cfg).named_parameters()]
     return torch.cat([state[n].reshape(-1) for n in names])
+
+
+def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool) -> torch.Tensor:
+    """Two-stage pipelined back-propagation (Chen et al. 2012) simulated in one process, clock tick by
+    clock tick: stage 0 runs the forward pass of minibatch t and then the backward pass of minibatch
+    t - 2 (at its weights of now, or with ``stash`` at the weights its forward pass used); stage 1 runs
+    forward and backward of minibatch t - 1 and updates at once. Returns the final parameters."""
+    from asr_parallel.train.trainer import ctc_loss
+
+    model = build(cfg)
+    lower, upper = list(model.stages)[:start], list(model.stages)[start:]
+    p0 = [p for s in lower for p in s.parameters()]
+    p1 = [p for s in upper for p in s.parameters()]
+
+    def run(stages, x, lengths):
+        for s in stages:
+            x, lengths = s(x, lengths)
+        return x, lengths
+
+    sent, weights_then, grad_in = {}, {}, {}
+    for t in range(steps + 2):
+        if t < steps:
+            b = batch(t + 1, 0)
+            with torch.no_grad():
+                sent[t] = run(lower, b.feats, b.feat_lens)
+            weights_then[t] = [p.detach().clone() for p in p0]
+        n = t - 1
+        if 0 <= n < steps:
+            y, lengths = sent[n]
+            y = y.clone().requires_grad_(True)
+            logits, out_lens = run(upper, y, lengths)
+            tokens = batch(n + 1, 0).tokens
+            grads = torch.autograd.grad(ctc_loss(logits, out_lens, tokens) / len(tokens), p1 + [y])
+            grad_in[n] = grads[-1]
+            for p, g in zip(p1, grads[:-1]):
+                p.data -= LR * g
+        n = t - 2
+        if 0 <= n < steps:
+            b = batch(n + 1, 0)
+            now = [p.detach().clone() for p in p0]
+            if stash:
+                for p, w in zip(p0, weights_then[n]):
+                    p.data.copy_(w)
+            y, _ = run(lower, b.feats, b.feat_lens)
+            grads = torch.autograd.grad(y, p0, grad_in[n])
+            for p, w, g in zip(p0, now, grads):
+                p.data.copy_(w - LR * g)
+    return flat(model)

@@ -89,3 +89,27 @@ def test_bmuf_under_torchrun_resumes_mid_block_from_checkpoint_files(prepared, t
     b_model = torch.load(b / run / "final.pt", weights_only=True)
     for key, value in a_model["model"].items():
         assert torch.equal(value, b_model["model"][key]), key
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("strategy", ["pipelined_bp", "gpipe"])
+def test_pipelines_under_torchrun(prepared, tmp_path, strategy):
+    r = run_sh(prepared, tmp_path / "exp", "train.world_size=2", f"strategy.name={strategy}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "rank 0: splice" in r.stdout  # the cut is printed
+    results = check_results(tmp_path / "exp" / f"mlp_{strategy}_w2")
+    summary = results["train_summary"]
+    assert summary["world_size"] == 2 and summary["bad_batches"] == 0
+    assert len(summary["losses"]) > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "exp" / f"mlp_{strategy}_w2" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("pipeline/idle_fraction_stage0", "pipeline/busy_seconds_stage1",
+                "pipeline/bytes_forward_boundary0", "pipeline/staleness_stage0", "train/loss"):
+        assert tag in tags, tags
+    if strategy == "pipelined_bp":  # stage 0 applies gradients two updates old once the pipeline is full
+        assert events.Scalars("pipeline/staleness_stage0")[-1].value == 2.0

@@ -13,12 +13,16 @@ from asr_parallel.strategies.base import Strategy
 from asr_parallel.strategies.bmuf import BMUF
 from asr_parallel.strategies.easgd import EASGD
 from asr_parallel.strategies.hierarchical import Hierarchical
+from asr_parallel.strategies.gpipe import GPipe
 from asr_parallel.strategies.model_averaging import ModelAveraging
+from asr_parallel.strategies.one_f_one_b import OneFOneB
+from asr_parallel.strategies.pipelined_bp import PipelinedBP
 from asr_parallel.strategies.single import SingleProcess
 from asr_parallel.strategies.sync_sgd import SyncSGD
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (SingleProcess, SyncSGD, ModelAveraging, BMUF,
-                                                                   EASGD, Hierarchical)}
+                                                                   EASGD, Hierarchical, PipelinedBP, GPipe,
+                                                                   OneFOneB)}
 
 
 def parse_strategy(section: dict):

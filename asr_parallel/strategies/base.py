@@ -153,7 +153,8 @@ class Strategy:
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once the optimiser exists, before the schedule: may scale learning rates."""
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
+    def eval_model(self, model: nn.Module) -> nn.Module | None:
+        """The model to evaluate and save; called on every rank (pipelines gather it on rank 0)."""
         return model
 
     # -- step hooks (``step`` counts optimiser steps from 1; the step being taken or just taken)
@@ -165,6 +166,28 @@ class Strategy:
 
     def train_step(self, batch, trainer):  # only strategies that own the step implement this
         raise NotImplementedError
+
+    def end_of_epoch(self, trainer) -> list[dict]:
+        """All batches of the epoch went in; finish the work in flight (pipelines drain). Returns the
+        figures of any further steps, as :meth:`train_step` does."""
+        return []
+
+    def checkpoint_ok(self) -> bool:
+        """Whether the state can be saved now (not with minibatches in flight in a pipeline)."""
+        return True
+
+    def predicted_comm(self) -> dict | None:
+        """The cost model's bytes for what this strategy did, where it depends on more than the step
+        count (pipelines: the batch shapes); None: the trainer asks :func:`cost.predict`."""
+        return None
+
+    def describe(self) -> str:
+        """A line for the training log (pipelines: which stages each rank runs)."""
+        return ""
+
+    def log_scalars(self) -> dict[str, float]:
+        """Strategy-specific figures for TensorBoard (rank 0), e.g. per pipeline stage."""
+        return {}
 
     # -- checkpoints
     def state_dict(self) -> dict:

@@ -87,6 +87,9 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         g = p.group_size or local_world_size or world_size
         add("intra", size.params, g, steps)
         periodic(p.outer, p, world_size // g, "inter")
+    elif name in ("pipelined_bp", "gpipe", "one_f_one_b"):
+        raise ValueError(f"the bytes of '{name}' depend on the batch shapes: see "
+                         "asr_parallel.strategies.pipeline.boundary_bytes and the strategy's predicted_comm()")
     elif name != "single":
         raise ValueError(f"no cost model for strategy '{name}'")
     return {"bytes_sent": sum(v[0] for v in by_label.values()), "calls": sum(v[1] for v in by_label.values()),

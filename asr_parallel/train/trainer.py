@@ -296,6 +296,8 @@ class Trainer:
         and check for runs of bad batches; returns the last step's figures."""
         last = None
         for out in self.pending:
+            if out["loss"] is None:  # a pipeline step that finished no minibatch (filling)
+                continue
             loss, bad = float(out["loss"]), bool(out["bad"].item())
             last = {"loss": loss, "grad_norm": float(out["grad_norm"]), "bad": bad}
             if bad:
@@ -317,9 +319,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, model) -> dict:
         """Dev CTC loss per utterance and greedy WER (CHiME-6 rules), on rank 0's evaluation model."""
-        model = self.strategy.eval_model(self.wrapped)
         model.eval()
         from lhotse.dataset import SimpleCutSampler
 
@@ -360,6 +361,8 @@ class Trainer:
                 print(f"training {self.cfg.model.name} with strategy {self.cfg.strategy['name']} on "
                       f"{self.dist.world_size} rank(s), {self.device}; {len(self.train_cuts)} training utterances, "
                       f"{self.batches_per_epoch} batches per epoch per rank, {self.total_steps} steps")
+                if self.strategy.describe():
+                    print(self.strategy.describe())
         self.t_start = time.time()
         stop = False
         while self.epoch < self.tc.epochs and not stop:
@@ -384,12 +387,13 @@ class Trainer:
                         self._log_step(last, fps)
                         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                         t_log, frames_log = now, 0
-                if self.step % self.tc.checkpoint_every_steps == 0:
+                if self.step % self.tc.checkpoint_every_steps == 0 and self.strategy.checkpoint_ok():
                     self.save_checkpoint()
                 if self.tc.max_steps and self.step >= self.tc.max_steps:
                     stop = True
                     break
             bar.close()
+            self.pending += self.strategy.end_of_epoch(self)  # pipelines drain
             self._drain()
             if not stop:
                 self.epoch += 1
@@ -419,15 +423,17 @@ class Trainer:
         for label, (nbytes, _) in comm.by_label.items():
             w.add_scalar(f"comm/bytes_sent_{label}", nbytes, self.step)
         self._comm_logged = (self.step, comm.bytes_sent)
+        for name, value in self.strategy.log_scalars().items():
+            w.add_scalar(name, value, self.step)
         w.add_scalar("train/bad_batches", self.bad_total, self.step)
 
     def _end_of_epoch(self) -> None:
         self.save_checkpoint()
+        model = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         if self.dist.is_main:
-            model = self.strategy.eval_model(self.wrapped)
             ckpt.save_model(self.exp_dir / f"epoch-{self.epoch}.pt", model.state_dict(), {"epoch": self.epoch,
                                                                                           "step": self.step})
-            metrics = self.evaluate() if self.dev_cuts is not None and len(self.dev_cuts) else {}
+            metrics = self.evaluate(model) if self.dev_cuts is not None and len(self.dev_cuts) else {}
             elapsed = self.elapsed_before + self._elapsed()
             row = {"epoch": self.epoch, "step": self.step, "elapsed_seconds": round(elapsed, 1),
                    "bytes_sent": self.strategy.comm.bytes_sent, **{k: round(v, 4) for k, v in metrics.items()}}
@@ -447,12 +453,16 @@ class Trainer:
 
         from asr_parallel.strategies.cost import ModelSize, predict
 
+        own = self.strategy.predicted_comm()
+        if own is not None:
+            return own
         size = ModelSize.of(self.model, self.optimizer)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
         return predict(self.cfg.strategy, size, self.dist.world_size, self.step, local)
 
     def _finish(self) -> dict:
         summary = {}
+        current = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         if self.dist.is_main:
             epochs = sorted(self.exp_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
             chosen = epochs[-self.tc.average_last_checkpoints:]
@@ -460,7 +470,7 @@ class Trainer:
                 state = ckpt.average_models(chosen)
                 meta = {"averaged": [p.name for p in chosen], "step": self.step}
             else:  # stopped inside an epoch (max_steps): the current model
-                state, meta = self.strategy.eval_model(self.wrapped).state_dict(), {"step": self.step}
+                state, meta = current.state_dict(), {"step": self.step}
             ckpt.save_model(self.exp_dir / "final.pt", state, meta)
             summary = {
                 "model": self.cfg.model.name, "strategy": self.cfg.strategy, "world_size": self.dist.world_size,
