@@ -25,6 +25,8 @@ Stages:
   5  train       acoustic model with the configured strategy (torchrun when train.world_size > 1)
   6  decode      greedy and WFST decoding of dev and eval, worn and array microphones
   7  score       WER by CHiME-6 rules per split, microphone, session, location; results.json
+  8  compare     (not in the default range) train, decode and score every run of compare.runs and
+                write a side-by-side table, TensorBoard HParams and plots under exp_dir/compare
 
 Options (defaults in brackets):
   --stage N          first stage to run [$stage]
@@ -79,9 +81,27 @@ run_stage 4 graph     "$python" -m asr_parallel.bin.prepare_graph "${common[@]}"
 
 # Training: one process, or torchrun with train.world_size ranks (gloo on CPU, NCCL on GPU).
 train() {
-  local world_size
+  local world_size nodes rate
   world_size=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get train.world_size)
-  if [ "$world_size" -gt 1 ]; then
+  nodes=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get train.emulate_nodes)
+  if [ "$nodes" -gt 1 ] && [ "$(id -u)" != 0 ]; then
+    log "WARNING: train.emulate_nodes=$nodes needs root (network namespaces, tc); training on one node instead"
+    nodes=1
+  fi
+  if [ "$nodes" -gt 1 ]; then
+    if [ $((world_size % nodes)) -ne 0 ]; then
+      log "ERROR: stage 5 (train): train.world_size $world_size is not a multiple of train.emulate_nodes $nodes"
+      return 1
+    fi
+    rate=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get train.link_rate)
+    local per_node=$((world_size / nodes)) args
+    args=$(printf ' %q' "${cfg_args[@]}")
+    # One thread per rank: every emulated node shares this machine's cores.
+    local/emulate_cluster.sh --nodes "$nodes" --rate "$rate" -- env ASR_PARALLEL_THREADS=$(( $(nproc) / world_size > 0 ? $(nproc) / world_size : 1 )) \
+      bash -c ".venv/bin/torchrun --nnodes $nodes --nproc-per-node $per_node --rdzv-backend c10d \
+        --rdzv-endpoint \$MASTER_ADDR:29400 --rdzv-conf is_host=\$([ \$NODE_RANK = 0 ] && echo true || echo false) \
+        --local-addr \$NODE_ADDR --rdzv-id asr-parallel -m asr_parallel.bin.train$args"
+  elif [ "$world_size" -gt 1 ]; then
     .venv/bin/torchrun --standalone --nproc-per-node "$world_size" -m asr_parallel.bin.train "${cfg_args[@]}"
   else
     "$python" -m asr_parallel.bin.train "${cfg_args[@]}"
@@ -90,4 +110,5 @@ train() {
 run_stage 5 train     train
 run_stage 6 decode    "$python" -m asr_parallel.bin.decode "${cfg_args[@]}"
 run_stage 7 score     "$python" -m asr_parallel.bin.score "${cfg_args[@]}"
+run_stage 8 compare   "$python" -m asr_parallel.bin.compare "${cfg_args[@]}"
 log "run.sh: stages $stage..$stop_stage finished"

@@ -188,6 +188,10 @@ class TrainConfig:
     log_every_steps: int = 10
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit; for tests and benchmarks)
     time_limit_minutes: float = 0.0  # stop at the end of the first epoch past this (0 = no limit)
+    # > 1: spread the ranks over this many emulated nodes on this machine (local/emulate_cluster.sh:
+    # network namespaces, links limited to link_rate; needs root, else one node with a warning)
+    emulate_nodes: int = 0
+    link_rate: str = "100mbit"  # tc syntax
     average_last_checkpoints: int = 1  # average the model over the last N epoch checkpoints for decoding
 
 
@@ -207,6 +211,17 @@ class DecodeConfig:
 
 
 @dataclass
+class CompareConfig:
+    """Stage 8: several training runs side by side (each trained, decoded and scored as stages 5-7,
+    finished runs reused). Each run is a mapping: ``strategy`` (a strategy section), ``world_size``
+    (ranks, default 1), ``overrides`` (extra ``key=value`` settings, e.g. ``model.name=mlp``) and
+    ``label`` (a name for tables and plots)."""
+
+    runs: list[dict] = field(default_factory=list)
+    target_dev_wer: float = 60.0  # greedy dev worn-microphone WER (%) for "time to reach"
+
+
+@dataclass
 class RecipeConfig:
     """The whole recipe."""
 
@@ -221,6 +236,7 @@ class RecipeConfig:
     # The parallel-training strategy: {name: ..., its parameters}; see asr_parallel.strategies.
     strategy: dict = field(default_factory=lambda: {"name": "single"})
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     # Filled in by the loader, not by the file.
     source: str = field(default="<defaults>", metadata={"internal": True})
@@ -464,6 +480,22 @@ def validate(cfg: RecipeConfig) -> None:
         cfg.strategy_params = parse_strategy(cfg.strategy)
     except ValueError as e:
         raise ConfigError(f"{src}: {e}") from None
+    for i, run in enumerate(cfg.compare.runs):
+        key = f"compare.runs[{i}]"
+        if not isinstance(run, dict) or "strategy" not in run:
+            raise ConfigError(f"{src}: key '{key}' must be a mapping with a 'strategy' section")
+        unknown = sorted(set(run) - {"strategy", "world_size", "overrides", "label"})
+        if unknown:
+            raise ConfigError(f"{src}: unknown key '{key}.{unknown[0]}'; valid keys here: label, overrides, "
+                              "strategy, world_size")
+        try:
+            parse_strategy(run["strategy"])
+        except ValueError as e:
+            raise ConfigError(f"{src}: {key}: {e}") from None
+        if not isinstance(run.get("world_size", 1), int) or run.get("world_size", 1) < 1:
+            raise ConfigError(f"{src}: key '{key}.world_size' must be an integer >= 1")
+        if not isinstance(run.get("overrides", []), list):
+            raise ConfigError(f"{src}: key '{key}.overrides' must be a list of key=value strings")
 
 
 def dump_config(cfg: RecipeConfig, path: str | Path) -> None:

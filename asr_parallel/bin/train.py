@@ -21,7 +21,10 @@ from asr_parallel.utils.logging import setup_logging
 def experiment_dir(cfg) -> Path:
     from asr_parallel.strategies import run_name
 
-    return Path(cfg.exp_dir) / f"{cfg.model.name}_{run_name(cfg.strategy)}_w{cfg.train.world_size}"
+    name = f"{cfg.model.name}_{run_name(cfg.strategy)}_w{cfg.train.world_size}"
+    if cfg.train.emulate_nodes > 1:
+        name += f"_{cfg.train.emulate_nodes}nodes_{cfg.train.link_rate}"
+    return Path(cfg.exp_dir) / name
 
 
 def setup_distributed(cfg):
@@ -41,7 +44,8 @@ def setup_distributed(cfg):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
+        per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(max(1, int(os.environ.get("ASR_PARALLEL_THREADS", per_rank))))
     launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1  # under torchrun: a process group even for 1
     if launched:
         import torch.distributed as dist

@@ -181,6 +181,10 @@ class Strategy:
         count (pipelines: the batch shapes); None: the trainer asks :func:`cost.predict`."""
         return None
 
+    def summary_figures(self) -> dict:
+        """Figures for the run's summary and the comparison table (pipelines: staleness per stage)."""
+        return {}
+
     def describe(self) -> str:
         """A line for the training log (pipelines: which stages each rank runs)."""
         return ""

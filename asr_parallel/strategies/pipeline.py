@@ -250,6 +250,13 @@ class PipelineStrategy(Strategy):
             if not torch.is_tensor(item):
                 self._wait(item, "acknowledgement of a send", -1)
 
+    def summary_figures(self) -> dict:
+        """The largest measured staleness per stage (the steady-state delay) and the idle fraction."""
+        f = getattr(self, "figures", None) or {}
+        idle = [i / (b + i) if b + i > 0 else 0.0 for b, i in zip(f.get("busy", []), f.get("idle", []))]
+        return {"staleness": list(getattr(self, "max_staleness", [])), "idle_fraction": idle,
+                "bytes_forward": f.get("bytes_forward"), "bytes_backward": f.get("bytes_backward")}
+
     def log_scalars(self) -> dict[str, float]:
         f = getattr(self, "figures", None)
         if not f:
@@ -303,6 +310,7 @@ class PipelineStrategy(Strategy):
                 self._fail("step figures", -1, e)
             self._wait(work, "step figures", -1)
         out = {k: v[offsets[k]:offsets[k] + n].tolist() for k, n in sizes.items()}
+        self.max_staleness = [max(a, b) for a, b in zip(getattr(self, "max_staleness", [0.0] * s), out["staleness"])]
         for k in ("loss", "has_loss", "bad", "sq_norm"):
             out[k] = out[k][0]
         out["loss"] = out["loss"] if out["has_loss"] > 0 else None

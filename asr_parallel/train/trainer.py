@@ -201,7 +201,8 @@ class Trainer:
 
     # Keys of the train section that do not change what is computed, only when it stops or reports.
     OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "checkpoint_every_steps",
-                        "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints")
+                        "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints",
+                        "emulate_nodes", "link_rate")
 
     def fingerprint(self) -> str:
         import hashlib
@@ -447,6 +448,22 @@ class Trainer:
                   + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         self._barrier()
 
+    def _peak_memory_mb(self) -> float:
+        """Peak memory of the busiest rank: GPU memory allocated on GPU, resident set size on CPU."""
+        import resource
+
+        if self.device.type == "cuda":
+            mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            t = torch.tensor([mb], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            mb = float(t.item())
+        return round(mb, 1)
+
     def predicted_comm(self) -> dict:
         """The cost model's bytes and calls per rank for the steps taken (to set beside the counts)."""
         import os
@@ -463,6 +480,7 @@ class Trainer:
     def _finish(self) -> dict:
         summary = {}
         current = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
+        peak = self._peak_memory_mb()
         if self.dist.is_main:
             epochs = sorted(self.exp_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
             chosen = epochs[-self.tc.average_last_checkpoints:]
@@ -482,6 +500,7 @@ class Trainer:
                 "bytes_sent_per_rank": self.strategy.comm.bytes_sent, "collective_calls": self.strategy.comm.calls,
                 "bytes_by_label": self.strategy.comm.by_label, "predicted": self.predicted_comm(),
                 "bad_batches": self.bad_total, "filtered": self.filter_stats, "history": self.history,
+                "peak_memory_mb": peak, "strategy_figures": self.strategy.summary_figures(),
                 "losses": self.losses,
             }
             atomic_write_json(self.exp_dir / "train_summary.json", summary)

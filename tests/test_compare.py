@@ -1,0 +1,73 @@
+"""Stage 8 on the tiny corpus: a two-run comparison (single process, and model averaging on 2 gloo
+ranks), its table, TensorBoard runs (HParams and scalars, read back from the event files) and plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from chime6_fixture import TINY_SIMULATION
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64", "train.epochs=2",
+            "train.max_duration=20", "train.num_buckets=2", "train.log_every_steps=2", "decode.lm_weights=[0.5,1.0]"]
+
+
+def hparams(event_dir: Path) -> tuple[dict, dict]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    values = {}
+    for k, v in info.hparams.items():
+        kind = v.WhichOneof("kind")
+        values[k] = getattr(v, kind)
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return values, scalars
+
+
+def test_two_strategy_comparison(prepared, tmp_path):
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(f"""base: {REPO / 'recipes/chime6_sim.yaml'}
+compare:
+  target_dev_wer: 300.0   # an untrained model inserts: greedy WER above 100%
+  runs:
+    - {{strategy: {{name: single}}, label: single}}
+    - {{strategy: {{name: model_averaging, sync_period: 4}}, world_size: 2}}
+""")
+    sets = []
+    for o in TINY_SIMULATION + TRAINING + [f"data_dir={prepared}", f"exp_dir={tmp_path / 'exp'}"]:
+        sets += ["--set", o]
+    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.compare", "--config", str(cfg), *sets], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "exp" / "compare"
+    table = json.loads((out / "comparison.json").read_text())
+    labels = [row["label"] for row in table["runs"]]
+    assert labels == ["single", "model_averaging_sync_period4_w2"]
+    md = (out / "comparison.md").read_text()
+    assert all(label in md for label in labels) and "| run | ranks | dev worn |" in md
+    for row in table["runs"]:
+        results = json.loads((Path(row["exp_dir"]) / "results.json").read_text())
+        assert row["dev_worn_wer"] == results["wfst"]["dev"]["worn"]["total"]["wer"]
+        assert row["time_to_target_seconds"] is not None and row["peak_memory_mb"] > 0
+        values, scalars = hparams(out / "tensorboard" / row["label"])
+        assert values["strategy"] == row["strategy"]["name"] and values["world_size"] == row["world_size"]
+        for k, v in row["strategy"].items():
+            if k != "name":
+                assert values[f"strategy.{k}"] == v
+        assert abs(scalars["hparam/dev_worn_wer"][0][1] - row["dev_worn_wer"]) < 1e-4
+        assert scalars["hparam/bytes_sent_per_rank"][0][1] == float(row["bytes_sent_per_rank"])
+        history = [h for h in row["history"] if h.get("dev_wer_greedy") is not None]
+        assert len(scalars["compare/dev_wer_vs_seconds"]) == len(history) == 2
+        assert [s for s, _ in scalars["compare/dev_wer_vs_bytes"]] == [h["bytes_sent"] for h in history]
+    assert table["runs"][0]["bytes_sent_per_rank"] == 0 < table["runs"][1]["bytes_sent_per_rank"]
+    for png in ("dev_wer_vs_time.png", "dev_wer_vs_bytes.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Re-running reuses the finished runs.
+    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.compare", "--config", str(cfg), *sets], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("training already finished") == 2, r.stdout[-2000:]
