@@ -1,0 +1,114 @@
+"""Predict step time and speed-up per strategy for K = 1 ... 64 workers (asr_parallel.scaling).
+
+Measures the recipe model's forward and backward time per frame on this machine (a few steps on
+synthetic batches of the recipe's batch size; or give them with --forward-us/--backward-us, e.g.
+from a GPU), takes the model's parameter count and the activation width at a two-part pipeline cut,
+and a cluster description from the options; prints a table, writes JSON and a PNG of speed-up against
+workers under exp_dir/scaling/.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from asr_parallel.config import add_config_args, load_config
+from asr_parallel.utils.io import atomic_write_json
+
+STRATEGIES = [{"name": "sync_sgd"}, {"name": "model_averaging", "sync_period": 50},
+              {"name": "bmuf", "sync_period": 50}, {"name": "hierarchical", "sync_period": 50},
+              {"name": "pipelined_bp"}, {"name": "gpipe", "microbatches": 4}]
+
+
+def measure(cfg, steps: int = 3) -> tuple[float, float]:
+    """(forward, backward) seconds per input frame of the recipe's model, on CPU here."""
+    from asr_parallel.models import build_model
+    from asr_parallel.train.trainer import ctc_loss
+
+    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
+    frames = 800
+    utts = max(1, int(cfg.train.max_duration * 100 // frames))
+    feats = torch.randn(utts, frames, cfg.features.num_mel_bins)
+    lens = torch.full((utts,), frames)
+    tokens = [[1 + i % (cfg.tokenizer.vocab_size - 1) for i in range(20)]] * utts
+    fwd = bwd = 0.0
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        logits, out_lens = model(feats, lens)
+        loss = ctc_loss(logits, out_lens, tokens)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if i:  # the first step warms up
+            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+    n = steps * utts * frames
+    return fwd / n, bwd / n
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--forward-us", type=float, default=0.0, help="forward time per frame (us); 0: measure")
+    p.add_argument("--backward-us", type=float, default=0.0, help="backward time per frame (us); 0: measure")
+    p.add_argument("--workers-per-node", type=int, default=8)
+    p.add_argument("--intra-gbps", type=float, default=100.0)
+    p.add_argument("--inter-gbps", type=float, default=10.0)
+    p.add_argument("--latency-us", type=float, default=0.0)
+    p.add_argument("--overlap", action="store_true", help="sync_sgd overlaps its all-reduce with backward")
+    p.add_argument("--out", default="", help="output directory (default exp_dir/scaling)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from asr_parallel.models import build_model
+    from asr_parallel.scaling import Cluster, Workload, predict
+    from asr_parallel.strategies.pipeline import boundary_shapes, model_cut
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    fwd, bwd = (args.forward_us * 1e-6, args.backward_us * 1e-6) if args.forward_us else measure(cfg)
+    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
+    ((_, t, d),) = boundary_shapes(model, model_cut(model, 2), 1, 1000)
+    work = Workload(params=model.num_params(), frames_per_step=cfg.train.max_duration * 100,
+                    forward_s_per_frame=fwd, backward_s_per_frame=bwd, activation_values_per_frame=t * d / 1000,
+                    max_stages=len(model.stages))
+    cluster = Cluster(workers_per_node=args.workers_per_node, nodes=64, intra_gbps=args.intra_gbps,
+                      inter_gbps=args.inter_gbps, latency_us=args.latency_us)
+    ks = [1, 2, 4, 8, 16, 32, 64]
+    rows = predict(STRATEGIES, ks, cluster, work, args.overlap)
+    print(f"model {cfg.model.name}: {work.params:,} parameters; {fwd * 1e6:.2f} + {bwd * 1e6:.2f} us per frame "
+          f"(forward + backward); {work.frames_per_step:.0f} frames per worker step; {args.workers_per_node} "
+          f"workers per node, {args.intra_gbps:g} / {args.inter_gbps:g} Gbit/s inside / between nodes")
+    print("| strategy | " + " | ".join(f"K={k}" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for s in STRATEGIES:
+        got = {r["workers"]: r["speedup"] for r in rows if r["strategy"] == s["name"]}
+        cells = [f"{got[k]:.2f}x" if k in got else "-" for k in ks]
+        print(f"| {s['name']} | " + " | ".join(cells) + " |")
+    out = Path(args.out or Path(cfg.exp_dir) / "scaling")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "scaling.json", {"workload": vars(work), "cluster": vars(cluster), "rows": rows})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for s in STRATEGIES:
+        pts = [(r["workers"], r["speedup"]) for r in rows if r["strategy"] == s["name"]]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=s["name"])
+    ax.plot(ks, ks, color="grey", linestyle=":", label="linear")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("workers K")
+    ax.set_ylabel("predicted speed-up over one worker")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png")
+    print(f"written: {out}/scaling.json, speedup.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Scaling predictor: step time and speed-up over one worker per strategy, for K = 1 ... 64 workers,
+from measured compute time per frame, the model's size and a cluster description, with the cost
+formulas of ALGORITHMS.md (K workers, P parameters, b bytes per value, tau steps per synchronisation).
+
+Model of one step of a worker (weak scaling: every worker keeps its own batch of B frames):
+
+* compute: B * (t_forward + t_backward) seconds (measured per frame on the target device);
+* a ring all-reduce of n values over K workers sends 2(K-1)/K * n * b bytes per worker; it runs at
+  the slowest link the ring crosses: ``intra_gbps`` inside a node, ``inter_gbps`` once the K workers
+  span several nodes (workers fill nodes of ``workers_per_node``), plus ``latency_us`` per message
+  (2(K-1) messages per ring);
+* ``sync_sgd``: compute + one all-reduce of P per step (``overlap`` hides it behind the backward
+  pass up to the backward time, as DDP's buckets do);
+* ``model_averaging``, ``bmuf``, ``easgd``: compute + one all-reduce of P every tau steps;
+* ``hierarchical``: a ring of the G workers of a node every step (intra link) and, every tau steps,
+  G rings of N = K / G workers (one per position in the node) sharing each node's inter-node link;
+* ``pipelined_bp``: the model cut into S = K balanced parts, one minibatch per clock tick: B(t_f+t_b)/K
+  per tick plus the activation and its gradient crossing a boundary (``activation_values_per_frame``
+  values per input frame, each way);
+* ``gpipe``/``one_f_one_b``: M micro-batches over S = K parts: (M + S - 1) slots of B(t_f+t_b)/(K M)
+  plus the micro-batch transfers; the same minibatch as one worker, so no data-parallel gain.
+
+Speed-up: frames per second of K workers over that of one (data parallel: K B frames per step;
+pipelines: B frames per step). All figures are estimates; ``validate`` compares them with runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class Cluster:
+    workers_per_node: int = 8
+    nodes: int = 8
+    intra_gbps: float = 100.0  # link inside a node, Gbit/s
+    inter_gbps: float = 10.0  # link between nodes, Gbit/s (per node)
+    latency_us: float = 0.0  # per message
+
+
+@dataclass
+class Workload:
+    params: int  # P
+    frames_per_step: float  # B, per worker
+    forward_s_per_frame: float
+    backward_s_per_frame: float
+    bytes_per_value: int = 4
+    activation_values_per_frame: float = 0.0  # at a pipeline cut, per input frame (width x frame-rate ratio)
+    max_stages: int = 1_000_000  # pipelines cannot cut the model into more parts than it has stages
+
+
+def ring_seconds(values: float, k: int, gbps: float, b: int, latency_us: float = 0.0, share: int = 1) -> float:
+    """Time of a ring all-reduce of ``values`` over ``k`` workers on a link of ``gbps`` (``share`` rings
+    using the same link at once)."""
+    if k <= 1:
+        return 0.0
+    nbytes = 2 * (k - 1) / k * values * b
+    return share * nbytes * 8 / (gbps * 1e9) + 2 * (k - 1) * latency_us * 1e-6
+
+
+def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap: bool = False) -> dict:
+    """Seconds of one step for ``k`` workers: compute, communication and total, and frames per step."""
+    name = strategy["name"]
+    b = work.bytes_per_value
+    compute = work.frames_per_step * (work.forward_s_per_frame + work.backward_s_per_frame)
+    nodes = math.ceil(k / cluster.workers_per_node)
+    link = cluster.inter_gbps if nodes > 1 else cluster.intra_gbps
+    tau = strategy.get("sync_period", 1)
+    frames = work.frames_per_step * k
+    if name == "single" or k == 1 and name not in ("gpipe", "one_f_one_b", "pipelined_bp"):
+        comm = 0.0
+    elif name == "sync_sgd":
+        comm = ring_seconds(work.params, k, link, b, cluster.latency_us)
+        if overlap:
+            comm = max(0.0, comm - work.frames_per_step * work.backward_s_per_frame)
+    elif name in ("model_averaging", "bmuf", "easgd"):
+        comm = ring_seconds(work.params, k, link, b, cluster.latency_us) / tau
+    elif name == "hierarchical":
+        g = min(k, strategy.get("group_size") or cluster.workers_per_node)
+        n = max(1, k // g)
+        comm = ring_seconds(work.params, g, cluster.intra_gbps, b, cluster.latency_us)
+        comm += ring_seconds(work.params, n, cluster.inter_gbps, b, cluster.latency_us, share=g) / tau
+    elif name in ("pipelined_bp", "gpipe", "one_f_one_b"):
+        frames = work.frames_per_step
+        act = work.frames_per_step * work.activation_values_per_frame * b * 8 / (link * 1e9)  # one way
+        if name == "pipelined_bp":
+            compute = compute / k
+            comm = 2 * act if k > 1 else 0.0
+        else:
+            m = strategy.get("microbatches", 4)
+            slots = m + k - 1
+            compute = slots * compute / (k * m)
+            comm = slots * 2 * act / m if k > 1 else 0.0
+    else:
+        raise ValueError(f"no scaling model for strategy '{name}'")
+    total = compute + comm
+    return {"compute_s": compute, "comm_s": comm, "step_s": total, "frames": frames,
+            "frames_per_second": frames / total if total > 0 else float("inf")}
+
+
+def predict(strategies: list[dict], ks: list[int], cluster: Cluster, work: Workload, overlap: bool = False) -> list[dict]:
+    rows = []
+    for s in strategies:
+        base = step_time(s, 1, cluster, work, overlap)["frames_per_second"]
+        for k in ks:
+            if s["name"] in ("pipelined_bp", "gpipe", "one_f_one_b") and k > work.max_stages:
+                continue
+            t = step_time(s, k, cluster, work, overlap)
+            rows.append({"strategy": s["name"], "params": {kk: v for kk, v in s.items() if kk != "name"}, "workers": k,
+                         **{kk: round(v, 6) for kk, v in t.items()},
+                         "speedup": t["frames_per_second"] / base, "efficiency": t["frames_per_second"] / base / k})
+    return rows
