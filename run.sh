@@ -4,6 +4,8 @@
 # an interrupted one is redone cleanly.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+# The whole script is one block, read before it runs: editing run.sh during a run cannot derail it.
+{
 
 stage=0
 stop_stage=7
@@ -112,3 +114,5 @@ run_stage 6 decode    "$python" -m asr_parallel.bin.decode "${cfg_args[@]}"
 run_stage 7 score     "$python" -m asr_parallel.bin.score "${cfg_args[@]}"
 run_stage 8 compare   "$python" -m asr_parallel.bin.compare "${cfg_args[@]}"
 log "run.sh: stages $stage..$stop_stage finished"
+exit
+}
