@@ -146,6 +146,12 @@ class Strategy:
     def data_shard(self) -> tuple[int, int]:
         return self.dist.rank, self.dist.world_size
 
+    @property
+    def replicas(self) -> int:
+        """Ranks that each train on frames of their own (for frames per second): all of them for data
+        parallelism, one for a pipeline (its ranks share every minibatch)."""
+        return self.data_shard()[1]
+
     # -- model and optimiser
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model

@@ -384,7 +384,7 @@ class Trainer:
                     last = self._drain()
                     if log_now and self.dist.is_main and last is not None:
                         now = time.time()
-                        fps = frames_log / max(1e-9, now - t_log) * self.dist.world_size
+                        fps = frames_log / max(1e-9, now - t_log) * self.strategy.replicas
                         self._log_step(last, fps)
                         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                         t_log, frames_log = now, 0
@@ -495,7 +495,7 @@ class Trainer:
                 "device": str(self.device), "params": self.model.num_params(),
                 "flops_per_frame": self.model.flops_per_frame(), "steps": self.step, "epochs": self.epoch,
                 "wall_seconds": round(self.elapsed_before + self._elapsed(), 1),
-                "frames_per_second": round(self.frames_total * self.dist.world_size
+                "frames_per_second": round(self.frames_total * self.strategy.replicas
                                            / max(1e-9, self.elapsed_before + self._elapsed()), 1),
                 "bytes_sent_per_rank": self.strategy.comm.bytes_sent, "collective_calls": self.strategy.comm.calls,
                 "bytes_by_label": self.strategy.comm.by_label, "predicted": self.predicted_comm(),
