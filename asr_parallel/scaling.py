@@ -68,7 +68,8 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
     link = cluster.inter_gbps if nodes > 1 else cluster.intra_gbps
     tau = strategy.get("sync_period", 1)
     frames = work.frames_per_step * k
-    if name == "single" or k == 1 and name not in ("gpipe", "one_f_one_b", "pipelined_bp"):
+    pipeline = name in ("pipelined_bp", "gpipe", "one_f_one_b")
+    if name == "single" or (k == 1 and not pipeline):
         comm = 0.0
     elif name == "sync_sgd":
         comm = ring_seconds(work.params, k, link, b, cluster.latency_us)
@@ -81,7 +82,7 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
         n = max(1, k // g)
         comm = ring_seconds(work.params, g, cluster.intra_gbps, b, cluster.latency_us)
         comm += ring_seconds(work.params, n, cluster.inter_gbps, b, cluster.latency_us, share=g) / tau
-    elif name in ("pipelined_bp", "gpipe", "one_f_one_b"):
+    elif pipeline:
         frames = work.frames_per_step
         act = work.frames_per_step * work.activation_values_per_frame * b * 8 / (link * 1e9)  # one way
         if name == "pipelined_bp":

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +50,6 @@ def test_transfer_takes_at_least_bytes_over_rate(tmp_path):
 def test_two_node_training_run_completes(prepared, tmp_path):
     from test_recipe_end_to_end import run_sh
 
-    t0 = time.time()
     r = run_sh(prepared, tmp_path / "exp", "train.world_size=2", "train.emulate_nodes=2", "train.link_rate=50mbit",
                "strategy.name=sync_sgd", stop_stage=5)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -61,5 +59,5 @@ def test_two_node_training_run_completes(prepared, tmp_path):
 
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
-    # 8 gradient all-reduces of P float32 values crossed a 50 Mbit/s link (each way, half each).
-    assert time.time() - t0 >= summary["bytes_sent_per_rank"] * 8 / 50e6
+    # 8 gradient all-reduces went between the namespaces, counted as the cost model predicts.
+    assert summary["bytes_sent_per_rank"] == summary["predicted"]["bytes_sent"] > 0

@@ -51,8 +51,9 @@ class CommCounter:
     A ring all-reduce of n values of b bytes over K ranks makes each rank send and receive
     2(K-1)/K * n * b bytes (reduce-scatter, then all-gather). Calls are counted from the tensors that
     actually go through ``torch.distributed`` (their element count, element size and group size), under
-    a label (``gradients``, ``params``, ``buffers``, ``optimizer``, ``intra``, ``inter``, ...), so the
-    cost model's prediction (:mod:`asr_parallel.strategies.cost`) can be checked against them.
+    a label (``gradients``, ``params``, ``state``, ``intra``, ``inter``; for pipelines ``forward``,
+    ``backward``, ``handshake``), so the cost model's prediction (:mod:`asr_parallel.strategies.cost`)
+    can be checked against them.
     """
 
     bytes_sent: int = 0
@@ -65,12 +66,16 @@ class CommCounter:
         if world_size <= 1:
             return
         nbytes = ring_allreduce_bytes(numel, element_size, world_size)
-        self.bytes_sent += nbytes
+        self.add(nbytes, 1, label)
         self.bytes_received += nbytes
-        self.calls += 1
+
+    def add(self, nbytes: int, calls: int, label: str) -> None:
+        """Count ``calls`` sends of ``nbytes`` bytes in all under ``label``."""
+        self.bytes_sent += nbytes
+        self.calls += calls
         entry = self.by_label.setdefault(label, [0, 0])
         entry[0] += nbytes
-        entry[1] += 1
+        entry[1] += calls
 
     def state_dict(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls,

@@ -158,7 +158,7 @@ class MicroPipeline(PipelineStrategy):
                     # The neighbour handshake of a new stage goes out without a description.
                     label = "handshake" if desc is None else (
                         "forward" if op.peer == strategy.part_index + 1 else "backward")
-                    strategy._count(nbytes, 1, label)
+                    strategy.comm.add(nbytes, 1, label)
                     if label == "forward":
                         strategy.bytes_forward[strategy.part_index] += nbytes
                     elif label == "backward":
@@ -199,11 +199,7 @@ class MicroPipeline(PipelineStrategy):
         self.predict_sends(total // m, padded_frames, times=m, header=False)
         if self.builds > builds:  # a new stage greets each neighbour with one float32
             neighbours = int(not self.first) + int(not self.last)
-            entry = self.predicted["by_label"].setdefault("handshake", [0, 0])
-            entry[0] += 4 * neighbours
-            entry[1] += neighbours
-            self.predicted["bytes_sent"] += 4 * neighbours
-            self.predicted["calls"] += neighbours
+            self.predicted.add(4 * neighbours, neighbours, "handshake")
         self.part.train()
         opt = trainer.optimizer
         opt.zero_grad(set_to_none=True)

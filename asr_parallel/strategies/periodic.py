@@ -62,8 +62,7 @@ class PeriodicSync(Strategy):
     ``warmup_steps``)."""
 
     def __init__(self, params, dist: DistContext, group=None, label: str = "params"):
-        super().__init__(params, dist)
-        check_period(params)
+        super().__init__(params, dist)  # the Params checked sync_period and warmup_steps
         self.group = group  # None: all ranks
         self.label = label
         self.module: nn.Module | None = None

@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from asr_parallel.strategies.base import Strategy
+from asr_parallel.strategies.base import CommCounter, Strategy
 
 HEADER = 4  # int64 values ahead of every activation: batch, time, feature dims, dtype code
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -143,7 +143,7 @@ class PipelineStrategy(Strategy):
         self.part = Part(model, bounds[self.part_index], bounds[self.part_index + 1])
         self.bytes_forward = [0] * (self.num_parts - 1)
         self.bytes_backward = [0] * (self.num_parts - 1)
-        self.predicted = {"bytes_sent": 0, "calls": 0, "by_label": {}}
+        self.predicted = CommCounter()
         return self.part
 
     def describe(self) -> str:
@@ -154,20 +154,14 @@ class PipelineStrategy(Strategy):
     # -- the cost model's prediction of this rank's sends, accumulated per (micro-)batch
     def predict_sends(self, batch: int, frames: int, times: int = 1, header: bool = True) -> None:
         per = boundary_bytes(self.model, self.starts, batch, frames, header=header)
-        pred = self.predicted
         if not self.last:
-            pred["by_label"].setdefault("forward", [0, 0])
-            pred["by_label"]["forward"][0] += times * per[self.part_index]["forward"]
-            pred["by_label"]["forward"][1] += times * (3 if header else 1)
+            self.predicted.add(times * per[self.part_index]["forward"], times * (3 if header else 1), "forward")
         if not self.first:
-            pred["by_label"].setdefault("backward", [0, 0])
-            pred["by_label"]["backward"][0] += times * per[self.part_index - 1]["backward"]
-            pred["by_label"]["backward"][1] += times
-        pred["bytes_sent"] = sum(v[0] for v in pred["by_label"].values())
-        pred["calls"] = sum(v[1] for v in pred["by_label"].values())
+            self.predicted.add(times * per[self.part_index - 1]["backward"], times, "backward")
 
     def predicted_comm(self) -> dict:
-        return self.predicted
+        p = self.predicted
+        return {"bytes_sent": p.bytes_sent, "calls": p.calls, "by_label": p.by_label}
 
     # -- messages
     def _post(self, op, tensor: torch.Tensor, peer: int, what: str):
@@ -199,15 +193,8 @@ class PipelineStrategy(Strategy):
         works = [self._post(tdist.isend, t, dst, "send of an activation to") for t in (header, lengths, x)]
         nbytes = header.numel() * 8 + lengths.numel() * 8 + x.numel() * x.element_size()
         self.bytes_forward[self.part_index] += nbytes
-        self._count(nbytes, 3, "forward")
+        self.comm.add(nbytes, 3, "forward")
         return works + [header, lengths, x]  # keep the buffers alive until the sends complete
-
-    def _count(self, nbytes: int, calls: int, label: str) -> None:
-        self.comm.bytes_sent += nbytes
-        self.comm.calls += calls
-        entry = self.comm.by_label.setdefault(label, [0, 0])
-        entry[0] += nbytes
-        entry[1] += calls
 
     def recv_activation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.distributed as tdist
@@ -231,7 +218,7 @@ class PipelineStrategy(Strategy):
 
         grad = grad.contiguous()
         self.bytes_backward[self.part_index - 1] += grad.numel() * grad.element_size()
-        self._count(grad.numel() * grad.element_size(), 1, "backward")
+        self.comm.add(grad.numel() * grad.element_size(), 1, "backward")
         return [self._post(tdist.isend, grad, self.part_index - 1, "send of a gradient to"), grad]
 
     def recv_gradient(self, shape, device, dtype=torch.float32) -> torch.Tensor:

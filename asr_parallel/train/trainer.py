@@ -160,6 +160,7 @@ class Trainer:
         self.history: list[dict] = []
         self.losses: list[float] = []  # training loss of every good step of this process's run
         self.pending: list[dict] = []  # steps whose device figures the host has not read yet
+        self.comm_logged = (0, 0)  # (step, bytes sent) at the last TensorBoard log
 
     # ------------------------------------------------------------------ data
 
@@ -415,7 +416,7 @@ class Trainer:
         w.add_scalar("train/grad_norm", out["grad_norm"], self.step)
         w.add_scalar("train/frames_per_second", fps, self.step)
         comm = self.strategy.comm
-        prev_step, prev_bytes = getattr(self, "_comm_logged", (0, 0))
+        prev_step, prev_bytes = self.comm_logged
         w.add_scalar("comm/bytes_sent", comm.bytes_sent, self.step)
         w.add_scalar("comm/bytes_received", comm.bytes_received, self.step)
         w.add_scalar("comm/bytes_sent_per_step", (comm.bytes_sent - prev_bytes) / max(1, self.step - prev_step),
@@ -423,7 +424,7 @@ class Trainer:
         w.add_scalar("comm/collective_calls", comm.calls, self.step)
         for label, (nbytes, _) in comm.by_label.items():
             w.add_scalar(f"comm/bytes_sent_{label}", nbytes, self.step)
-        self._comm_logged = (self.step, comm.bytes_sent)
+        self.comm_logged = (self.step, comm.bytes_sent)
         for name, value in self.strategy.log_scalars().items():
             w.add_scalar(name, value, self.step)
         w.add_scalar("train/bad_batches", self.bad_total, self.step)
