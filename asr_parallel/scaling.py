@@ -14,14 +14,20 @@ Model of one step of a worker (weak scaling: every worker keeps its own batch of
 * ``model_averaging``, ``bmuf``, ``easgd``: compute + one all-reduce of P every tau steps;
 * ``hierarchical``: a ring of the G workers of a node every step (intra link) and, every tau steps,
   G rings of N = K / G workers (one per position in the node) sharing each node's inter-node link;
-* ``pipelined_bp``: the model cut into S = K balanced parts, one minibatch per clock tick: B(t_f+t_b)/K
-  per tick plus the activation and its gradient crossing a boundary (``activation_values_per_frame``
-  values per input frame, each way);
+* ``pipelined_bp``: the model cut into S = K balanced parts, one minibatch per clock tick: B(2 t_f + t_b)/K
+  per tick (the parts before the last recompute their forward pass in the backward pass, as
+  ``strategies/pipelined_bp.py`` does, and the slowest part sets the clock) plus the activation and its
+  gradient crossing a boundary (``activation_values_per_frame`` values per input frame, each way);
 * ``gpipe``/``one_f_one_b``: M micro-batches over S = K parts: (M + S - 1) slots of B(t_f+t_b)/(K M)
   plus the micro-batch transfers; the same minibatch as one worker, so no data-parallel gain.
 
 Speed-up: frames per second of K workers over that of one (data parallel: K B frames per step;
-pipelines: B frames per step). All figures are estimates; ``validate`` compares them with runs.
+pipelines: B frames per step). All figures are estimates; ``asr_parallel.bin.validate_scaling``
+compares them with runs measured here.
+
+``mean_step_time`` averages over a run of n steps for the strategies with a synchronous warm-up
+(W steps that all-reduce every step, then one all-reduce every tau steps): W + (n - W) // tau
+all-reduces in n steps, the count the cost model (``strategies/cost.py``) predicts.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
         frames = work.frames_per_step
         act = work.frames_per_step * work.activation_values_per_frame * b * 8 / (link * 1e9)  # one way
         if name == "pipelined_bp":
-            compute = compute / k
+            if k > 1:
+                compute = work.frames_per_step * (2 * work.forward_s_per_frame + work.backward_s_per_frame) / k
             comm = 2 * act if k > 1 else 0.0
         else:
             m = strategy.get("microbatches", 4)
@@ -112,3 +119,42 @@ def predict(strategies: list[dict], ks: list[int], cluster: Cluster, work: Workl
                          **{kk: round(v, 6) for kk, v in t.items()},
                          "speedup": t["frames_per_second"] / base, "efficiency": t["frames_per_second"] / base / k})
     return rows
+
+
+PERIODIC = ("model_averaging", "bmuf", "easgd")
+
+
+def syncs_in_run(strategy: dict, steps: int) -> int:
+    """All-reduces of the whole model in a run of ``steps`` steps of a periodic strategy (synchronous
+    warm-up steps, then one every ``sync_period`` local steps)."""
+    from asr_parallel.strategies.cost import sync_count
+
+    w = int(strategy.get("warmup_steps", 0))
+    return min(steps, w) + sync_count(steps, int(strategy.get("sync_period", 1)), w)
+
+
+def mean_step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, steps: int, overlap: bool = False) -> dict:
+    """:func:`step_time` averaged over a run of ``steps`` steps (``strategy`` with all its parameters,
+    defaults included): periodic strategies pay the all-reduces their warm-up and schedule make."""
+    t = step_time(strategy, k, cluster, work, overlap)
+    if strategy["name"] in PERIODIC and steps > 0:
+        ring = step_time({"name": "sync_sgd"}, k, cluster, work)["comm_s"]
+        t["comm_s"] = ring * syncs_in_run(strategy, steps) / steps
+        t["step_s"] = t["compute_s"] + t["comm_s"]
+        t["frames_per_second"] = t["frames"] / t["step_s"]
+    return t
+
+
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+               "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12}
+
+
+def parse_rate_gbps(rate: str) -> float:
+    """A tc rate (``500mbit``, ``1gbit``; tc's ``bps`` units are bytes per second) in Gbit/s."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]+)\s*", str(rate))
+    if not m or m.group(2).lower() not in _RATE_UNITS:
+        raise ValueError(f"link rate '{rate}' is not a tc rate such as 500mbit or 1gbit "
+                         f"(units: {', '.join(_RATE_UNITS)})")
+    return float(m.group(1)) * _RATE_UNITS[m.group(2).lower()] / 1e9

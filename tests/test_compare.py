@@ -71,3 +71,23 @@ compare:
     r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.compare", "--config", str(cfg), *sets], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("training already finished") == 2, r.stdout[-2000:]
+
+
+def test_emulated_node_comparison_reuses_the_one_node_baseline():
+    """On emulated nodes the 2-rank runs get their own directories and comparison folder; the
+    single-process run (nothing crosses a link) is the one-node run."""
+    import argparse
+
+    from asr_parallel.bin.compare import comparison_name, run_config
+    from asr_parallel.bin.train import experiment_dir
+    from asr_parallel.config import load_config
+
+    config = str(REPO / "recipes/chime6_sim_2nodes.yaml")
+    args = argparse.Namespace(config=config, overrides=[])
+    base = load_config(config)
+    assert comparison_name(base) == "compare_2nodes_500mbit"
+    assert comparison_name(load_config(str(REPO / "recipes/chime6_sim.yaml"))) == "compare"
+    dirs = {r.get("label") or r["strategy"]["name"]: experiment_dir(run_config(args, r)).name for r in base.compare.runs}
+    assert dirs["single"] == "conformer_single_w1"
+    assert dirs["sync_sgd"] == "conformer_sync_sgd_w2_2nodes_500mbit"
+    assert dirs["pipelined_bp"] == "conformer_pipelined_bp_w2_2nodes_500mbit"

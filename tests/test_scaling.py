@@ -38,7 +38,9 @@ def test_pipeline_step_times():
     assert gpipe["compute_s"] == pytest.approx(5 * slot)  # (M + S - 1) slots
     assert gpipe["comm_s"] == pytest.approx(5 * 2 * act / 4)
     pbp = step_time({"name": "pipelined_bp"}, 2, CLUSTER, WORK)
-    assert pbp["compute_s"] == pytest.approx(0.15) and pbp["comm_s"] == pytest.approx(2 * act)
+    # part 0 recomputes its forward pass in the backward pass: 1000 * (2 * 1e-4 + 2e-4) / 2
+    assert pbp["compute_s"] == pytest.approx(0.2) and pbp["comm_s"] == pytest.approx(2 * act)
+    assert step_time({"name": "pipelined_bp"}, 1, CLUSTER, WORK)["compute_s"] == pytest.approx(0.3)
 
 
 def test_speedups_order_strategies_by_communication():
@@ -61,3 +63,75 @@ def test_cli_measures_and_writes_table(tmp_path):
     pipeline_ks = {r["workers"] for r in data["rows"] if r["strategy"] == "pipelined_bp"}
     assert max(pipeline_ks) <= data["workload"]["max_stages"]  # no more parts than model stages
     assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mean_step_time_counts_warmup_and_blocks():
+    from asr_parallel.scaling import mean_step_time, syncs_in_run
+
+    bmuf = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500}
+    assert syncs_in_run(bmuf, 1308) == 500 + 16  # W all-reduces, then one per 50 local steps
+    assert syncs_in_run(bmuf, 300) == 300
+    ring = step_time({"name": "sync_sgd"}, 8, CLUSTER, WORK)["comm_s"]
+    t = mean_step_time(bmuf, 8, CLUSTER, WORK, 1308)
+    assert t["comm_s"] == pytest.approx(ring * 516 / 1308)
+    assert t["step_s"] == pytest.approx(0.3 + ring * 516 / 1308)
+    # without a warm-up the mean over whole blocks is the steady state
+    ma = {"name": "model_averaging", "sync_period": 50, "warmup_steps": 0}
+    assert mean_step_time(ma, 8, CLUSTER, WORK, 1000)["comm_s"] == pytest.approx(step_time(ma, 8, CLUSTER, WORK)["comm_s"])
+
+
+def test_mean_step_time_matches_cost_model_sync_count():
+    """The predictor's all-reduce count is the one the cost model (and so the counted bytes) has."""
+    from asr_parallel.scaling import syncs_in_run
+    from asr_parallel.strategies.cost import ModelSize, predict as cost_predict
+
+    size = ModelSize(params=1000)
+    for steps in (1, 49, 50, 537, 1308):
+        section = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500}
+        per_sync = 2 * (2 - 1) / 2 * 1000 * 4
+        assert cost_predict(section, size, 2, steps)["bytes_sent"] == syncs_in_run(section, steps) * per_sync
+
+
+def test_parse_rate():
+    from asr_parallel.scaling import parse_rate_gbps
+
+    assert parse_rate_gbps("500mbit") == pytest.approx(0.5)
+    assert parse_rate_gbps("1gbit") == pytest.approx(1.0)
+    assert parse_rate_gbps("10mbps") == pytest.approx(0.08)  # tc: bps units are bytes per second
+    with pytest.raises(ValueError, match="not a tc rate"):
+        parse_rate_gbps("fast")
+
+
+def test_validation_predicts_a_recorded_run(tmp_path):
+    """validate_scaling reads a run's summary and config: its ranks, nodes, link rate, frames per step
+    and steps give the prediction, set against train_seconds / steps."""
+    import json
+
+    from asr_parallel.bin.validate_scaling import predict_run
+    from asr_parallel.config import dump_config, load_config
+    from asr_parallel.models import build_model
+
+    cfg = load_config(None, ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    params = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size).num_params()
+    summary = {"strategy": {"name": "model_averaging", "sync_period": 10}, "world_size": 2, "nodes": 2,
+               "link_rate": "100mbit", "threads_per_rank": 1, "steps": 100, "frames_per_rank": 300_000,
+               "train_seconds": 50.0, "bytes_sent_per_rank": 0}
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    compute = {("mlp", 1): (1e-5, 2e-5)}  # given, not measured
+    row = predict_run(tmp_path, compute, intra_gbps=10.0)
+    assert row["frames_per_step"] == 3000 and row["measured_step_s"] == pytest.approx(0.5)
+    assert row["predicted_compute_s"] == pytest.approx(3000 * 3e-5, rel=1e-3)
+    # 10 averagings of P values in 100 steps over the 100 Mbit/s link (K = 2: P * 4 bytes each way)
+    assert row["predicted_comm_s"] == pytest.approx(params * 4 * 8 / 1e8 * 10 / 100, rel=1e-3)
+    assert row["error_percent"] == pytest.approx(100 * (row["predicted_step_s"] - 0.5) / 0.5, abs=0.1)
+    summary.update(nodes=1, link_rate=None)
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    inside = predict_run(tmp_path, compute, intra_gbps=10.0)  # one node: the measured local link
+    assert inside["predicted_comm_s"] == pytest.approx(params * 4 * 8 / 1e10 * 10 / 100, rel=1e-3)
+
+
+def test_gloo_bandwidth_is_measured():
+    from asr_parallel.bin.validate_scaling import gloo_gbps
+
+    assert gloo_gbps(2**20, repeats=3) > 0.01

@@ -2,7 +2,10 @@
 
 For each run (a strategy, its number of ranks and optional config overrides) the effective config
 is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 5-7 run on it (a finished
-training or decoding is reused). Then, in ``exp_dir/compare/``:
+training or decoding is reused). With ``train.emulate_nodes`` N > 1 the runs of two or more ranks are
+spread over N emulated nodes (``local/emulate_cluster.sh``) and everything goes to
+``exp_dir/compare_{N}nodes_{rate}/`` instead; the single-process runs are those of one node. Then, in
+``exp_dir/compare/``:
 
 * ``comparison.md`` and ``comparison.json``: per run dev and eval WER per condition (WFST), wall-clock
   to finish training, time to reach ``compare.target_dev_wer`` (greedy dev worn WER of the per-epoch
@@ -41,10 +44,21 @@ def run_config(args, run: dict):
     cfg = load_config(args.config, list(args.overrides) + list(run.get("overrides", []))
                       + [f"train.world_size={run.get('world_size', 1)}"])
     cfg.strategy = dict(run["strategy"])
+    if cfg.train.world_size < max(2, cfg.train.emulate_nodes):
+        # a run of fewer ranks than emulated nodes (the single-process baseline) sends nothing over the
+        # links: it runs, and is reused, as on one node
+        cfg.train.emulate_nodes = 0
     from asr_parallel.config import validate
 
     validate(cfg)
     return cfg
+
+
+def comparison_name(cfg) -> str:
+    """``compare``, or ``compare_{N}nodes_{rate}`` for a comparison on N emulated nodes."""
+    if cfg.train.emulate_nodes > 1:
+        return f"compare_{cfg.train.emulate_nodes}nodes_{cfg.train.link_rate}"
+    return "compare"
 
 
 def time_to_reach(history: list[dict], target: float) -> float | None:
@@ -163,7 +177,7 @@ def main(argv=None):
         raise SystemExit(1)
     from asr_parallel.bin.train import experiment_dir
 
-    out = Path(base.exp_dir) / "compare"
+    out = Path(base.exp_dir) / comparison_name(base)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     rows = []
     for label, run, cfg in plans:

@@ -47,6 +47,20 @@ def measure(cfg, steps: int = 3) -> tuple[float, float]:
     return fwd / n, bwd / n
 
 
+def workload(cfg, forward_s: float, backward_s: float, frames_per_step: float):
+    """The recipe model's :class:`~asr_parallel.scaling.Workload`: its parameter count, the activation
+    width at a two-part pipeline cut, and the given compute times per frame and frames per step."""
+    from asr_parallel.models import build_model
+    from asr_parallel.scaling import Workload
+    from asr_parallel.strategies.pipeline import boundary_shapes, model_cut
+
+    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
+    ((_, t, d),) = boundary_shapes(model, model_cut(model, 2), 1, 1000)
+    return Workload(params=model.num_params(), frames_per_step=frames_per_step, forward_s_per_frame=forward_s,
+                    backward_s_per_frame=backward_s, activation_values_per_frame=t * d / 1000,
+                    max_stages=len(model.stages))
+
+
 def main(argv=None):
     import argparse
 
@@ -62,17 +76,11 @@ def main(argv=None):
     p.add_argument("--out", default="", help="output directory (default exp_dir/scaling)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from asr_parallel.models import build_model
-    from asr_parallel.scaling import Cluster, Workload, predict
-    from asr_parallel.strategies.pipeline import boundary_shapes, model_cut
+    from asr_parallel.scaling import Cluster, predict
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     fwd, bwd = (args.forward_us * 1e-6, args.backward_us * 1e-6) if args.forward_us else measure(cfg)
-    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
-    ((_, t, d),) = boundary_shapes(model, model_cut(model, 2), 1, 1000)
-    work = Workload(params=model.num_params(), frames_per_step=cfg.train.max_duration * 100,
-                    forward_s_per_frame=fwd, backward_s_per_frame=bwd, activation_values_per_frame=t * d / 1000,
-                    max_stages=len(model.stages))
+    work = workload(cfg, fwd, bwd, cfg.train.max_duration * 100)
     cluster = Cluster(workers_per_node=args.workers_per_node, nodes=64, intra_gbps=args.intra_gbps,
                       inter_gbps=args.inter_gbps, latency_us=args.latency_us)
     ks = [1, 2, 4, 8, 16, 32, 64]

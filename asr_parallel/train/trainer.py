@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import math
 import time
 from contextlib import nullcontext
@@ -156,6 +157,9 @@ class Trainer:
         self.bad_total = 0
         self.frames_total = 0
         self.elapsed_before = 0.0  # wall-clock of earlier runs of this experiment (resume)
+        # seconds inside the training loop (data, steps, communication), without the end-of-epoch
+        # evaluation and checkpoint writes: the measured step time the scaling predictor is checked against
+        self.train_seconds = 0.0
         self.writer = None
         self.history: list[dict] = []
         self.losses: list[float] = []  # training loss of every good step of this process's run
@@ -193,7 +197,8 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                          "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
-                         "frames_total": self.frames_total, "elapsed": self.elapsed_before + self._elapsed()},
+                         "frames_total": self.frames_total, "elapsed": self.elapsed_before + self._elapsed(),
+                         "train_seconds": self.train_seconds},
             "rng": ckpt.rng_state(),
             "history": json.dumps(self.history),
             "world_size": self.dist.world_size,
@@ -246,6 +251,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
         self.bad_in_row, self.bad_total, self.frames_total = p["bad_in_row"], p["bad_total"], p["frames_total"]
         self.elapsed_before = p["elapsed"]
+        self.train_seconds = p.get("train_seconds", 0.0)
         self.history = json.loads(state["history"])
         ckpt.set_rng_state(state["rng"])
 
@@ -373,6 +379,7 @@ class Trainer:
             bar = tqdm(total=len(batches), initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
                        disable=not self.dist.is_main, unit="batch", leave=True, mininterval=2.0)
             t_log, frames_log = time.time(), 0
+            t_iter = time.time()
             for batch in loader(self.dataset, todo, self.tc.num_workers):
                 out = self.train_step(batch)
                 self.batch_in_epoch += 1
@@ -389,14 +396,18 @@ class Trainer:
                         self._log_step(last, fps)
                         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                         t_log, frames_log = now, 0
+                self.train_seconds += time.time() - t_iter
                 if self.step % self.tc.checkpoint_every_steps == 0 and self.strategy.checkpoint_ok():
                     self.save_checkpoint()
+                t_iter = time.time()
                 if self.tc.max_steps and self.step >= self.tc.max_steps:
                     stop = True
                     break
             bar.close()
+            t_iter = time.time()
             self.pending += self.strategy.end_of_epoch(self)  # pipelines drain
             self._drain()
+            self.train_seconds += time.time() - t_iter
             if not stop:
                 self.epoch += 1
                 self.batch_in_epoch = 0
@@ -482,6 +493,8 @@ class Trainer:
         summary = {}
         current = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         peak = self._peak_memory_mb()
+        # torchrun's nodes: ranks over ranks per node (one node when run.sh fell back from emulated nodes)
+        nodes = self.dist.world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)))
         if self.dist.is_main:
             epochs = sorted(self.exp_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
             chosen = epochs[-self.tc.average_last_checkpoints:]
@@ -496,6 +509,9 @@ class Trainer:
                 "device": str(self.device), "params": self.model.num_params(),
                 "flops_per_frame": self.model.flops_per_frame(), "steps": self.step, "epochs": self.epoch,
                 "wall_seconds": round(self.elapsed_before + self._elapsed(), 1),
+                "train_seconds": round(self.train_seconds, 2), "frames_per_rank": self.frames_total,
+                "threads_per_rank": torch.get_num_threads() if self.device.type == "cpu" else None,
+                "nodes": nodes, "link_rate": self.cfg.train.link_rate if nodes > 1 and self.cfg.train.emulate_nodes > 1 else None,
                 "frames_per_second": round(self.frames_total * self.strategy.replicas
                                            / max(1e-9, self.elapsed_before + self._elapsed()), 1),
                 "bytes_sent_per_rank": self.strategy.comm.bytes_sent, "collective_calls": self.strategy.comm.calls,
