@@ -4,22 +4,26 @@ formulas of ALGORITHMS.md (K workers, P parameters, b bytes per value, tau steps
 
 Model of one step of a worker (weak scaling: every worker keeps its own batch of B frames):
 
-* compute: B * (t_forward + t_backward) seconds (measured per frame on the target device);
+* compute: B * (t_forward + t_backward) seconds (measured per frame on the target device) plus the
+  update ``update_s``: gradient clipping and the optimiser step, per step, measured too;
 * a ring all-reduce of n values over K workers sends 2(K-1)/K * n * b bytes per worker; it runs at
   the slowest link the ring crosses: ``intra_gbps`` inside a node, ``inter_gbps`` once the K workers
   span several nodes (workers fill nodes of ``workers_per_node``), plus ``latency_us`` per message
   (2(K-1) messages per ring);
-* ``sync_sgd``: compute + one all-reduce of P per step (``overlap`` hides it behind the backward
-  pass up to the backward time, as DDP's buckets do);
+* ``sync_sgd``: compute + one all-reduce of P per step. With ``overlap``, as torch DDP does, the
+  gradients go in buckets (the first one ready, 1 MiB, then ``bucket_mb``) each all-reduced once its
+  gradients are ready: everything but the last bucket (the first layers, ready at the end of the
+  backward pass) can hide behind the backward pass, so max(ring(last bucket), ring(P) - B t_backward)
+  is left exposed. A model within one bucket (P b <= 1 MiB + ``bucket_mb``) gains almost nothing;
 * ``model_averaging``, ``bmuf``, ``easgd``: compute + one all-reduce of P every tau steps;
 * ``hierarchical``: a ring of the G workers of a node every step (intra link) and, every tau steps,
   G rings of N = K / G workers (one per position in the node) sharing each node's inter-node link;
 * ``pipelined_bp``: the model cut into S = K balanced parts, one minibatch per clock tick: B(2 t_f + t_b)/K
-  per tick (the parts before the last recompute their forward pass in the backward pass, as
+  (+ update_s / K) per tick (the parts before the last recompute their forward pass in the backward pass, as
   ``strategies/pipelined_bp.py`` does, and the slowest part sets the clock) plus the activation and its
   gradient crossing a boundary (``activation_values_per_frame`` values per input frame, each way);
 * ``gpipe``/``one_f_one_b``: M micro-batches over S = K parts: (M + S - 1) slots of B(t_f+t_b)/(K M)
-  plus the micro-batch transfers; the same minibatch as one worker, so no data-parallel gain.
+  (+ update_s / K) plus the micro-batch transfers; the same minibatch as one worker, so no data-parallel gain.
 
 Speed-up: frames per second of K workers over that of one (data parallel: K B frames per step;
 pipelines: B frames per step). All figures are estimates; ``asr_parallel.bin.validate_scaling``
@@ -54,6 +58,23 @@ class Workload:
     bytes_per_value: int = 4
     activation_values_per_frame: float = 0.0  # at a pipeline cut, per input frame (width x frame-rate ratio)
     max_stages: int = 1_000_000  # pipelines cannot cut the model into more parts than it has stages
+    update_s: float = 0.0  # per step: gradient clipping and optimiser step of the whole model
+    bucket_mb: float = 25.0  # DDP's gradient bucket size (after a first bucket of 1 MiB)
+
+
+# torch DDP puts the first gradients ready (the last layers) into a bucket of 1 MiB
+# (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES), the rest into buckets of bucket_cap_mb.
+FIRST_BUCKET_BYTES = 2**20
+
+
+def last_bucket_bytes(total: float, bucket_mb: float) -> float:
+    """Bytes of DDP's last gradient bucket (the first layers, all-reduced after the backward pass)."""
+    first = min(total, FIRST_BUCKET_BYTES)
+    rest = total - first
+    if rest <= 0:
+        return first
+    cap = bucket_mb * 2**20
+    return rest - (math.ceil(rest / cap) - 1) * cap
 
 
 def ring_seconds(values: float, k: int, gbps: float, b: int, latency_us: float = 0.0, share: int = 1) -> float:
@@ -69,7 +90,7 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
     """Seconds of one step for ``k`` workers: compute, communication and total, and frames per step."""
     name = strategy["name"]
     b = work.bytes_per_value
-    compute = work.frames_per_step * (work.forward_s_per_frame + work.backward_s_per_frame)
+    compute = work.frames_per_step * (work.forward_s_per_frame + work.backward_s_per_frame) + work.update_s
     nodes = math.ceil(k / cluster.workers_per_node)
     link = cluster.inter_gbps if nodes > 1 else cluster.intra_gbps
     tau = strategy.get("sync_period", 1)
@@ -80,7 +101,8 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
     elif name == "sync_sgd":
         comm = ring_seconds(work.params, k, link, b, cluster.latency_us)
         if overlap:
-            comm = max(0.0, comm - work.frames_per_step * work.backward_s_per_frame)
+            last = ring_seconds(last_bucket_bytes(work.params * b, work.bucket_mb) / b, k, link, b, cluster.latency_us)
+            comm = max(last, comm - work.frames_per_step * work.backward_s_per_frame)
     elif name in ("model_averaging", "bmuf", "easgd"):
         comm = ring_seconds(work.params, k, link, b, cluster.latency_us) / tau
     elif name == "hierarchical":
@@ -93,12 +115,13 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
         act = work.frames_per_step * work.activation_values_per_frame * b * 8 / (link * 1e9)  # one way
         if name == "pipelined_bp":
             if k > 1:
-                compute = work.frames_per_step * (2 * work.forward_s_per_frame + work.backward_s_per_frame) / k
+                compute = (work.frames_per_step * (2 * work.forward_s_per_frame + work.backward_s_per_frame)
+                           + work.update_s) / k
             comm = 2 * act if k > 1 else 0.0
         else:
             m = strategy.get("microbatches", 4)
             slots = m + k - 1
-            compute = slots * compute / (k * m)
+            compute = slots * (compute - work.update_s) / (k * m) + work.update_s / k
             comm = slots * 2 * act / m if k > 1 else 0.0
     else:
         raise ValueError(f"no scaling model for strategy '{name}'")

@@ -118,7 +118,7 @@ def test_validation_predicts_a_recorded_run(tmp_path):
                "link_rate": "100mbit", "threads_per_rank": 1, "steps": 100, "frames_per_rank": 300_000,
                "train_seconds": 50.0, "bytes_sent_per_rank": 0}
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
-    compute = {("mlp", 1): (1e-5, 2e-5)}  # given, not measured
+    compute = {("mlp", 1): (1e-5, 2e-5, 0.0)}  # given, not measured
     row = predict_run(tmp_path, compute, intra_gbps=10.0)
     assert row["frames_per_step"] == 3000 and row["measured_step_s"] == pytest.approx(0.5)
     assert row["predicted_compute_s"] == pytest.approx(3000 * 3e-5, rel=1e-3)
@@ -135,3 +135,28 @@ def test_gloo_bandwidth_is_measured():
     from asr_parallel.bin.validate_scaling import gloo_gbps
 
     assert gloo_gbps(2**20, repeats=3) > 0.01
+
+
+def test_ddp_overlap_leaves_the_last_bucket_exposed():
+    from asr_parallel.scaling import last_bucket_bytes
+
+    mib = 2**20
+    assert last_bucket_bytes(0.5 * mib, 25) == 0.5 * mib  # all in the first bucket
+    assert last_bucket_bytes(12 * mib, 25) == 11 * mib  # 1 MiB first, then one bucket of the rest
+    assert last_bucket_bytes(61 * mib, 25) == 10 * mib  # 1 + 25 + 25 + 10
+    ring = step_time({"name": "sync_sgd"}, 8, CLUSTER, WORK)["comm_s"]
+    # 4 MB model: one bucket after the first, so only the first 1 MiB can hide behind the backward pass
+    hidden = step_time({"name": "sync_sgd"}, 8, CLUSTER, WORK, overlap=True)["comm_s"]
+    assert hidden == pytest.approx(ring * (4e6 - mib) / 4e6)
+    # with small buckets the overlap is bounded by the backward time: 0.2 s here, more than the ring
+    small = Workload(**{**WORK.__dict__, "bucket_mb": 0.1})
+    t = step_time({"name": "sync_sgd"}, 8, CLUSTER, small, overlap=True)
+    assert t["comm_s"] == pytest.approx(ring * last_bucket_bytes(4e6, 0.1) / 4e6)
+
+
+def test_update_time_is_paid_per_step_and_split_over_pipeline_parts():
+    work = Workload(**{**WORK.__dict__, "update_s": 0.01})
+    assert step_time({"name": "sync_sgd"}, 1, CLUSTER, work)["compute_s"] == pytest.approx(0.31)
+    assert step_time({"name": "pipelined_bp"}, 2, CLUSTER, work)["compute_s"] == pytest.approx(0.2 + 0.005)
+    gpipe = step_time({"name": "gpipe", "microbatches": 4}, 2, CLUSTER, work)
+    assert gpipe["compute_s"] == pytest.approx(5 * 0.3 / 8 + 0.005)

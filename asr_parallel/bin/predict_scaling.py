@@ -22,18 +22,20 @@ STRATEGIES = [{"name": "sync_sgd"}, {"name": "model_averaging", "sync_period": 5
               {"name": "pipelined_bp"}, {"name": "gpipe", "microbatches": 4}]
 
 
-def measure(cfg, steps: int = 3) -> tuple[float, float]:
-    """(forward, backward) seconds per input frame of the recipe's model, on CPU here."""
+def measure(cfg, steps: int = 3) -> tuple[float, float, float]:
+    """(forward, backward) seconds per input frame of the recipe's model, on CPU here, and seconds of
+    its update per step (gradient clipping and the configured optimiser's step)."""
     from asr_parallel.models import build_model
-    from asr_parallel.train.trainer import ctc_loss
+    from asr_parallel.train.trainer import ctc_loss, make_optimizer
 
     model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
+    optimizer = make_optimizer(cfg.train, model.parameters())
     frames = 800
     utts = max(1, int(cfg.train.max_duration * 100 // frames))
     feats = torch.randn(utts, frames, cfg.features.num_mel_bins)
     lens = torch.full((utts,), frames)
     tokens = [[1 + i % (cfg.tokenizer.vocab_size - 1) for i in range(20)]] * utts
-    fwd = bwd = 0.0
+    fwd = bwd = upd = 0.0
     for i in range(steps + 1):
         t0 = time.perf_counter()
         logits, out_lens = model(feats, lens)
@@ -41,13 +43,17 @@ def measure(cfg, steps: int = 3) -> tuple[float, float]:
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
         if i:  # the first step warms up
-            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+            fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
     n = steps * utts * frames
-    return fwd / n, bwd / n
+    return fwd / n, bwd / n, upd / steps
 
 
-def workload(cfg, forward_s: float, backward_s: float, frames_per_step: float):
+def workload(cfg, forward_s: float, backward_s: float, frames_per_step: float, update_s: float = 0.0):
     """The recipe model's :class:`~asr_parallel.scaling.Workload`: its parameter count, the activation
     width at a two-part pipeline cut, and the given compute times per frame and frames per step."""
     from asr_parallel.models import build_model
@@ -58,7 +64,7 @@ def workload(cfg, forward_s: float, backward_s: float, frames_per_step: float):
     ((_, t, d),) = boundary_shapes(model, model_cut(model, 2), 1, 1000)
     return Workload(params=model.num_params(), frames_per_step=frames_per_step, forward_s_per_frame=forward_s,
                     backward_s_per_frame=backward_s, activation_values_per_frame=t * d / 1000,
-                    max_stages=len(model.stages))
+                    max_stages=len(model.stages), update_s=update_s)
 
 
 def main(argv=None):
@@ -68,6 +74,7 @@ def main(argv=None):
     add_config_args(p)
     p.add_argument("--forward-us", type=float, default=0.0, help="forward time per frame (us); 0: measure")
     p.add_argument("--backward-us", type=float, default=0.0, help="backward time per frame (us); 0: measure")
+    p.add_argument("--update-ms", type=float, default=0.0, help="update time per step (ms), with --forward-us")
     p.add_argument("--workers-per-node", type=int, default=8)
     p.add_argument("--intra-gbps", type=float, default=100.0)
     p.add_argument("--inter-gbps", type=float, default=10.0)
@@ -79,14 +86,17 @@ def main(argv=None):
     from asr_parallel.scaling import Cluster, predict
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    fwd, bwd = (args.forward_us * 1e-6, args.backward_us * 1e-6) if args.forward_us else measure(cfg)
-    work = workload(cfg, fwd, bwd, cfg.train.max_duration * 100)
+    if args.forward_us:
+        fwd, bwd, upd = args.forward_us * 1e-6, args.backward_us * 1e-6, args.update_ms * 1e-3
+    else:
+        fwd, bwd, upd = measure(cfg)
+    work = workload(cfg, fwd, bwd, cfg.train.max_duration * 100, upd)
     cluster = Cluster(workers_per_node=args.workers_per_node, nodes=64, intra_gbps=args.intra_gbps,
                       inter_gbps=args.inter_gbps, latency_us=args.latency_us)
     ks = [1, 2, 4, 8, 16, 32, 64]
     rows = predict(STRATEGIES, ks, cluster, work, args.overlap)
     print(f"model {cfg.model.name}: {work.params:,} parameters; {fwd * 1e6:.2f} + {bwd * 1e6:.2f} us per frame "
-          f"(forward + backward); {work.frames_per_step:.0f} frames per worker step; {args.workers_per_node} "
+          f"(forward + backward), {upd * 1e3:.1f} ms per update; {work.frames_per_step:.0f} frames per worker step; {args.workers_per_node} "
           f"workers per node, {args.intra_gbps:g} / {args.inter_gbps:g} Gbit/s inside / between nodes")
     print("| strategy | " + " | ".join(f"K={k}" for k in ks) + " |")
     print("|---|" + "---|" * len(ks))

@@ -6,14 +6,15 @@
    pipelined BP at the first (``local/emulate_cluster.sh``; needs root, else those runs are left out
    and the report says so). Finished runs are reused.
 2. Measures what the predictor takes as input, here: the model's forward and backward time per frame
-   at each thread count the runs used (``predict_scaling.measure``), and the bandwidth of a gloo
+   and its update time per step at each thread count the runs used (``predict_scaling.measure``),
+   and the bandwidth of a gloo
    all-reduce between two processes of this machine (the "link" inside one node).
 3. For every run (those of step 1 plus finished experiment directories given with ``--runs``, e.g.
    the comparison's) predicts the mean step time from the measured inputs, the run's own frames per
    step and number of steps, its ranks, nodes and link rate, and sets it against the measured one
    (``train_seconds / steps`` of ``train_summary.json``: the training loop without the per-epoch
-   evaluation and checkpoint writes). Sync SGD is predicted with DDP's overlap of the all-reduce
-   behind the backward pass; the periodic strategies with their warm-up
+   evaluation and checkpoint writes). Sync SGD is predicted with DDP's bucketed overlap of the
+   all-reduce behind the backward pass; the periodic strategies with their warm-up
    (:func:`asr_parallel.scaling.mean_step_time`).
 
 Writes ``validation.md`` and ``validation.json`` in ``exp_dir/scaling_validation/``.
@@ -121,12 +122,13 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float) -> dict:
     if key not in compute:
         torch.set_num_threads(threads)
         compute[key] = measure(cfg, steps=5)
-    fwd, bwd = compute[key]
+    fwd, bwd, upd = compute[key]
     steps, k, nodes = summary["steps"], summary["world_size"], summary.get("nodes", 1)
-    work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps)
+    strategy = {"name": summary["strategy"]["name"], **dataclasses.asdict(parse_strategy(summary["strategy"]))}
+    work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps, upd)
+    work.bucket_mb = strategy.get("bucket_cap_mb", work.bucket_mb)
     inter = parse_rate_gbps(summary["link_rate"]) if nodes > 1 else intra_gbps
     cluster = Cluster(workers_per_node=max(1, k // nodes), nodes=nodes, intra_gbps=intra_gbps, inter_gbps=inter)
-    strategy = {"name": summary["strategy"]["name"], **dataclasses.asdict(parse_strategy(summary["strategy"]))}
     pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd")
     measured = summary["train_seconds"] / steps
     return {"run": exp.name, "exp_dir": str(exp), "strategy": strategy["name"], "ranks": k, "nodes": nodes,
@@ -140,7 +142,8 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float) -> dict:
 
 def markdown(rows: list[dict], compute: dict, intra_gbps: float) -> str:
     lines = ["Inputs measured here: " + "; ".join(f"{m} at {t} thread(s): {f * 1e6:.1f} + {b * 1e6:.1f} us per frame "
-                                                  "(forward + backward)" for (m, t), (f, b) in sorted(compute.items()))
+                                                  f"(forward + backward), {u * 1e3:.1f} ms per update"
+                                                  for (m, t), (f, b, u) in sorted(compute.items()))
              + f"; gloo all-reduce between 2 processes of this machine: {intra_gbps:.2f} Gbit/s.", "",
              "| run | strategy | ranks | nodes | link | steps | frames/step | measured s/step | predicted s/step "
              "(compute + comm) | error |", "|" + "---|" * 10]
@@ -190,7 +193,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "validation.md", table + "\n")
     atomic_write_json(out / "validation.json", {"intra_gbps": intra, "compute_s_per_frame": {
-        f"{m}@{t}": {"forward": f, "backward": b} for (m, t), (f, b) in compute.items()}, "runs": rows,
+        f"{m}@{t}": {"forward": f, "backward": b, "update_per_step": u} for (m, t), (f, b, u) in compute.items()}, "runs": rows,
         "left_out": skipped})
     print(table)
     print(f"written: {out}/validation.md, validation.json")
