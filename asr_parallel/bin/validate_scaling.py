@@ -117,7 +117,9 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float) -> dict:
     if not summary.get("train_seconds"):
         raise ValueError(f"{exp}/train_summary.json has no train_seconds (trained before they were recorded)")
     cfg = load_config(exp / "config.yaml")
-    threads = summary["threads_per_rank"]
+    threads = summary.get("threads_per_rank")
+    if not threads:
+        raise ValueError(f"{exp}: not a CPU run (no threads_per_rank); the compute inputs are measured on this CPU")
     key = (cfg.model.name, threads)
     if key not in compute:
         torch.set_num_threads(threads)
