@@ -5,7 +5,7 @@ is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 5-7 r
 training or decoding is reused). With ``train.emulate_nodes`` N > 1 the runs of two or more ranks are
 spread over N emulated nodes (``local/emulate_cluster.sh``) and everything goes to
 ``exp_dir/compare_{N}nodes_{rate}/`` instead; the single-process runs are those of one node. Then, in
-``exp_dir/compare/``:
+that folder (``exp_dir/compare/`` for one node):
 
 * ``comparison.md`` and ``comparison.json``: per run dev and eval WER per condition (WFST), wall-clock
   to finish training, time to reach ``compare.target_dev_wer`` (greedy dev worn WER of the per-epoch

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
