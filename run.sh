@@ -29,6 +29,7 @@ Stages:
   7  score       WER by CHiME-6 rules per split, microphone, session, location; results.json
   8  compare     (not in the default range) train, decode and score every run of compare.runs and
                 write a side-by-side table, TensorBoard HParams and plots under exp_dir/compare
+                (exp_dir/compare_{N}nodes_{rate} with train.emulate_nodes N > 1)
 
 Options (defaults in brackets):
   --stage N          first stage to run [$stage]

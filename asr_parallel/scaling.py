@@ -62,6 +62,8 @@ class Workload:
     bucket_mb: float = 25.0  # DDP's gradient bucket size (after a first bucket of 1 MiB)
 
 
+PERIODIC = ("model_averaging", "bmuf", "easgd")  # one all-reduce of the model every tau steps
+
 # torch DDP puts the first gradients ready (the last layers) into a bucket of 1 MiB
 # (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES), the rest into buckets of bucket_cap_mb.
 FIRST_BUCKET_BYTES = 2**20
@@ -103,7 +105,7 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
         if overlap:
             last = ring_seconds(last_bucket_bytes(work.params * b, work.bucket_mb) / b, k, link, b, cluster.latency_us)
             comm = max(last, comm - work.frames_per_step * work.backward_s_per_frame)
-    elif name in ("model_averaging", "bmuf", "easgd"):
+    elif name in PERIODIC:
         comm = ring_seconds(work.params, k, link, b, cluster.latency_us) / tau
     elif name == "hierarchical":
         g = min(k, strategy.get("group_size") or cluster.workers_per_node)
@@ -143,8 +145,6 @@ def predict(strategies: list[dict], ks: list[int], cluster: Cluster, work: Workl
                          "speedup": t["frames_per_second"] / base, "efficiency": t["frames_per_second"] / base / k})
     return rows
 
-
-PERIODIC = ("model_averaging", "bmuf", "easgd")
 
 
 def syncs_in_run(strategy: dict, steps: int) -> int:

@@ -59,5 +59,6 @@ def test_two_node_training_run_completes(prepared, tmp_path):
 
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
+    assert summary["nodes"] == 2 and summary["link_rate"] == "50mbit"  # as the scaling validation reads them
     # 8 gradient all-reduces went between the namespaces, counted as the cost model predicts.
     assert summary["bytes_sent_per_rank"] == summary["predicted"]["bytes_sent"] > 0

@@ -50,6 +50,12 @@ def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):
     results = check_results(tmp_path / "exp" / "mlp_sync_sgd_w2")
     summary = results["train_summary"]
     assert summary["world_size"] == 2 and summary["bytes_sent_per_rank"] == 8 * summary["params"] * 4
+    # what the scaling validation reads: the training loop's own time, frames, threads, one node
+    assert 0 < summary["train_seconds"] <= summary["wall_seconds"]
+    assert summary["frames_per_rank"] > 0 and summary["nodes"] == 1 and summary["link_rate"] is None
+    import os
+
+    assert summary["threads_per_rank"] == max(1, (os.cpu_count() or 1) // 2)
 
 
 BMUF = ["train.world_size=2", "strategy.name=bmuf", "strategy.sync_period=3", "strategy.warmup_steps=2",

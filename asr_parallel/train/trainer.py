@@ -478,8 +478,6 @@ class Trainer:
 
     def predicted_comm(self) -> dict:
         """The cost model's bytes and calls per rank for the steps taken (to set beside the counts)."""
-        import os
-
         from asr_parallel.strategies.cost import ModelSize, predict
 
         own = self.strategy.predicted_comm()
