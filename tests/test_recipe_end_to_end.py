@@ -51,7 +51,7 @@ def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):
     summary = results["train_summary"]
     assert summary["world_size"] == 2 and summary["bytes_sent_per_rank"] == 8 * summary["params"] * 4
     # what the scaling validation reads: the training loop's own time, frames, threads, one node
-    assert 0 < summary["train_seconds"] <= summary["wall_seconds"]
+    assert 0 < summary["train_seconds"] <= summary["wall_seconds"] + 0.05  # wall is rounded to 0.1 s
     assert summary["frames_per_rank"] > 0 and summary["nodes"] == 1 and summary["link_rate"] is None
     import os
 
