@@ -11,10 +11,11 @@ Model of one step of a worker (weak scaling: every worker keeps its own batch of
   span several nodes (workers fill nodes of ``workers_per_node``), plus ``latency_us`` per message
   (2(K-1) messages per ring);
 * ``sync_sgd``: compute + one all-reduce of P per step. With ``overlap``, as torch DDP does, the
-  gradients go in buckets (the first one ready, 1 MiB, then ``bucket_mb``) each all-reduced once its
-  gradients are ready: everything but the last bucket (the first layers, ready at the end of the
-  backward pass) can hide behind the backward pass, so max(ring(last bucket), ring(P) - B t_backward)
-  is left exposed. A model within one bucket (P b <= 1 MiB + ``bucket_mb``) gains almost nothing;
+  gradients go in buckets each all-reduced once its gradients are ready: everything but the last
+  bucket (the first layers, ready at the end of the backward pass) can hide behind the backward
+  pass, so max(ring(last bucket), ring(P) - B t_backward) is left exposed. The buckets are those DDP
+  really built (``Workload.buckets``, read from a run's summary, ``ddp_bucket_bytes``), or else
+  torch's default layout (a first bucket of 1 MiB, then ``bucket_mb``);
 * ``model_averaging``, ``bmuf``, ``easgd``: compute + one all-reduce of P every tau steps;
 * ``hierarchical``: a ring of the G workers of a node every step (intra link) and, every tau steps,
   G rings of N = K / G workers (one per position in the node) sharing each node's inter-node link;
@@ -29,9 +30,12 @@ Speed-up: frames per second of K workers over that of one (data parallel: K B fr
 pipelines: B frames per step). All figures are estimates; ``asr_parallel.bin.validate_scaling``
 compares them with runs measured here.
 
-``mean_step_time`` averages over a run of n steps for the strategies with a synchronous warm-up
-(W steps that all-reduce every step, then one all-reduce every tau steps): W + (n - W) // tau
-all-reduces in n steps, the count the cost model (``strategies/cost.py``) predicts.
+``mean_step_time`` averages over a run of n steps for the periodic strategies: the broadcast of
+rank 0's model at the start (and, with fairseq's ``local_broadcast`` warm-up, after W steps), W
+synchronous steps with a ``sync`` warm-up, and (n - W) // tau all-reduces of the model: the events
+the cost model (``strategies/cost.py``) counts. A broadcast is timed as one ring all-reduce of the
+model (2(K-1)/K P b each way on a ring; a flat broadcast from the root sends (K-1) P b: the same for
+K = 2).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Workload:
     max_stages: int = 1_000_000  # pipelines cannot cut the model into more parts than it has stages
     update_s: float = 0.0  # per step: gradient clipping and optimiser step of the whole model
     bucket_mb: float = 25.0  # DDP's gradient bucket size (after a first bucket of 1 MiB)
+    buckets: list | None = None  # the buckets DDP built, bytes, in all-reduce order (a run's ddp_bucket_bytes)
 
 
 PERIODIC = ("model_averaging", "bmuf", "easgd")  # one all-reduce of the model every tau steps
@@ -103,7 +108,8 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
     elif name == "sync_sgd":
         comm = ring_seconds(work.params, k, link, b, cluster.latency_us)
         if overlap:
-            last = ring_seconds(last_bucket_bytes(work.params * b, work.bucket_mb) / b, k, link, b, cluster.latency_us)
+            last_bytes = work.buckets[-1] if work.buckets else last_bucket_bytes(work.params * b, work.bucket_mb)
+            last = ring_seconds(last_bytes / b, k, link, b, cluster.latency_us)
             comm = max(last, comm - work.frames_per_step * work.backward_s_per_frame)
     elif name in PERIODIC:
         comm = ring_seconds(work.params, k, link, b, cluster.latency_us) / tau
@@ -147,22 +153,43 @@ def predict(strategies: list[dict], ks: list[int], cluster: Cluster, work: Workl
 
 
 
-def syncs_in_run(strategy: dict, steps: int) -> int:
-    """All-reduces of the whole model in a run of ``steps`` steps of a periodic strategy (synchronous
-    warm-up steps, then one every ``sync_period`` local steps)."""
+def with_defaults(strategy: dict) -> dict:
+    """The strategy section with every parameter, defaults filled in from the strategy's ``Params``."""
+    import dataclasses
+
+    from asr_parallel.strategies import parse_strategy
+
+    return {"name": strategy["name"], **dataclasses.asdict(parse_strategy(strategy))}
+
+
+def comm_events(strategy: dict, steps: int) -> dict:
+    """What a periodic strategy sends in a run of ``steps`` steps: synchronous warm-up steps, model
+    all-reduces and broadcasts of the model (the cost model's events)."""
     from asr_parallel.strategies.cost import sync_count
 
-    w = int(strategy.get("warmup_steps", 0))
-    return min(steps, w) + sync_count(steps, int(strategy.get("sync_period", 1)), w)
+    s = with_defaults(strategy)
+    w, mode = int(s.get("warmup_steps", 0)), s.get("warmup", "sync")
+    warm = min(steps, w) if w and mode == "sync" else 0
+    broadcasts = 1 + (1 if w and mode == "local_broadcast" and steps >= w else 0)
+    return {"sync_steps": warm, "allreduces": sync_count(steps, int(s["sync_period"]), w), "broadcasts": broadcasts}
+
+
+def syncs_in_run(strategy: dict, steps: int) -> int:
+    """All-reduces of the whole model (or of its gradients, in a synchronous warm-up) in a run of
+    ``steps`` steps of a periodic strategy."""
+    e = comm_events(strategy, steps)
+    return e["sync_steps"] + e["allreduces"]
 
 
 def mean_step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, steps: int, overlap: bool = False) -> dict:
-    """:func:`step_time` averaged over a run of ``steps`` steps (``strategy`` with all its parameters,
-    defaults included): periodic strategies pay the all-reduces their warm-up and schedule make."""
+    """:func:`step_time` averaged over a run of ``steps`` steps: periodic strategies pay the warm-up,
+    broadcasts and all-reduces of :func:`comm_events`."""
     t = step_time(strategy, k, cluster, work, overlap)
     if strategy["name"] in PERIODIC and steps > 0:
+        e = comm_events(strategy, steps)
         ring = step_time({"name": "sync_sgd"}, k, cluster, work)["comm_s"]
-        t["comm_s"] = ring * syncs_in_run(strategy, steps) / steps
+        warm = step_time({"name": "sync_sgd"}, k, cluster, work, overlap)["comm_s"]
+        t["comm_s"] = (e["sync_steps"] * warm + (e["allreduces"] + e["broadcasts"]) * ring) / steps
         t["step_s"] = t["compute_s"] + t["comm_s"]
         t["frames_per_second"] = t["frames"] / t["step_s"]
     return t

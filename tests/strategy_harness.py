@@ -20,6 +20,7 @@ MLP = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=32", "m
 CONFORMER = ["model.name=conformer", "model.conformer.model_dim=16", "model.conformer.num_layers=1",
              "model.conformer.num_heads=2", "model.conformer.ffn_dim=32", "model.conformer.kernel=3",
              "model.conformer.dropout=0.0"]
+CONFORMER_BN = CONFORMER + ["model.conformer.conv_norm=batch"]  # batch-norm buffers in the conv module
 SGD = ["train.optimizer=sgd", "train.momentum=0.0", "train.weight_decay=0.0", f"train.lr={LR}",
        "train.scheduler=constant", "train.grad_clip=1e9", "train.spec_augment=false", "train.device=cpu"]
 
@@ -39,14 +40,15 @@ def build(cfg, seed: int = 0):
     return build_model(cfg.model, 80, VOCAB)
 
 
-def batch(step: int, rank: int):
+def batch(step: int, rank: int, uneven: bool = False):
     """Rank ``rank``'s batch for optimiser step ``step`` (1-based): two or three utterances of its own,
-    whose padded length changes from step to step (variable-length speech)."""
+    whose padded length changes from step to step (variable-length speech); with ``uneven`` the ranks
+    of a step hold different numbers of utterances."""
     from asr_parallel.train.data import Batch
 
     g = torch.Generator().manual_seed(1000 * step + rank)
     frames = 40 + 6 * (step % 3)
-    utts = 2 + step % 2
+    utts = 2 + (step + (rank if uneven else 0)) % 2
     feats = torch.randn(utts, frames, 80, generator=g)
     lens = torch.tensor([frames, frames - 7, frames - 3][:utts])
     tokens = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 2, 4)[:utts]]
@@ -57,21 +59,31 @@ def batch(step: int, rank: int):
 # ---------------------------------------------------------------- in the spawned ranks
 
 
-def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None) -> dict:
+def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None, uneven: bool = False) -> dict:
     """Train ``steps`` steps through the project's trainer; with ``resume_after``, save its state after
-    that many steps, build a fresh trainer (other initial weights) that loads it, and go on."""
+    that many steps, build a fresh trainer (other initial weights) that loads it, and go on. Records
+    after every step the calls the strategy counted and the process groups' own count of calls."""
+    from asr_parallel.strategies.base import process_group_calls
     from asr_parallel.train.trainer import Trainer
 
     trainer = Trainer.for_benchmark(cfg, dist, build(cfg))
     pipeline = trainer.strategy.owns_step  # one data stream for all ranks
+    calls = []
+
+    def record():
+        groups = [None] + list(trainer.strategy.process_groups())
+        calls.append((trainer.strategy.comm.calls, process_group_calls(groups)))
+
+    record()
     for s in range(1, steps + 1):
         if resume_after is not None and s == resume_after + 1:
             path = f"{tmp}/state-{dist.rank}.pt"
             torch.save(trainer.state_dict(), path)
             trainer = Trainer.for_benchmark(cfg, dist, build(cfg, seed=99))
             trainer.load_state_dict(torch.load(path, weights_only=True))
-        trainer.train_step(batch(s, 0 if pipeline else dist.rank))
-    trainer.strategy.end_of_epoch(trainer)
+        trainer.train_step(batch(s, 0 if pipeline else dist.rank, uneven))
+        record()
+    trainer.strategy.end_of_epoch(trainer.ctx)
     from asr_parallel.strategies.cost import ModelSize
 
     st = trainer.strategy
@@ -83,7 +95,8 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
             "size": [size.params, size.buffers, size.optimizer_state, size.element_size],
             "delays": list(getattr(st, "delays", [])), "starts": list(getattr(st, "starts", [])),
             "part": sorted(trainer.wrapped.state_dict()) if pipeline else None,
-            "predicted": trainer.predicted_comm() if pipeline else None}
+            "predicted": trainer.predicted_comm() if pipeline else None, "calls": calls,
+            "buckets": trainer.strategy.summary_figures().get("ddp_bucket_bytes")}
 
 
 def spawn_worker(rank, world, store, out, scenarios, tmp):
@@ -95,8 +108,9 @@ def spawn_worker(rank, world, store, out, scenarios, tmp):
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     dist = DistContext(rank=rank, world_size=world, initialized=True)
     results = {}
-    for name, (strategy, steps, resume_after, model, train) in scenarios.items():
-        results[name] = run_trainer(config(strategy, model, train), dist, steps, resume_after, tmp)
+    for name, (strategy, steps, resume_after, model, train, *extra) in scenarios.items():
+        results[name] = run_trainer(config(strategy, model, train), dist, steps, resume_after, tmp,
+                                    uneven=bool(extra and extra[0] == "uneven"))
     torch.save(results, f"{out}-{rank}.pt")
     tdist.destroy_process_group()
 
@@ -125,20 +139,24 @@ def load_flat(model, vec: torch.Tensor) -> None:
         i += p.numel()
 
 
-def gradient(model, b) -> torch.Tensor:
-    from asr_parallel.train.trainer import ctc_loss
+def gradient(model, b, denominator: int | None = None) -> torch.Tensor:
+    """Gradient of the batch's summed CTC loss divided by ``denominator`` (default: its utterances)."""
+    from asr_parallel.train.loss import ctc_loss
 
     model.zero_grad(set_to_none=True)
     logits, out_lens = model(b.feats, b.feat_lens)
-    (ctc_loss(logits, out_lens, b.tokens) / len(b.tokens)).backward()
+    (ctc_loss(logits, out_lens, b.tokens) / (denominator or len(b.tokens))).backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
 def reference(cfg, workers: list[list[int]], steps: int, rule: str, tau: int = 1, warmup: int = 0,
-              eta: float = 0.0, zeta: float = 1.0, nesterov: bool = False, beta: float = 0.9) -> dict:
+              eta: float = 0.0, zeta: float = 1.0, nesterov: bool = False, beta: float = 0.9,
+              warmup_mode: str = "sync") -> dict:
     """Plain SGD on every worker (a worker's gradient is the mean over its member ranks' batches);
-    ``warmup`` steps of gradient averaging over all workers; then every ``tau`` steps the ``rule``
-    (sync, average, bmuf, easgd) across workers, as ALGORITHMS.md states it."""
+    ``warmup`` steps of gradient averaging over all workers (``warmup_mode`` sync), or of local steps
+    after which every worker takes worker 0's model (local_broadcast, fairseq's BMUF warm-up); then
+    every ``tau`` steps the ``rule`` (sync, average, bmuf, easgd) across workers, as ALGORITHMS.md
+    states it."""
     models = [build(cfg) for _ in workers]
     k = len(workers)
     ref = flat(models[0]).clone()
@@ -146,10 +164,13 @@ def reference(cfg, workers: list[list[int]], steps: int, rule: str, tau: int = 1
     glob = ref.clone()
     for s in range(1, steps + 1):
         grads = [torch.stack([gradient(m, batch(s, r)) for r in ranks]).mean(0) for m, ranks in zip(models, workers)]
-        if rule == "sync" or s <= warmup:
+        if rule == "sync" or (s <= warmup and warmup_mode == "sync"):
             grads = [torch.stack(grads).mean(0)] * k
         for m, g in zip(models, grads):
             load_flat(m, flat(m) - LR * g)
+        if warmup and s == warmup and warmup_mode == "local_broadcast":
+            for m in models[1:]:
+                load_flat(m, flat(models[0]))
         if warmup and s == warmup:
             ref = flat(models[0]).clone()
             glob = ref.clone()
@@ -184,7 +205,7 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool) -> torch.Te
     clock tick: stage 0 runs the forward pass of minibatch t and then the backward pass of minibatch
     t - 2 (at its weights of now, or with ``stash`` at the weights its forward pass used); stage 1 runs
     forward and backward of minibatch t - 1 and updates at once. Returns the final parameters."""
-    from asr_parallel.train.trainer import ctc_loss
+    from asr_parallel.train.loss import ctc_loss
 
     model = build(cfg)
     lower, upper = list(model.stages)[:start], list(model.stages)[start:]

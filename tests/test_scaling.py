@@ -68,16 +68,21 @@ def test_cli_measures_and_writes_table(tmp_path):
 def test_mean_step_time_counts_warmup_and_blocks():
     from asr_parallel.scaling import mean_step_time, syncs_in_run
 
-    bmuf = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500}
+    bmuf = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500, "warmup": "sync"}
     assert syncs_in_run(bmuf, 1308) == 500 + 16  # W all-reduces, then one per 50 local steps
     assert syncs_in_run(bmuf, 300) == 300
     ring = step_time({"name": "sync_sgd"}, 8, CLUSTER, WORK)["comm_s"]
     t = mean_step_time(bmuf, 8, CLUSTER, WORK, 1308)
-    assert t["comm_s"] == pytest.approx(ring * 516 / 1308)
-    assert t["step_s"] == pytest.approx(0.3 + ring * 516 / 1308)
+    assert t["comm_s"] == pytest.approx(ring * (516 + 1) / 1308)  # and DDP's broadcast at the start
+    assert t["step_s"] == pytest.approx(0.3 + ring * 517 / 1308)
+    # fairseq's warm-up (the default): local steps, a broadcast at the start and one after W steps.
+    fairseq = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500}
+    assert syncs_in_run(fairseq, 1308) == 16
+    assert mean_step_time(fairseq, 8, CLUSTER, WORK, 1308)["comm_s"] == pytest.approx(ring * 18 / 1308)
     # without a warm-up the mean over whole blocks is the steady state
     ma = {"name": "model_averaging", "sync_period": 50, "warmup_steps": 0}
-    assert mean_step_time(ma, 8, CLUSTER, WORK, 1000)["comm_s"] == pytest.approx(step_time(ma, 8, CLUSTER, WORK)["comm_s"])
+    assert mean_step_time(ma, 8, CLUSTER, WORK, 1000)["comm_s"] == pytest.approx(
+        step_time(ma, 8, CLUSTER, WORK)["comm_s"] * 21 / 20)  # 20 averagings and the start's broadcast
 
 
 def test_mean_step_time_matches_cost_model_sync_count():
@@ -87,9 +92,11 @@ def test_mean_step_time_matches_cost_model_sync_count():
 
     size = ModelSize(params=1000)
     for steps in (1, 49, 50, 537, 1308):
-        section = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500}
-        per_sync = 2 * (2 - 1) / 2 * 1000 * 4
-        assert cost_predict(section, size, 2, steps)["bytes_sent"] == syncs_in_run(section, steps) * per_sync
+        for warmup in ("sync", "local_broadcast"):
+            section = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500, "warmup": warmup}
+            predicted = cost_predict(section, size, 2, steps)["by_label"]
+            model_calls = predicted.get("params", [0, 0])[1] + predicted.get("gradients", [0, 0])[1]
+            assert model_calls == syncs_in_run(section, steps)
 
 
 def test_parse_rate():
@@ -122,13 +129,14 @@ def test_validation_predicts_a_recorded_run(tmp_path):
     row = predict_run(tmp_path, compute, intra_gbps=10.0)
     assert row["frames_per_step"] == 3000 and row["measured_step_s"] == pytest.approx(0.5)
     assert row["predicted_compute_s"] == pytest.approx(3000 * 3e-5, rel=1e-3)
-    # 10 averagings of P values in 100 steps over the 100 Mbit/s link (K = 2: P * 4 bytes each way)
-    assert row["predicted_comm_s"] == pytest.approx(params * 4 * 8 / 1e8 * 10 / 100, rel=1e-3)
+    # 10 averagings and the start's broadcast of P values in 100 steps over the 100 Mbit/s link
+    # (K = 2: P * 4 bytes each way)
+    assert row["predicted_comm_s"] == pytest.approx(params * 4 * 8 / 1e8 * 11 / 100, rel=1e-3)
     assert row["error_percent"] == pytest.approx(100 * (row["predicted_step_s"] - 0.5) / 0.5, abs=0.1)
     summary.update(nodes=1, link_rate=None)
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
     inside = predict_run(tmp_path, compute, intra_gbps=10.0)  # one node: the measured local link
-    assert inside["predicted_comm_s"] == pytest.approx(params * 4 * 8 / 1e10 * 10 / 100, rel=1e-3)
+    assert inside["predicted_comm_s"] == pytest.approx(params * 4 * 8 / 1e10 * 11 / 100, rel=1e-3)
 
 
 def test_gloo_bandwidth_is_measured():

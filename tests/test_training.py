@@ -114,8 +114,8 @@ def test_device_side_skip_with_fused_optimizer(prepared, tmp_path):
     from asr_parallel.train.trainer import make_optimizer
 
     trainer = make_trainer(prepared, tmp_path / "exp")
-    trainer.fused = True
-    trainer.optimizer = make_optimizer(trainer.tc, trainer.wrapped.parameters(), fused=True)
+    trainer.ctx.fused = True
+    trainer.optimizer = trainer.ctx.optimizer = make_optimizer(trainer.tc, trainer.wrapped.parameters(), fused=True)
     batch = trainer.dataset[next(iter(trainer._epoch_batches(0)))]
     out = trainer.train_step(batch)
     trainer.pending.append(out)

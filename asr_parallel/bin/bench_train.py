@@ -49,7 +49,8 @@ def get_batches(cfg, n: int, sp):
 
 
 def bare_loop(model, batches, device, bf16: bool, train_cfg) -> float:
-    from asr_parallel.train.trainer import ctc_loss, make_optimizer
+    from asr_parallel.train.loss import ctc_loss
+    from asr_parallel.train.trainer import make_optimizer
 
     opt = make_optimizer(train_cfg, model.parameters(), fused=device.type == "cuda")
     clip = train_cfg.grad_clip

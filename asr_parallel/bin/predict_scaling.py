@@ -26,7 +26,8 @@ def measure(cfg, steps: int = 3) -> tuple[float, float, float]:
     """(forward, backward) seconds per input frame of the recipe's model, on CPU here, and seconds of
     its update per step (gradient clipping and the configured optimiser's step)."""
     from asr_parallel.models import build_model
-    from asr_parallel.train.trainer import ctc_loss, make_optimizer
+    from asr_parallel.train.loss import ctc_loss
+    from asr_parallel.train.trainer import make_optimizer
 
     model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
     optimizer = make_optimizer(cfg.train, model.parameters())

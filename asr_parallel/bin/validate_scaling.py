@@ -127,7 +127,8 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float) -> dict:
     steps, k, nodes = summary["steps"], summary["world_size"], summary.get("nodes", 1)
     strategy = {"name": summary["strategy"]["name"], **dataclasses.asdict(parse_strategy(summary["strategy"]))}
     work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps, upd)
-    work.bucket_mb = strategy.get("bucket_cap_mb", work.bucket_mb)
+    work.bucket_mb = strategy.get("bucket_cap_mb") or work.bucket_mb
+    work.buckets = (summary.get("strategy_figures") or {}).get("ddp_bucket_bytes")  # what DDP really built
     inter = parse_rate_gbps(summary["link_rate"]) if nodes > 1 else intra_gbps
     cluster = Cluster(workers_per_node=max(1, k // nodes), nodes=nodes, intra_gbps=intra_gbps, inter_gbps=inter)
     pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd")

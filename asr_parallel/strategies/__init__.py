@@ -8,6 +8,7 @@ or parameter stops with a message listing the valid ones.
 from __future__ import annotations
 
 import dataclasses
+from typing import get_type_hints
 
 from asr_parallel.strategies.base import Strategy
 from asr_parallel.strategies.bmuf import BMUF
@@ -19,6 +20,7 @@ from asr_parallel.strategies.one_f_one_b import OneFOneB
 from asr_parallel.strategies.pipelined_bp import PipelinedBP
 from asr_parallel.strategies.single import SingleProcess
 from asr_parallel.strategies.sync_sgd import SyncSGD
+from asr_parallel.typed import coerce
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (SingleProcess, SyncSGD, ModelAveraging, BMUF,
                                                                    EASGD, Hierarchical, PipelinedBP, GPipe,
@@ -39,11 +41,8 @@ def parse_strategy(section: dict):
     if unknown:
         valid = ", ".join(sorted(fields)) or "(none)"
         raise ValueError(f"unknown parameter 'strategy.{unknown[0]}' for strategy '{name}'; valid parameters: {valid}")
-    from asr_parallel.config import _coerce
-    from typing import get_type_hints
-
     hints = get_type_hints(cls.Params)
-    return cls.Params(**{k: _coerce(v, hints[k], f"strategy.{k}", "strategy") for k, v in params.items()})
+    return cls.Params(**{k: coerce(v, hints[k], f"strategy.{k}", "strategy") for k, v in params.items()})
 
 
 def build_strategy(section: dict, dist) -> Strategy:

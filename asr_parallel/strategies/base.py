@@ -10,14 +10,20 @@ the ranks cooperate, at one of two depths:
 * the whole step (``owns_step = True``): the trainer hands each batch to ``train_step``, which runs
   forward, backward and update itself (pipelines, asynchronous methods).
 
-Every strategy counts the bytes it sends and receives at its collective calls (``comm``), keeps its
-own state in ``state_dict`` (saved in every checkpoint, per rank), and names the model to evaluate
-(``eval_model``: the global model for BMUF, the centre for EASGD).
+Every strategy counts every collective call and send it makes, with its modelled bytes (``comm``);
+the trainer counts its own calls (epoch lengths, barriers, the final figures) in the same counter.
+A strategy keeps its own state in ``state_dict`` (saved in every checkpoint, per rank), and names the
+model to evaluate (``eval_model``: the global model for BMUF, the centre for EASGD).
+
+Bytes here are *modelled*: the formula for what a call of that size sends (a ring all-reduce's
+2(K-1)/K n b, a send's n b). What really crossed the network is read separately from the
+interfaces' counters (:mod:`asr_parallel.utils.netstat`); the number of calls can be checked against
+the process group's own sequence number (:func:`process_group_calls`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -46,14 +52,14 @@ class DistContext:
 
 @dataclass
 class CommCounter:
-    """Bytes this rank sent and received at collective calls, and the number of calls.
+    """Modelled bytes this rank sent and received, and the number of calls, per label.
 
     A ring all-reduce of n values of b bytes over K ranks makes each rank send and receive
-    2(K-1)/K * n * b bytes (reduce-scatter, then all-gather). Calls are counted from the tensors that
-    actually go through ``torch.distributed`` (their element count, element size and group size), under
-    a label (``gradients``, ``params``, ``state``, ``intra``, ``inter``; for pipelines ``forward``,
-    ``backward``, ``handshake``), so the cost model's prediction (:mod:`asr_parallel.strategies.cost`)
-    can be checked against them.
+    2(K-1)/K * n * b bytes (reduce-scatter, then all-gather). Calls are counted where the tensors
+    go through ``torch.distributed`` (their element count, element size and group size), under a label
+    (``gradients``, ``params``, ``state``, ``intra``, ``inter``, ``broadcast``, ``ddp_setup``,
+    ``control`` for the trainer's own calls; for pipelines ``forward``, ``backward``, ``handshake``).
+    Every call counts, also those that send (almost) nothing, such as barriers.
     """
 
     bytes_sent: int = 0
@@ -67,6 +73,22 @@ class CommCounter:
             return
         nbytes = ring_allreduce_bytes(numel, element_size, world_size)
         self.add(nbytes, 1, label)
+        self.bytes_received += nbytes
+
+    def broadcast(self, numel: int, element_size: int, world_size: int, root: bool, label: str = "broadcast",
+                  calls: int = 1) -> None:
+        """Count a broadcast of ``numel`` values: the root sends them once per other rank (the bound of a
+        flat tree; gloo sends to every rank), the others receive them once."""
+        if world_size <= 1:
+            return
+        nbytes = numel * element_size
+        self.add(nbytes * (world_size - 1) if root else 0, calls, label)
+        if not root:
+            self.bytes_received += nbytes
+
+    def control(self, calls: int = 1, nbytes: int = 0, label: str = "control") -> None:
+        """Count small calls that coordinate rather than carry data (barriers, a few flags)."""
+        self.add(nbytes, calls, label)
         self.bytes_received += nbytes
 
     def add(self, nbytes: int, calls: int, label: str) -> None:
@@ -93,10 +115,37 @@ def ring_allreduce_bytes(numel: int, element_size: int, world_size: int) -> int:
     return 2 * (world_size - 1) * numel * element_size // world_size
 
 
+def process_group_calls(groups=(None,)) -> int:
+    """The process groups' own count of calls (collectives and, on gloo, sends and receives): their
+    sequence numbers, summed over ``groups`` (None: the default group). Read from the system, not from
+    the project's accounting, so tests check :class:`CommCounter` against it."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return 0
+    total = 0
+    for g in groups:
+        pg = g if g is not None else tdist.distributed_c10d._get_default_group()
+        total += int(pg._get_sequence_number_for_group())
+    return total
+
+
 def group_size(group=None) -> int:
     import torch.distributed as tdist
 
     return tdist.get_world_size(group) if tdist.is_initialized() else 1
+
+
+def broadcast(tensor: torch.Tensor, counter: CommCounter, src: int = 0, group=None,
+              label: str = "broadcast") -> torch.Tensor:
+    """``torch.distributed.broadcast`` of ``tensor`` from global rank ``src``, counted in ``counter``."""
+    import torch.distributed as tdist
+
+    k = group_size(group)
+    if k > 1:
+        counter.broadcast(tensor.numel(), tensor.element_size(), k, tdist.get_rank() == src, label)
+        tdist.broadcast(tensor, src=src, group=group)
+    return tensor
 
 
 def all_reduce(tensor: torch.Tensor, counter: CommCounter, group=None, label: str = "params", op=None) -> torch.Tensor:
@@ -108,28 +157,6 @@ def all_reduce(tensor: torch.Tensor, counter: CommCounter, group=None, label: st
         counter.all_reduce(tensor.numel(), tensor.element_size(), k, label)
         tdist.all_reduce(tensor, op=op if op is not None else tdist.ReduceOp.SUM, group=group)
     return tensor
-
-
-@contextmanager
-def counting_collectives(counter: CommCounter, label: str):
-    """Count the all-reduces that library code (torch's model averagers) makes inside the block.
-
-    ``torch.distributed.all_reduce`` is wrapped for the duration, so the count comes from the tensors
-    the library really sends, not from a re-statement of its schedule.
-    """
-    import torch.distributed as tdist
-
-    original = tdist.all_reduce
-
-    def counted(tensor, op=tdist.ReduceOp.SUM, group=None, async_op=False):
-        counter.all_reduce(tensor.numel(), tensor.element_size(), tdist.get_world_size(group), label)
-        return original(tensor, op=op, group=group, async_op=async_op)
-
-    tdist.all_reduce = counted
-    try:
-        yield counter
-    finally:
-        tdist.all_reduce = original
 
 
 class Strategy:
@@ -168,24 +195,46 @@ class Strategy:
         """The model to evaluate and save; called on every rank (pipelines gather it on rank 0)."""
         return model
 
+    def process_groups(self) -> list:
+        """The process groups this strategy communicates over besides the default one (subgroups)."""
+        return []
+
     # -- step hooks (``step`` counts optimiser steps from 1; the step being taken or just taken)
+    def averages_gradients(self, step: int) -> bool:
+        """Whether this step's gradients are summed over ranks and divided by all ranks' utterances
+        (synchronous SGD): the trainer then back-propagates the summed loss and tells the strategy its
+        utterance count (:meth:`set_batch_weight`) instead of dividing by it."""
+        return False
+
+    def set_batch_weight(self, utterances: int, loss: torch.Tensor) -> None:
+        """This rank's utterances and summed loss for the step's gradient all-reduce, which carries
+        them: gradients are divided by the utterances of all ranks, and become NaN on every rank when
+        any rank's loss is not finite (so every rank skips the step, with no collective of its own)."""
+
+    def forward_context(self, step: int):
+        """A context for the forward and backward pass (periodic strategies: DDP's ``no_sync`` after a
+        synchronous warm-up)."""
+        return nullcontext()
+
     def after_backward(self, step: int, model: nn.Module) -> None:
-        """Gradients are ready and not yet clipped (synchronous warm-up phases average them here)."""
+        """Gradients are ready and not yet clipped."""
 
-    def after_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        pass
+    def after_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             bad: torch.Tensor | None = None) -> None:
+        """The update of step ``step`` is done (``bad``: it was skipped on this rank)."""
 
-    def train_step(self, batch, trainer):  # only strategies that own the step implement this
+    def train_step(self, batch, ctx):  # only strategies that own the step implement this
         raise NotImplementedError
 
-    def end_of_epoch(self, trainer) -> list[dict]:
+    def end_of_epoch(self, ctx) -> list[dict]:
         """All batches of the epoch went in; finish the work in flight (pipelines drain). Returns the
         figures of any further steps, as :meth:`train_step` does."""
         return []
 
-    def checkpoint_ok(self) -> bool:
-        """Whether the state can be saved now (not with minibatches in flight in a pipeline)."""
-        return True
+    def prepare_checkpoint(self, ctx) -> list[dict]:
+        """A checkpoint is about to be written: bring the state to a point where it can be saved
+        (pipelines drain); returns the figures of any further steps."""
+        return []
 
     def predicted_comm(self) -> dict | None:
         """The cost model's bytes for what this strategy did, where it depends on more than the step

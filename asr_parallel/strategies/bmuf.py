@@ -13,11 +13,14 @@ then, with one all-reduce,
     W_ref(t) = W_g(t) - eta * Delta(t)                Nesterov block momentum (NBM)
 
 and every rank continues from W_ref(t). eta = 0, zeta = 1 is model averaging. Chen and Huo recommend
-eta close to 1 - 1/K; the defaults are fairseq's (eta 0.875, zeta 1, tau 50, CBM) with a warm-up of
-500 steps of synchronous SGD before the first block. Floating-point buffers (batch-norm statistics)
-travel in the same all-reduce and are averaged, not filtered. Traffic per rank per block:
-2 (K-1)/K * (P + buffers) * b bytes. The global model W_g, the reference W_ref and Delta are part of
-every checkpoint; W_g is the model evaluated.
+eta close to 1 - 1/K; the defaults are fairseq's (eta 0.875, zeta 1, tau 50, CBM, a warm-up of 500
+steps). fairseq's warm-up (``warmup: local_broadcast``, the default) trains locally on every rank,
+then broadcasts rank 0's model and resets the optimiser's state; ``warmup: sync`` runs the warm-up as
+synchronous SGD through DDP instead (:mod:`~asr_parallel.strategies.periodic`). Floating-point
+buffers (batch-norm statistics) travel in the same all-reduce and are averaged, not filtered. Traffic
+per rank per block: 2 (K-1)/K * (P + buffers + 1) * b bytes (the 1: the count of skipped steps). The
+global model W_g, the reference W_ref and Delta are part of every checkpoint; W_g is the model
+evaluated.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class BMUF(PeriodicSync):
         block_momentum: float = 0.875  # eta
         block_lr: float = 1.0  # zeta
         nesterov: bool = False  # Nesterov block momentum (NBM) instead of classic (CBM)
-        warmup_steps: int = 500  # steps of synchronous SGD before the first block
+        warmup_steps: int = 500  # W: warm-up steps before the first block
+        warmup: str = "local_broadcast"  # local_broadcast (fairseq) | sync (synchronous SGD through DDP)
 
         def __post_init__(self):
             check_period(self)
@@ -53,7 +57,7 @@ class BMUF(PeriodicSync):
 
     def synchronize(self, step: int, optimizer) -> None:
         eta, zeta = self.params.block_momentum, self.params.block_lr
-        summed, summed_bufs = self.allreduce_model()
+        summed, summed_bufs, _ = self.allreduce_model()
         mean = summed / self.k
         grad = self.reference - mean
         self.delta = eta * self.delta + zeta * grad

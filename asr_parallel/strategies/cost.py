@@ -1,22 +1,28 @@
-"""Communication cost model: bytes each rank sends per strategy, from the formulas of ALGORITHMS.md.
+"""Communication cost model: *modelled* bytes each rank sends per strategy, from the formulas of
+ALGORITHMS.md (a formula, not a measurement; what crosses the network is read from the interfaces'
+counters, :mod:`asr_parallel.utils.netstat`).
 
 Notation as there: K ranks, P parameters, b bytes per value, tau local steps between
-synchronisations, W steps of synchronous warm-up. A ring all-reduce of n values makes each rank send
-(and receive) 2(K-1)/K * n * b bytes. Per strategy, over ``steps`` optimiser steps:
+synchronisations, W warm-up steps. A ring all-reduce of n values makes each rank send (and receive)
+2(K-1)/K * n * b bytes; a broadcast makes the root send n * b to each of the K-1 others. Per
+strategy, over ``steps`` optimiser steps:
 
 * ``single``: nothing.
-* ``sync_sgd``: one gradient all-reduce of P values per step (DDP splits it into buckets; the bytes
-  are the same up to rounding, the number of calls is the number of buckets).
-* ``model_averaging``: W gradient all-reduces of P, then after every tau-th local step one all-reduce
-  of P (parameters) and, if there are floating buffers or the optimiser state is averaged, one of
-  (buffers + optimiser state).
-* ``bmuf``: W gradient all-reduces of P, then one all-reduce of P + buffers per block.
-* ``easgd``: one all-reduce of P + buffers every tau steps.
-* ``hierarchical``: per step a gradient all-reduce of P inside the group of G ranks; across the
-  N = K / G groups the outer rule above with N in place of K.
+* ``sync_sgd``: per step one all-reduce per DDP bucket of (bucket + 2) values (the 2: the rank's
+  utterance count and bad-loss flag). The first step uses one bucket of all parameters; from the
+  second DDP's rebuilt buckets, read from DDP (``buckets``; without them, one bucket).
+* ``model_averaging``: one broadcast of P + buffers at the start (none with a synchronous warm-up:
+  DDP's construction broadcasts, counted as ``ddp_setup``), the warm-up (synchronous: W steps as
+  ``sync_sgd``; ``local_broadcast``: one broadcast of P + buffers at step W), then after every tau-th
+  local step one all-reduce of P + buffers (+ optimiser state) + 1.
+* ``bmuf``, ``easgd``: as model averaging, without optimiser state.
+* ``hierarchical``: per step the bucketed gradient all-reduce inside the group of G ranks; across the
+  N = K / G groups the outer rule above with N in place of K (its warm-up averages gradients with a
+  flat all-reduce of P), and at every outer synchronisation an all-reduce of the buffers inside the
+  group.
 
-The trainer records the measured counts (:class:`~asr_parallel.strategies.base.CommCounter`) and
-this prediction side by side; a test checks that they agree.
+Not modelled: DDP's set-up calls (``ddp_setup``) and the trainer's own coordination (``control``):
+they are counted, and reported apart.
 """
 
 from __future__ import annotations
@@ -52,41 +58,58 @@ def sync_count(steps: int, sync_period: int, warmup_steps: int = 0) -> int:
     return max(0, (steps - warmup_steps) // sync_period)
 
 
-def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_world_size: int | None = None) -> dict:
-    """Predicted bytes sent per rank, collective calls and bytes per label, for a strategy section."""
+def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_world_size: int | None = None,
+            buckets: list[int] | None = None, root: bool = True) -> dict:
+    """Predicted bytes sent by one rank (``root``: the rank that broadcasts, rank 0), collective calls
+    and bytes per label, for a strategy section; ``buckets``: DDP's rebuilt buckets in values."""
     from asr_parallel.strategies import parse_strategy
 
     name = section["name"]
     p = parse_strategy(section)
     b = size.element_size
     by_label: dict[str, list[int]] = {}
+    model_state = size.params + size.buffers
 
-    def add(label: str, numel: int, k: int, times: int) -> None:
+    def add(label: str, numel: int, k: int, times: int, nbytes: int | None = None) -> None:
         if k <= 1 or times <= 0 or numel <= 0:
             return
         entry = by_label.setdefault(label, [0, 0])
-        entry[0] += times * ring_allreduce_bytes(numel, b, k)
+        entry[0] += times * (ring_allreduce_bytes(numel, b, k) if nbytes is None else nbytes)
         entry[1] += times
 
-    def periodic(outer: str, params, k: int, label: str) -> None:
-        warm = min(steps, getattr(params, "warmup_steps", 0))
-        syncs = sync_count(steps, params.sync_period, getattr(params, "warmup_steps", 0))
-        add("gradients", size.params, k, warm)
-        if outer == "model_averaging":
-            add(label, size.params, k, syncs)
-            extra = size.buffers + (size.optimizer_state if getattr(params, "average_optimizer_state", False) else 0)
-            add("state", extra, k, syncs)
-        else:  # bmuf, easgd
-            add(label, size.params + size.buffers, k, syncs)
+    def bcast(label: str, numel: int, k: int) -> None:
+        add(label, numel, k, 1, numel * b * (k - 1) if root else 0)
+
+    def ddp(label: str, k: int, times: int) -> None:
+        add(label, size.params + 2, k, min(1, times))
+        for n in (buckets or [size.params]):
+            add(label, n + 2, k, times - 1)
+
+    def periodic(outer: str, params, k: int, label: str, own_ddp: bool) -> None:
+        w = getattr(params, "warmup_steps", 0)
+        mode = getattr(params, "warmup", "sync")
+        syncs = sync_count(steps, params.sync_period, w)
+        if w and mode == "sync" and own_ddp:
+            ddp("gradients", k, min(steps, w))
+        else:
+            bcast("broadcast", model_state, k)
+            if w and mode == "sync":
+                add("gradients", size.params, k, min(steps, w))
+        if w and mode == "local_broadcast" and steps >= w:
+            bcast("broadcast", model_state, k)
+        extra = size.optimizer_state if getattr(params, "average_optimizer_state", False) else 0
+        add(label, model_state + extra + 1, k, syncs)
+        return syncs
 
     if name == "sync_sgd":
-        add("gradients", size.params, world_size, steps)
+        ddp("gradients", world_size, steps)
     elif name in ("model_averaging", "bmuf", "easgd"):
-        periodic(name, p, world_size, "params")
+        periodic(name, p, world_size, "params", True)
     elif name == "hierarchical":
         g = p.group_size or local_world_size or world_size
-        add("intra", size.params, g, steps)
-        periodic(p.outer, p, world_size // g, "inter")
+        ddp("intra", g, steps)
+        syncs = periodic(p.outer, p, world_size // g, "inter", False)  # its warm-up is always synchronous
+        add("intra", size.buffers, g, syncs)
     elif name in ("pipelined_bp", "gpipe", "one_f_one_b"):
         raise ValueError(f"the bytes of '{name}' depend on the batch shapes: see "
                          "asr_parallel.strategies.pipeline.boundary_bytes and the strategy's predicted_comm()")

@@ -10,7 +10,7 @@ c. Every tau steps, with alpha = beta / K,
 The sum needs one all-reduce of the local models; every rank then updates its copy of c identically.
 The elastic force lets local models explore away from the centre (beta about 0.9 in the paper).
 Floating-point buffers (batch-norm statistics) follow the same rule. Traffic per rank per
-synchronisation: 2 (K-1)/K * (P + buffers) * b bytes. The centre is in every checkpoint and is the
+synchronisation: 2 (K-1)/K * (P + buffers + 1) * b bytes (the 1: the count of skipped steps). The centre is in every checkpoint and is the
 model evaluated.
 """
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asr_parallel.strategies.base import all_reduce
+import torch
+
 from asr_parallel.strategies.periodic import PeriodicSync, check_period, flatten, float_buffers, unflatten_into
 
 
@@ -44,7 +45,8 @@ class EASGD(PeriodicSync):
         centre_tensors = list(self.global_model.parameters()) + float_buffers(self.global_model)
         x = flatten(local_tensors)
         c = flatten(centre_tensors)
-        total = all_reduce(x.clone(), self.comm, self.group, self.label)  # sum_k x_k
+        p_sum, b_sum, _ = self.allreduce_model()  # sum_k x_k
+        total = torch.cat([p_sum, b_sum])
         unflatten_into(x - self.alpha * (x - c), local_tensors)
         unflatten_into(c + self.alpha * (total - self.k * c), centre_tensors)
 

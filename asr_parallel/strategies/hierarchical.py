@@ -10,9 +10,16 @@ averages over all K ranks because the group members are identical. This is the t
 Kaldi-style model averaging across machines with synchronous training on each, and of torch's
 post-local SGD with ``HierarchicalModelAverager``.
 
-Traffic per rank: 2 (G-1)/G * P * b bytes per step inside the group (label ``intra``) and
-2 (N-1)/N * P' * b bytes per outer synchronisation (label ``inter``; P' also counts the buffers for
-BMUF and the separate buffer all-reduce for model averaging).
+Inside a group the loss is averaged over the group's utterances (the DDP hook of
+:mod:`~asr_parallel.strategies.ddp`). Batch-norm statistics are not synchronised by DDP, so at every
+outer synchronisation the buffers are first averaged inside the group (one all-reduce, label
+``intra``) and then across groups with the parameters: the result is their mean over all K ranks.
+``scale_lr`` multiplies the learning rate by K: by G for the G-fold batch of a group (the linear
+scaling rule) and by N for the averaging of N models (Kaldi nnet3's rule).
+
+Traffic per rank: 2 (G-1)/G * (P + 2 per bucket) * b bytes per step inside the group (label
+``intra``), plus 2 (G-1)/G * buffers * b per outer synchronisation when the model has buffers, and
+2 (N-1)/N * (P + buffers + 1) * b bytes per outer synchronisation (label ``inter``).
 """
 
 from __future__ import annotations
@@ -20,11 +27,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from asr_parallel.strategies.base import Strategy
+from asr_parallel.strategies.base import Strategy, all_reduce
 from asr_parallel.strategies.bmuf import BMUF
+from asr_parallel.strategies.ddp import bucket_bytes, ddp_wrap, note_rebuild, set_weight
 from asr_parallel.strategies.model_averaging import ModelAveraging
-from asr_parallel.strategies.periodic import check_period
-from asr_parallel.strategies.sync_sgd import ddp_wrap
+from asr_parallel.strategies.periodic import check_period, flatten, float_buffers, unflatten_into
 
 OUTER = {"model_averaging": ModelAveraging, "bmuf": BMUF}
 
@@ -50,8 +57,9 @@ class Hierarchical(Strategy):
         block_momentum: float = 0.875  # BMUF eta
         block_lr: float = 1.0  # BMUF zeta
         nesterov: bool = False  # BMUF Nesterov block momentum
-        warmup_steps: int = 0  # outer synchronous warm-up (gradients averaged over all ranks)
-        bucket_cap_mb: float = 25.0  # DDP bucket size inside a group
+        warmup_steps: int = 0  # outer synchronous warm-up (group-averaged gradients averaged over groups)
+        scale_lr: bool = False  # multiply the learning rate by the number of ranks K
+        bucket_cap_mb: float = 0.0  # DDP bucket size inside a group; 0: torch's default
 
         def __post_init__(self):
             check_period(self)
@@ -73,24 +81,55 @@ class Hierarchical(Strategy):
         self.intra, _ = tdist.new_subgroups_by_enumeration(groups)
         self.inter, _ = tdist.new_subgroups_by_enumeration(peers)
         cls = OUTER[params.outer]
-        names = {f for f in cls.Params.__dataclass_fields__}
+        names = {f for f in cls.Params.__dataclass_fields__} - {"scale_lr"}
         outer_params = cls.Params(**{k: v for k, v in vars(params).items() if k in names})
+        if params.outer == "bmuf":
+            outer_params.warmup = "sync"  # the warm-up averages gradients, as this strategy always did
         self.outer = cls(outer_params, dist, group=self.inter, label="inter")
-        self.outer.comm = self.comm  # one counter, two labels
+        self.outer.comm = self.comm  # one counter, its labels apart
+        self.outer.synchronize = self._synchronize_outer(self.outer.synchronize)
+
+    def process_groups(self) -> list:
+        return [self.intra, self.inter]
 
     def wrap_model(self, model):
-        ddp = ddp_wrap(model, self.dist, self, self.intra, "intra", self.params.bucket_cap_mb)
-        self.outer.wrap_model(ddp)
-        return ddp
+        self.ddp, self.hook = ddp_wrap(model, self.dist, self.comm, self.intra, "intra", self.params.bucket_cap_mb)
+        self.outer.wrap_model(self.ddp)  # rank 0 of every peer set broadcasts; the groups already agree
+        return self.ddp
+
+    def _synchronize_outer(self, synchronize):
+        """The outer rule, after the buffers were averaged inside the group (one all-reduce)."""
+        def run(step, optimizer):
+            bufs = float_buffers(self.outer.module)
+            if bufs and self.group_size > 1:
+                flat = all_reduce(flatten(bufs), self.comm, self.intra, "intra")
+                unflatten_into(flat / self.group_size, bufs)
+            synchronize(step, optimizer)
+        return run
 
     def setup_optimizer(self, optimizer) -> None:
-        self.outer.setup_optimizer(optimizer)
+        if self.params.scale_lr:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.dist.world_size
+
+    def averages_gradients(self, step) -> bool:
+        return True
+
+    def set_batch_weight(self, utterances, loss) -> None:
+        set_weight(self.hook, utterances, loss)
 
     def after_backward(self, step, model) -> None:
+        note_rebuild(self.ddp, self.hook)
         self.outer.after_backward(step, model)
 
-    def after_optimizer_step(self, step, model, optimizer) -> None:
-        self.outer.after_optimizer_step(step, model, optimizer)
+    def after_optimizer_step(self, step, model, optimizer, bad=None) -> None:
+        self.outer.after_optimizer_step(step, model, optimizer, bad)
+
+    def log_scalars(self) -> dict:
+        return self.outer.log_scalars()
+
+    def summary_figures(self) -> dict:
+        return {"ddp_bucket_bytes": bucket_bytes(self.ddp)}
 
     def eval_model(self, model):
         return self.outer.eval_model(model)

@@ -3,12 +3,21 @@
 Model averaging, BMUF and EASGD (and the outer level of ``hierarchical``) differ only in what they
 compute at a synchronisation; this base class holds what they share:
 
-* the schedule: optional synchronous warm-up (``warmup_steps`` steps whose gradients are averaged
-  across the group every step, i.e. synchronous SGD), then a synchronisation after every
-  ``sync_period`` local steps: after step s when s > W and (s - W) % tau == 0;
-* the process group the strategy synchronises over (all ranks, or a subgroup for ``hierarchical``);
-* flattening parameters and floating-point buffers (batch-norm statistics, which Kaldi's model
-  averaging averages too) into one vector per collective call;
+* the start: every rank begins from rank 0's model (one broadcast of parameters and buffers, or
+  DDP's own broadcast when the warm-up is synchronous);
+* the warm-up (``warmup_steps`` W, ``warmup``): ``sync``, W steps of synchronous SGD through DDP
+  (:mod:`asr_parallel.strategies.ddp`: overlapped bucketed all-reduces, the loss averaged over all
+  ranks' utterances), after which DDP's ``no_sync`` keeps every later step local; or
+  ``local_broadcast``, fairseq's BMUF warm-up (``optim/bmuf.py``, ``_warmup_sync``): W local steps
+  on every rank, then one broadcast of rank 0's parameters and buffers, and the optimiser's state
+  reset (fairseq reloads the optimiser's initial state unless ``average_sync``);
+* the schedule: a synchronisation after every ``sync_period`` local steps: after step s when s > W
+  and (s - W) % tau == 0. Between two synchronisations a rank makes no collective call at all:
+  a step with a non-finite loss or gradient is skipped locally, and the count of such steps travels
+  in the next synchronisation's all-reduce (one more value), so the run's total over all ranks is
+  known without a per-step collective;
+* one all-reduce per synchronisation of the parameters, the floating-point buffers (batch-norm
+  statistics, averaged as Kaldi's model averaging does), any extra state, and the bad-step count;
 * the *global* model, a copy holding the result of the last synchronisation, which is what the
   trainer evaluates and saves per epoch (the local models differ between synchronisations).
 """
@@ -20,7 +29,9 @@ import copy
 import torch
 from torch import nn
 
-from asr_parallel.strategies.base import DistContext, Strategy, all_reduce, group_size
+from asr_parallel.strategies.base import DistContext, Strategy, all_reduce, broadcast, group_size
+
+WARMUPS = ("sync", "local_broadcast")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -31,7 +42,7 @@ def flatten(tensors) -> torch.Tensor:
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(0)
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+    return torch.cat([t.detach().reshape(-1).to(tensors[0].dtype) for t in tensors])
 
 
 def unflatten_into(flat: torch.Tensor, tensors) -> None:
@@ -46,20 +57,29 @@ def unflatten_into(flat: torch.Tensor, tensors) -> None:
 
 
 def check_period(params) -> None:
-    """Validate ``sync_period`` and ``warmup_steps`` of a strategy's parameters."""
+    """Validate ``sync_period``, ``warmup_steps`` and ``warmup`` of a strategy's parameters."""
     if params.sync_period < 1:
         raise ValueError(f"strategy.sync_period must be >= 1, got {params.sync_period}")
     if getattr(params, "warmup_steps", 0) < 0:
         raise ValueError(f"strategy.warmup_steps must be >= 0, got {params.warmup_steps}")
+    if getattr(params, "warmup", "sync") not in WARMUPS:
+        raise ValueError(f"strategy.warmup must be one of {', '.join(WARMUPS)}, got '{params.warmup}'")
 
 
 def float_buffers(module: nn.Module) -> list[torch.Tensor]:
     return [b for b in module.buffers() if b.is_floating_point()]
 
 
+def root_rank(group) -> int:
+    """The global rank of the group's first member (the broadcast source)."""
+    import torch.distributed as tdist
+
+    return tdist.get_global_rank(group, 0) if group is not None else 0
+
+
 class PeriodicSync(Strategy):
     """Base class: see the module docstring. ``Params`` must have ``sync_period`` (and may have
-    ``warmup_steps``)."""
+    ``warmup_steps`` and ``warmup``)."""
 
     def __init__(self, params, dist: DistContext, group=None, label: str = "params"):
         super().__init__(params, dist)  # the Params checked sync_period and warmup_steps
@@ -67,12 +87,20 @@ class PeriodicSync(Strategy):
         self.label = label
         self.module: nn.Module | None = None
         self.global_model: nn.Module | None = None
+        self.ddp = None  # DDP for a synchronous warm-up
+        self.hook = None
         self.step = 0  # the last optimiser step seen
+        self.bad_since_sync = torch.zeros(())  # this rank's skipped steps since the last synchronisation
+        self.bad_all_ranks = 0  # skipped steps of all ranks, as of the last synchronisation
 
     # -- schedule
     @property
     def warmup_steps(self) -> int:
         return int(getattr(self.params, "warmup_steps", 0))
+
+    @property
+    def warmup(self) -> str:
+        return str(getattr(self.params, "warmup", "sync"))
 
     @property
     def k(self) -> int:
@@ -83,30 +111,73 @@ class PeriodicSync(Strategy):
         w, tau = self.warmup_steps, self.params.sync_period
         return step > w and (step - w) % tau == 0
 
+    def process_groups(self) -> list:
+        return [self.group] if self.group is not None else []
+
     # -- model
     def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Every rank starts from rank 0's model; a synchronous warm-up wraps the model in DDP (unless
+        it already is one: ``hierarchical`` averages gradients inside groups itself)."""
         self.module = unwrap(model)
+        if self.k > 1:
+            if self.warmup_steps and self.warmup == "sync" and model is self.module:
+                from asr_parallel.strategies.ddp import ddp_wrap
+
+                self.ddp, self.hook = ddp_wrap(model, self.dist, self.comm, self.group, "gradients")
+                model = self.ddp  # DDP's construction broadcast rank 0's model
+            else:
+                self.broadcast_model()
         self.global_model = copy.deepcopy(self.module).requires_grad_(False)
         self.init_state()
         return model
 
+    def broadcast_model(self) -> None:
+        """Rank 0's parameters and floating buffers to every rank of the group (one broadcast)."""
+        tensors = self.params_list() + float_buffers(self.module)
+        flat = flatten(tensors)
+        broadcast(flat, self.comm, root_rank(self.group), self.group, "broadcast")
+        unflatten_into(flat, tensors)
+
     def init_state(self) -> None:
-        """Set up the strategy's state from the (identical on every rank) initial model."""
+        """Set up the strategy's state from the (identical on every rank) current model."""
 
     def params_list(self) -> list[torch.Tensor]:
         return list(self.module.parameters())
 
     def eval_model(self, model: nn.Module) -> nn.Module:
-        # During the synchronous warm-up every rank holds the same model; afterwards the global one.
+        # During the warm-up rank 0's current model (identical on every rank when synchronous);
+        # afterwards the global one.
         return unwrap(model) if self.step <= self.warmup_steps else self.global_model
 
     def set_global_from_local(self) -> None:
         self.global_model.load_state_dict(self.module.state_dict())
 
     # -- steps
+    def in_sync_warmup(self, step: int) -> bool:
+        return step <= self.warmup_steps and self.warmup == "sync" and self.k > 1
+
+    def averages_gradients(self, step: int) -> bool:
+        return self.ddp is not None and self.in_sync_warmup(step)
+
+    def set_batch_weight(self, utterances, loss) -> None:
+        from asr_parallel.strategies.ddp import set_weight
+
+        set_weight(self.hook, utterances, loss)
+
+    def forward_context(self, step: int):
+        if self.ddp is not None and not self.in_sync_warmup(step):
+            return self.ddp.no_sync()  # local steps: DDP all-reduces nothing
+        return super().forward_context(step)
+
     def after_backward(self, step: int, model: nn.Module) -> None:
-        """Synchronous warm-up: average the gradients over the group (one all-reduce)."""
-        if step > self.warmup_steps or self.k <= 1:
+        """Synchronous warm-up: DDP averaged the gradients (count its bucket rebuild); for a model that
+        was already a DDP over a subgroup (``hierarchical``), average them over this group here."""
+        if self.ddp is not None:
+            from asr_parallel.strategies.ddp import note_rebuild
+
+            note_rebuild(self.ddp, self.hook)  # also in the first local step after a one-step warm-up
+            return
+        if not self.in_sync_warmup(step):
             return
         params = [p for p in self.params_list() if p.grad is not None]
         flat = flatten(p.grad for p in params)
@@ -114,35 +185,52 @@ class PeriodicSync(Strategy):
         flat /= self.k
         unflatten_into(flat, [p.grad for p in params])
 
-    def after_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def after_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             bad: torch.Tensor | None = None) -> None:
         self.step = step
+        if bad is not None:
+            self.bad_since_sync = self.bad_since_sync.to(bad.device) + bad.reshape(())
         if self.warmup_steps and step == self.warmup_steps:
-            self.end_warmup()
+            self.end_warmup(optimizer)
         elif self.is_sync_step(step):
             self.synchronize(step, optimizer)
 
-    def end_warmup(self) -> None:
-        """The synchronous warm-up is over: blocks start from the (common) current model."""
+    def end_warmup(self, optimizer: torch.optim.Optimizer) -> None:
+        """The warm-up is over: blocks start from the common current model (fairseq's broadcast of
+        rank 0's model and reset of the optimiser's state after a local warm-up)."""
+        if self.warmup == "local_broadcast" and self.k > 1:
+            self.broadcast_model()
+            optimizer.state.clear()
         self.set_global_from_local()
         self.init_state()
 
     def synchronize(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         raise NotImplementedError
 
-    def allreduce_model(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over the group of this rank's parameters and floating buffers (one all-reduce);
-        returns (summed parameters, summed buffers) as flat vectors."""
+    def allreduce_model(self, extra: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum over the group of this rank's parameters, floating buffers and ``extra`` tensors, with
+        the bad-step count riding along (one all-reduce); returns (summed parameters, summed buffers,
+        summed extras) as flat vectors."""
         params, bufs = self.params_list(), float_buffers(self.module)
-        n = sum(p.numel() for p in params)
-        flat = flatten(params + bufs)
+        n, m = sum(p.numel() for p in params), sum(b.numel() for b in bufs)
+        flat = torch.cat([flatten(params + bufs + list(extra)), self.bad_since_sync.reshape(1).to(params[0].dtype)
+                          .to(params[0].device)])
         all_reduce(flat, self.comm, self.group, self.label)
-        return flat[:n], flat[n:]
+        self.bad_all_ranks += int(round(float(flat[-1])))
+        self.bad_since_sync = torch.zeros(())
+        return flat[:n], flat[n:n + m], flat[n + m:-1]
+
+    def log_scalars(self) -> dict[str, float]:
+        return {"train/bad_batches_all_ranks": float(self.bad_all_ranks)}
 
     # -- checkpoints
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "step": self.step, "global_model": self.global_model.state_dict()}
+        return {**super().state_dict(), "step": self.step, "global_model": self.global_model.state_dict(),
+                "bad_since_sync": self.bad_since_sync.cpu(), "bad_all_ranks": self.bad_all_ranks}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.step = state["step"]
         self.global_model.load_state_dict(state["global_model"])
+        self.bad_since_sync = state.get("bad_since_sync", torch.zeros(()))
+        self.bad_all_ranks = state.get("bad_all_ranks", 0)

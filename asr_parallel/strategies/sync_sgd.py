@@ -1,15 +1,17 @@
 """``sync_sgd``: synchronous mini-batch SGD with DistributedDataParallel.
 
 Chen, Pan, Monga, Bengio, Jozefowicz, "Revisiting distributed synchronous SGD" (2016). Each of the
-K ranks computes the gradient of its B/K share of the global minibatch; the gradients are averaged
-by an all-reduce every step, so every rank applies the same update, exactly as one worker with the
-global minibatch B would:
+K ranks computes the gradient of its share of the global minibatch; the gradients are summed by an
+all-reduce every step and divided by the utterances of all ranks, so every rank applies the same
+update, exactly as one worker with the union minibatch would (also when the ranks' batches hold
+different numbers of utterances):
 
-    g = (1/K) * sum_k g_k,     w <- w - lr * g
+    g = sum_k sum_{u in B_k} grad l_u / sum_k |B_k|,     w <- w - lr * g
 
-Traffic per rank per step with a ring all-reduce: 2 (K-1)/K * P * b bytes (P parameters of b bytes).
-The all-reduce runs inside backward, bucket by bucket, overlapped with the remaining gradient
-computation (torch DDP); a communication hook counts the bytes of every bucket.
+Traffic per rank per step with a ring all-reduce: 2 (K-1)/K * (P + 2 per bucket) * b bytes (P
+parameters of b bytes; each bucket carries the rank's utterance count and a bad-loss flag). The
+all-reduce runs inside backward, bucket by bucket, overlapped with the remaining gradient
+computation (torch DDP with its own bucketing: :mod:`asr_parallel.strategies.ddp`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from asr_parallel.strategies.base import Strategy
+from asr_parallel.strategies.ddp import bucket_bytes, ddp_wrap, note_rebuild, set_weight
 
 
 class SyncSGD(Strategy):
@@ -26,44 +29,37 @@ class SyncSGD(Strategy):
 
     @dataclass
     class Params:
-        bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+        bucket_cap_mb: float = 0.0  # DDP bucket size; 0: torch's default (a 1 MiB first bucket, then 25 MiB)
         find_unused_parameters: bool = False
+
+        def __post_init__(self):
+            if self.bucket_cap_mb < 0:
+                raise ValueError(f"strategy.bucket_cap_mb must be >= 0, got {self.bucket_cap_mb}")
+
+    def __init__(self, params, dist):
+        super().__init__(params, dist)
+        self.ddp = None
+        self.hook = None
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if not self.dist.distributed:
             return model
-        return ddp_wrap(model, self.dist, self, None, "gradients", self.params.bucket_cap_mb,
-                        self.params.find_unused_parameters)
+        self.ddp, self.hook = ddp_wrap(model, self.dist, self.comm, None, "gradients", self.params.bucket_cap_mb,
+                                       self.params.find_unused_parameters)
+        return self.ddp
+
+    def averages_gradients(self, step: int) -> bool:
+        return self.ddp is not None
+
+    def set_batch_weight(self, utterances, loss) -> None:
+        set_weight(self.hook, utterances, loss)
+
+    def after_backward(self, step, model) -> None:
+        if self.ddp is not None:
+            note_rebuild(self.ddp, self.hook)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return model.module if hasattr(model, "module") else model
 
-
-def ddp_wrap(model: nn.Module, dist, strategy: Strategy, group, label: str, bucket_cap_mb: float = 25.0,
-             find_unused_parameters: bool = False) -> nn.Module:
-    """DDP over ``group`` (None: all ranks) whose gradient all-reduces are counted in ``strategy.comm``.
-
-    Buffers (batch-norm statistics) are not broadcast from rank 0 before every forward pass: that
-    traffic would escape the accounting, and rank 0's statistics, the ones evaluated, are the same
-    either way.
-    """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-              process_group=group, bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False,
-              find_unused_parameters=find_unused_parameters)
-    ddp.register_comm_hook((strategy, group, label), _counting_allreduce_hook)
-    return ddp
-
-
-def _counting_allreduce_hook(state, bucket):
-    """DDP's default all-reduce (average over the group), counting the bytes each rank sends and receives."""
-    import torch.distributed as tdist
-
-    strategy, group, label = state
-    buf = bucket.buffer()
-    world = tdist.get_world_size(group)
-    strategy.comm.all_reduce(buf.numel(), buf.element_size(), world, label)
-    buf.div_(world)
-    fut = tdist.all_reduce(buf, group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+    def summary_figures(self) -> dict:
+        return {"ddp_bucket_bytes": bucket_bytes(self.ddp)} if self.ddp is not None else {}

@@ -2,12 +2,22 @@
 
 One process per rank (``torchrun`` for more than one; gloo on CPU, NCCL on GPU). The loop is the
 same for every strategy: the strategy wraps the model and acts around the optimiser step, or owns
-the step entirely (see :mod:`asr_parallel.strategies.base`).
+the step entirely (see :mod:`asr_parallel.strategies.base`); either way the step's mechanics
+(precision, loss, clipping, the skip of a bad step, the schedule) are those of one
+:class:`~asr_parallel.train.step.StepContext`.
 
-Per step: features (SpecAugment in training) -> model -> log-softmax -> CTC loss (summed over the
-batch, divided by its utterances) -> backward -> gradient clipping -> optimiser and schedule step.
-A step whose loss or gradient norm is NaN or inf is skipped (the skip is agreed across ranks) and
-counted; ``max_bad_batches`` of them in a row stop the run with an error naming the batch.
+Per step: features (SpecAugment in training) -> model -> log-softmax -> CTC loss summed over the
+batch -> divided by the utterances it averages over (this rank's; all ranks' when the strategy
+all-reduces gradients every step, whose all-reduce carries the counts) -> backward -> gradient
+clipping -> optimiser and schedule step. A step whose loss or gradient norm is NaN or inf is
+skipped and counted; ``max_bad_batches`` of them in a row stop the run with an error naming the
+batch. The decision is local: ranks that must agree see the same all-reduced gradients, so no step
+makes a collective call of its own.
+
+Every collective call the trainer itself makes (epoch lengths, checkpoint barriers, the final
+figures) is counted in the strategy's counter under ``control``. With ``GLOO_SOCKET_IFNAME`` naming
+a real link (the emulated cluster), the bytes that crossed it are read from the interface's
+counters and reported beside the modelled ones (:mod:`asr_parallel.utils.netstat`).
 
 Checkpoints (every ``checkpoint_every_steps`` and at the end of every epoch) hold everything needed
 to resume exactly; on CPU with a fixed seed the losses after a resume equal an uninterrupted run's.
@@ -20,20 +30,21 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from asr_parallel.config import RecipeConfig, dump_config
 from asr_parallel.decode.greedy import greedy_ctc
 from asr_parallel.models import build_model
 from asr_parallel.score.wer import corpus_errors
 from asr_parallel.strategies import build_strategy
-from asr_parallel.strategies.base import DistContext
+from asr_parallel.strategies.base import DistContext, process_group_calls
 from asr_parallel.train import checkpoint as ckpt
 from asr_parallel.train.data import Batch, CutDataset, filter_for_ctc, loader, make_sampler
+from asr_parallel.train.loss import SpecAugment, ctc_loss
+from asr_parallel.train.step import StepContext
+from asr_parallel.utils import netstat
 from asr_parallel.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -41,37 +52,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot go on (too many bad batches in a row, ...)."""
-
-
-def ctc_loss(logits: torch.Tensor, out_lens: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
-    """CTC loss summed over the batch (blank = 0), from (B, T, V) logits, in float32."""
-    log_probs = logits.float().log_softmax(-1)
-    targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
-    target_lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
-    if log_probs.is_cuda:  # copy the targets without making the host wait for the GPU
-        targets = targets.pin_memory().to(log_probs.device, non_blocking=True)
-        target_lens = target_lens.pin_memory().to(log_probs.device, non_blocking=True)
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lens, target_lens, blank=0,
-                      reduction="sum", zero_infinity=False)
-
-
-class SpecAugment(torch.nn.Module):
-    """Two frequency masks of up to 27 bins and time masks covering up to 5% of the frames
-    (Park et al., Interspeech 2019, LibriSpeech basic policy), drawn per utterance."""
-
-    def __init__(self):
-        super().__init__()
-        import torchaudio
-
-        self.freq = torchaudio.transforms.FrequencyMasking(27, iid_masks=True)
-        self.time = torchaudio.transforms.TimeMasking(40, iid_masks=True, p=0.05)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = feats.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
-        for _ in range(2):
-            x = self.freq(x)
-            x = self.time(x)
-        return x.squeeze(1).transpose(1, 2)
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -103,6 +83,7 @@ class Trainer:
         self.cfg, self.tc, self.exp_dir, self.dist, self.sp = cfg, cfg.train, Path(exp_dir), dist, sp
         self.device = dist.device
         self.exp_dir.mkdir(parents=True, exist_ok=True)
+        self._start_instruments()
         torch.manual_seed(self.tc.seed)  # identical initial model on every rank
         self.model = build_model(cfg.model, cfg.features.num_mel_bins, sp.get_piece_size()).to(self.device)
         torch.manual_seed(self.tc.seed + 1000 * dist.rank)  # dropout and SpecAugment differ per rank
@@ -126,7 +107,16 @@ class Trainer:
         # resumed with a larger one follows the same schedule as an uninterrupted run).
         self.total_steps = self.batches_per_epoch * self.tc.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tc, self.total_steps))
+        self.ctx.scheduler = self.scheduler
         self._init_counters()
+
+    def _start_instruments(self) -> None:
+        """Read the process groups' call counts and the link's byte counters before any call."""
+        self.pg_calls_start = process_group_calls()
+        self.wire_if = netstat.training_interface()
+        self.wire_start = netstat.interface_bytes(self.wire_if) if self.wire_if else None
+        self.wire_before = (0, 0)  # bytes on the link in earlier runs of this experiment (resume)
+        self.calls_offset = 0  # calls in the counter that this process did not make (resume)
 
     def _setup_training(self, model) -> None:
         """Strategy, wrapped model, optimiser and step options (shared with the benchmark)."""
@@ -137,6 +127,7 @@ class Trainer:
         self.strategy.setup_optimizer(self.optimizer)  # before the schedule records the base rates
         self.spec_augment = SpecAugment().to(self.device) if self.tc.spec_augment else None
         self.use_bf16 = self.tc.bf16 and self.device.type == "cuda"
+        self.ctx = StepContext(self.tc, self.device, self.optimizer, self.spec_augment, self.fused)
 
     @classmethod
     def for_benchmark(cls, cfg: RecipeConfig, dist: DistContext, model) -> "Trainer":
@@ -144,10 +135,21 @@ class Trainer:
         self = cls.__new__(cls)
         self.cfg, self.tc, self.dist, self.device = cfg, cfg.train, dist, dist.device
         self.model = model
+        self._start_instruments()
         self._setup_training(model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tc, 10**9))
+        self.ctx.scheduler = self.scheduler
         self._init_counters()
         return self
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken (the step context's counter)."""
+        return self.ctx.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.ctx.step = value
 
     def _init_counters(self) -> None:
         self.step = 0
@@ -177,16 +179,27 @@ class Trainer:
             import torch.distributed as tdist
 
             t = torch.tensor([n], device=self.device if self.device.type == "cuda" else "cpu")
+            self._count_control(t)
             tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
             n = int(t.item())
         return n if count_only else batches[:n]
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _count_control(self, tensor: torch.Tensor | None = None) -> None:
+        """Count one of the trainer's own collective calls (an all-reduce of ``tensor``, or a barrier)."""
+        from asr_parallel.strategies.base import group_size, ring_allreduce_bytes
+
+        k = group_size()
+        if k > 1:
+            n = ring_allreduce_bytes(tensor.numel(), tensor.element_size(), k) if tensor is not None else 0
+            self.strategy.comm.control(1, n)
+
     def _barrier(self):
         if self.dist.distributed:
             import torch.distributed as tdist
 
+            self._count_control()
             tdist.barrier()
 
     def state_dict(self) -> dict:
@@ -198,7 +211,7 @@ class Trainer:
             "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                          "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
                          "frames_total": self.frames_total, "elapsed": self.elapsed_before + self._elapsed(),
-                         "train_seconds": self.train_seconds},
+                         "train_seconds": self.train_seconds, "wire": list(self._wire_now())},
             "rng": ckpt.rng_state(),
             "history": json.dumps(self.history),
             "world_size": self.dist.world_size,
@@ -246,57 +259,71 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        calls_here = self.strategy.comm.calls
         self.strategy.load_state_dict(state["strategy"])
+        self.calls_offset = self.strategy.comm.calls - calls_here
         p = state["progress"]
         self.step, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
         self.bad_in_row, self.bad_total, self.frames_total = p["bad_in_row"], p["bad_total"], p["frames_total"]
         self.elapsed_before = p["elapsed"]
         self.train_seconds = p.get("train_seconds", 0.0)
+        self.wire_before = tuple(p.get("wire", (0, 0)))
+        if self.wire_start is not None:  # this process's counting starts now
+            self.wire_start = netstat.interface_bytes(self.wire_if)
         self.history = json.loads(state["history"])
         ckpt.set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ steps
 
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
-
     def _elapsed(self) -> float:
         return time.time() - self.t_start if hasattr(self, "t_start") else 0.0
+
+    def _wire_now(self) -> tuple[int, int]:
+        """(sent, received) bytes on the training link in this experiment so far (0s without one)."""
+        if self.wire_start is None:
+            return tuple(self.wire_before)
+        tx, rx = netstat.interface_bytes(self.wire_if)
+        return self.wire_before[0] + tx - self.wire_start[0], self.wire_before[1] + rx - self.wire_start[1]
 
     def train_step(self, batch: Batch) -> dict:
         """One optimiser step on ``batch`` (a strategy that owns the step does it all itself).
 
         Returns device tensors (``loss``, ``grad_norm``, ``bad``) and host figures. A batch whose loss or
-        gradient norm is not finite (on any rank) updates nothing, but counts as a step. On GPU the
-        decision stays on the device: the fused optimiser skips the update when ``found_inf`` is set,
-        so no step waits for the GPU; the host reads the flags at logging time (:meth:`_drain`).
+        gradient norm is not finite updates nothing, but counts as a step. When the strategy averages
+        gradients over ranks this step, the summed loss goes backward and the all-reduce divides by all
+        ranks' utterances (and poisons the gradients of every rank if any rank's loss is not finite),
+        so every rank takes the same decision without a collective. On GPU the decision stays on the
+        device: the fused optimiser skips the update when ``found_inf`` is set, so no step waits for
+        the GPU; the host reads the flags at logging time (:meth:`_drain`).
         """
-        if self.strategy.owns_step:
-            return self.strategy.train_step(batch, self)
+        ctx, st = self.ctx, self.strategy
+        if st.owns_step:
+            return st.train_step(batch, ctx)
         batch = batch.to(self.device)
+        step = ctx.step + 1
         self.wrapped.train()
-        feats = self.spec_augment(batch.feats) if self.spec_augment is not None else batch.feats
-        with self._autocast():
-            logits, out_lens = self.wrapped(feats, batch.feat_lens)
-        loss = ctc_loss(logits, out_lens, batch.tokens) / len(batch.tokens)
+        feats = ctx.augment(batch.feats)
+        n = len(batch.tokens)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.strategy.after_backward(self.step + 1, self.wrapped)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.tc.grad_clip)
-        bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float().reshape(1)
-        if self.dist.distributed:
-            import torch.distributed as tdist
-
-            tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)  # ranks skip a bad step together
-        if self.fused:
-            self.optimizer.found_inf = bad[0]  # a 0-dim tensor, as the fused kernels expect
-            self.optimizer.step()
-        elif not bool(bad.item()):
-            self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        self.strategy.after_optimizer_step(self.step, self.wrapped, self.optimizer)
-        return {"bad": bad, "loss": loss.detach(), "grad_norm": grad_norm.detach(), "frames": batch.num_frames,
+        with st.forward_context(step):
+            with ctx.autocast():
+                logits, out_lens = self.wrapped(feats, batch.feat_lens)
+            loss_sum = ctc_loss(logits, out_lens, batch.tokens)
+            synchronous = st.averages_gradients(step)
+            if synchronous:
+                st.set_batch_weight(n, loss_sum)
+                loss_sum.backward()
+            else:
+                (loss_sum / n).backward()
+        st.after_backward(step, self.wrapped)
+        grad_norm = ctx.clip_local(self.wrapped.parameters())
+        loss = loss_sum.detach() / n
+        # With averaged gradients the norm is the same on every rank (and NaN on all if any loss was not).
+        bad = ctx.bad_flag(grad_norm) if synchronous else ctx.bad_flag(loss, grad_norm)
+        ctx.apply(bad)
+        ctx.advance()
+        st.after_optimizer_step(ctx.step, self.wrapped, self.optimizer, bad)
+        return {"bad": bad, "loss": loss, "grad_norm": grad_norm.detach(), "frames": batch.num_frames,
                 "cut_ids": batch.cut_ids}
 
     def _drain(self) -> dict | None:
@@ -336,7 +363,7 @@ class Trainer:
         total_loss, utts, pairs = 0.0, 0, []
         for cuts in sampler:
             batch = self.dataset[cuts].to(self.device)
-            with self._autocast():
+            with self.ctx.autocast():
                 logits, out_lens = model(batch.feats, batch.feat_lens)
             total_loss += float(ctc_loss(logits, out_lens, batch.tokens))
             utts += len(batch.tokens)
@@ -397,7 +424,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                         t_log, frames_log = now, 0
                 self.train_seconds += time.time() - t_iter
-                if self.step % self.tc.checkpoint_every_steps == 0 and self.strategy.checkpoint_ok():
+                if self.step % self.tc.checkpoint_every_steps == 0:
+                    self.pending += self.strategy.prepare_checkpoint(self.ctx)  # pipelines drain
                     self.save_checkpoint()
                 t_iter = time.time()
                 if self.tc.max_steps and self.step >= self.tc.max_steps:
@@ -405,7 +433,7 @@ class Trainer:
                     break
             bar.close()
             t_iter = time.time()
-            self.pending += self.strategy.end_of_epoch(self)  # pipelines drain
+            self.pending += self.strategy.end_of_epoch(self.ctx)  # pipelines drain
             self._drain()
             self.train_seconds += time.time() - t_iter
             if not stop:
@@ -472,6 +500,7 @@ class Trainer:
             import torch.distributed as tdist
 
             t = torch.tensor([mb], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+            self._count_control(t)
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
             mb = float(t.item())
         return round(mb, 1)
@@ -485,12 +514,40 @@ class Trainer:
             return own
         size = ModelSize.of(self.model, self.optimizer)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
-        return predict(self.cfg.strategy, size, self.dist.world_size, self.step, local)
+        buckets = [n // size.element_size for n in self.strategy.summary_figures().get("ddp_bucket_bytes", [])]
+        return predict(self.cfg.strategy, size, self.dist.world_size, self.step, local, buckets or None,
+                       root=self.dist.is_main)
+
+    def _gather_rank_figures(self) -> dict:
+        """Every rank's wire bytes and call counts, gathered on all ranks (one counted all-reduce).
+
+        ``calls``: what the counter holds for this process; ``process_group_calls``: the process
+        groups' own sequence numbers (default group since the trainer started, plus the strategy's
+        subgroups) -- the same number when every call is counted."""
+        k = self.dist.world_size
+        tx, rx = self._wire_now()
+        counted = self.strategy.comm.calls - self.calls_offset + 1  # + this gather
+        v = torch.zeros(4 * k, dtype=torch.float64)
+        v[4 * self.dist.rank:4 * self.dist.rank + 4] = torch.tensor([tx, rx, counted, 0], dtype=torch.float64)
+        if self.dist.distributed and k > 1:
+            import torch.distributed as tdist
+
+            self._count_control(v)
+            groups = [None] + list(self.strategy.process_groups())
+            measured = process_group_calls(groups) - self.pg_calls_start + 1
+            v[4 * self.dist.rank + 3] = measured
+            tdist.all_reduce(v)
+        else:
+            v[3] = counted
+        rows = v.view(k, 4).tolist()
+        return {"wire_tx": [int(r[0]) for r in rows], "wire_rx": [int(r[1]) for r in rows],
+                "calls": [int(r[2]) for r in rows], "process_group_calls": [int(r[3]) for r in rows]}
 
     def _finish(self) -> dict:
         summary = {}
         current = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         peak = self._peak_memory_mb()
+        ranks = self._gather_rank_figures()
         # torchrun's nodes: ranks over ranks per node (one node when run.sh fell back from emulated nodes)
         nodes = self.dist.world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)))
         if self.dist.is_main:
@@ -512,8 +569,12 @@ class Trainer:
                 "nodes": nodes, "link_rate": self.cfg.train.link_rate if nodes > 1 and self.cfg.train.emulate_nodes > 1 else None,
                 "frames_per_second": round(self.frames_total * self.strategy.replicas
                                            / max(1e-9, self.elapsed_before + self._elapsed()), 1),
+                # modelled bytes (a formula per counted call), and what the link's counters saw
                 "bytes_sent_per_rank": self.strategy.comm.bytes_sent, "collective_calls": self.strategy.comm.calls,
                 "bytes_by_label": self.strategy.comm.by_label, "predicted": self.predicted_comm(),
+                "wire": {"interface": self.wire_if, "bytes_sent_per_rank": ranks["wire_tx"],
+                         "bytes_received_per_rank": ranks["wire_rx"]} if self.wire_if else None,
+                "calls_this_process": {"counted": ranks["calls"], "process_group": ranks["process_group_calls"]},
                 "bad_batches": self.bad_total, "filtered": self.filter_stats, "history": self.history,
                 "peak_memory_mb": peak, "strategy_figures": self.strategy.summary_figures(),
                 "losses": self.losses,

@@ -1,0 +1,44 @@
+"""The training criterion and its data augmentation, shared by the trainer, the strategies that own
+the step (pipelines) and the benchmarks.
+
+* :func:`ctc_loss`: CTC (Graves et al., ICML 2006) over BPE units, blank = 0, summed over the batch
+  in float32; the caller divides by the utterances it averages over (its own, or all ranks').
+* :class:`SpecAugment`: Park et al., "SpecAugment" (Interspeech 2019), the LibriSpeech basic policy
+  reduced to two frequency masks of up to 27 bins and two time masks of up to 5% of the frames.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ctc_loss(logits: torch.Tensor, out_lens: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+    """CTC loss summed over the batch (blank = 0), from (B, T, V) logits, in float32."""
+    log_probs = logits.float().log_softmax(-1)
+    targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+    target_lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
+    if log_probs.is_cuda:  # copy the targets without making the host wait for the GPU
+        targets = targets.pin_memory().to(log_probs.device, non_blocking=True)
+        target_lens = target_lens.pin_memory().to(log_probs.device, non_blocking=True)
+    return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lens, target_lens, blank=0,
+                      reduction="sum", zero_infinity=False)
+
+
+class SpecAugment(torch.nn.Module):
+    """Two frequency masks of up to 27 bins and time masks covering up to 5% of the frames
+    (Park et al., Interspeech 2019, LibriSpeech basic policy), drawn per utterance."""
+
+    def __init__(self):
+        super().__init__()
+        import torchaudio
+
+        self.freq = torchaudio.transforms.FrequencyMasking(27, iid_masks=True)
+        self.time = torchaudio.transforms.TimeMasking(40, iid_masks=True, p=0.05)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
+        for _ in range(2):
+            x = self.freq(x)
+            x = self.time(x)
+        return x.squeeze(1).transpose(1, 2)

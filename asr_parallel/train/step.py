@@ -1,0 +1,95 @@
+"""The step context: what a strategy needs to take a training step, and nothing of the trainer's.
+
+The trainer builds one :class:`StepContext` and hands it to the strategy (``Strategy.train_step``
+for strategies that own the step; the trainer's own step uses it too), so that precision, the loss,
+clipping, the skip of a bad step and the schedule live here once:
+
+* ``autocast()``: bf16 autocast on GPU when ``train.bf16``, else nothing;
+* ``augment(feats)``: SpecAugment in training when ``train.spec_augment``;
+* ``loss_sum(...)``: CTC summed over the batch (the caller divides by the utterances it averages over);
+* ``clip(params, norm)``: scale gradients by min(1, grad_clip / (norm + 1e-6)), as
+  ``torch.nn.utils.clip_grad_norm_`` does, for a norm computed elsewhere (over all pipeline stages);
+* ``bad_flag(*tensors)``: 1.0 when any value is NaN or inf, as a (1,) tensor on the device;
+* ``apply(bad)``: the optimiser step unless ``bad`` (on GPU through the fused optimiser's
+  ``found_inf``, so the host never waits for the device), then ``advance()``;
+* ``advance()``: the schedule's step and the step counter.
+
+The decision to skip is local to the rank that computes it: strategies whose ranks must agree make
+every rank compute it from the same numbers (synchronous SGD: the all-reduced gradients), instead of
+a collective of its own every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+from asr_parallel.train.loss import ctc_loss
+
+
+class StepContext:
+    def __init__(self, tc, device: torch.device, optimizer: torch.optim.Optimizer, spec_augment=None,
+                 fused: bool = False):
+        self.tc = tc
+        self.grad_clip = float(tc.grad_clip)
+        self.device = device
+        self.optimizer = optimizer
+        self.scheduler = None  # set by the trainer once the schedule exists
+        self.spec_augment = spec_augment
+        self.fused = fused  # the fused optimiser skips a step on the device (found_inf)
+        self.use_bf16 = bool(tc.bf16) and device.type == "cuda"
+        self.step = 0  # optimiser steps taken (skipped ones included)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+    def augment(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.spec_augment(feats) if self.spec_augment is not None else feats
+
+    @staticmethod
+    def loss_sum(logits: torch.Tensor, out_lens: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+        return ctc_loss(logits, out_lens, tokens)
+
+    @staticmethod
+    def grad_sq_norm(params) -> torch.Tensor:
+        """Sum of the squared gradient norms of ``params`` (float32, 0-dim, on their device)."""
+        grads = [p.grad.detach().float() for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.stack([g.pow(2).sum() for g in grads]).sum()
+
+    def clip(self, params, norm: torch.Tensor) -> None:
+        """Scale the gradients of ``params`` so that a total norm ``norm`` becomes at most grad_clip."""
+        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device))
+
+    def clip_local(self, params) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(params), self.grad_clip)
+
+    @staticmethod
+    def bad_flag(*values: torch.Tensor) -> torch.Tensor:
+        ok = torch.ones((), dtype=torch.bool, device=values[0].device)
+        for v in values:
+            ok = ok & torch.isfinite(v.detach()).all()
+        return (~ok).float().reshape(1)
+
+    def apply(self, bad: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """The optimiser step unless ``bad`` (the update of one step), without the schedule."""
+        opt = optimizer if optimizer is not None else self.optimizer
+        if self.fused:
+            opt.found_inf = bad.reshape(())  # a 0-dim tensor, as the fused kernels expect
+            opt.step()
+        elif not bool(bad.item()):
+            opt.step()
+
+    def advance(self) -> None:
+        """The schedule's step and the step counter (after the update, or for a step that made none)."""
+        with warnings.catch_warnings():  # a pipeline stage may make no update while the pipeline fills
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.step += 1
