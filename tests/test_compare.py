@@ -1,6 +1,7 @@
 """Stage 8 on the tiny corpus: a two-run comparison (single process, and model averaging on 2 gloo
 ranks), its table, TensorBoard runs (HParams and scalars, read back from the event files) and plots."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,32 +9,36 @@ from pathlib import Path
 
 from chime6_fixture import TINY_SIMULATION
 
+from asr_parallel.strategies import parse_strategy
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64", "train.epochs=2",
             "train.max_duration=20", "train.num_buckets=2", "train.log_every_steps=2", "decode.lm_weights=[0.5,1.0]"]
 
 
-def hparams(event_dir: Path) -> tuple[dict, dict]:
+def hparams(event_dir: Path) -> tuple[dict, dict, list]:
+    """A TensorBoard run's HParams values, scalars, and the HParams view's columns (its experiment)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     acc = EventAccumulator(str(event_dir))
     acc.Reload()
-    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    content = acc.PluginTagToContent("hparams")
+    info = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     values = {}
     for k, v in info.hparams.items():
         kind = v.WhichOneof("kind")
         values[k] = getattr(v, kind)
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    return values, scalars
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    return values, scalars, [h.name for h in experiment.hparam_infos]
 
 
 def test_two_strategy_comparison(prepared, tmp_path):
     cfg = tmp_path / "compare.yaml"
     cfg.write_text(f"""base: {REPO / 'recipes/chime6_sim.yaml'}
 compare:
-  target_dev_wer: 300.0   # an untrained model inserts: greedy WER above 100%
+  target_dev_wer: 60.0    # set from the runs' own histories on the re-run below
   runs:
     - {{strategy: {{name: single}}, label: single}}
     - {{strategy: {{name: model_averaging, sync_period: 4}}, world_size: 2}}
@@ -50,27 +55,69 @@ compare:
     assert labels == ["single", "model_averaging_sync_period4_w2"]
     md = (out / "comparison.md").read_text()
     assert all(label in md for label in labels) and "| run | ranks | dev worn |" in md
+    # Every parameter of every strategy compared, defaults filled in, is a column of the HParams view.
+    columns = {"strategy", "world_size", "model", "seed"} | {
+        f"strategy.{k}" for row in table["runs"] for k in dataclasses.asdict(parse_strategy(row["strategy"]))}
+    assert {"strategy.sync_period", "strategy.warmup_steps", "strategy.scale_lr"} <= columns
     for row in table["runs"]:
         results = json.loads((Path(row["exp_dir"]) / "results.json").read_text())
         assert row["dev_worn_wer"] == results["wfst"]["dev"]["worn"]["total"]["wer"]
-        assert row["time_to_target_seconds"] is not None and row["peak_memory_mb"] > 0
-        values, scalars = hparams(out / "tensorboard" / row["label"])
+        assert row["decode"] == f"wfst_lmwt{results['wfst']['lm_weight']:g}" and row["seed"] == 42
+        for key in ("dev_worn", "dev_array", "eval_worn", "eval_array"):
+            low, high = row[f"{key}_wer_ci"]
+            assert low <= row[f"{key}_wer"] <= high
+        assert row["peak_memory_mb"] > 0
+        values, scalars, names = hparams(out / "tensorboard" / row["label"])
+        assert set(names) == columns
         assert values["strategy"] == row["strategy"]["name"] and values["world_size"] == row["world_size"]
-        for k, v in row["strategy"].items():
-            if k != "name":
-                assert values[f"strategy.{k}"] == v
+        assert values["seed"] == 42 and values["model"] == "mlp"
+        for k, v in dataclasses.asdict(parse_strategy(row["strategy"])).items():
+            assert values[f"strategy.{k}"] == (row["strategy"].get(k, v) if not isinstance(v, list) else json.dumps(v))
+        if row["strategy"]["name"] == "single":
+            assert "strategy.sync_period" not in values
+        else:
+            assert values["strategy.sync_period"] == 4 and values["strategy.warmup_steps"] == 0
         assert abs(scalars["hparam/dev_worn_wer"][0][1] - row["dev_worn_wer"]) < 1e-4
         assert scalars["hparam/bytes_sent_per_rank"][0][1] == float(row["bytes_sent_per_rank"])
         history = [h for h in row["history"] if h.get("dev_wer_greedy") is not None]
         assert len(scalars["compare/dev_wer_vs_seconds"]) == len(history) == 2
         assert [s for s, _ in scalars["compare/dev_wer_vs_bytes"]] == [h["bytes_sent"] for h in history]
     assert table["runs"][0]["bytes_sent_per_rank"] == 0 < table["runs"][1]["bytes_sent_per_rank"]
+    # Against the baseline (the first run) on the same utterances: a paired test per set.
+    assert table["baseline"] == "single" and table["runs"][0]["vs_baseline"] is None
+    vs = table["runs"][1]["vs_baseline"]
+    assert vs["baseline"] == "single" and set(vs) == {"baseline", "dev_worn", "dev_array", "eval_worn", "eval_array"}
+    for key, t in vs.items():
+        if key != "baseline":
+            low, high = t["difference_ci"]
+            assert 0 <= t["poi"] <= 1
+            assert t["verdict"] == ("tie" if low <= 0 <= high else "better" if high < 0 else "worse")
+            # (of the unrounded WERs: within 0.01 of the rounded ones' difference)
+            assert abs(t["difference"] - (table["runs"][1][f"{key}_wer"] - table["runs"][0][f"{key}_wer"])) <= 0.0101
+            assert f"poi {t['poi']:.2f} {t['verdict']}" in md
+    assert "Against the baseline single" in md
     for png in ("dev_wer_vs_time.png", "dev_wer_vs_bytes.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Re-running reuses the finished runs.
-    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.compare", "--config", str(cfg), *sets], cwd=REPO,
-                       capture_output=True, text=True)
+    # Re-running reuses the finished runs. Time to target: with the target at the first run's first
+    # per-epoch dev WER, the first run reaches it at that epoch; every run at its first epoch at or under it.
+    histories = [[h for h in row["history"] if h.get("dev_wer_greedy") is not None] for row in table["runs"]]
+    target = histories[0][0]["dev_wer_greedy"]
+    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.compare", "--config", str(cfg), *sets,
+                        "--set", f"compare.target_dev_wer={target!r}"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("training already finished") == 2, r.stdout[-2000:]
+    table = json.loads((out / "comparison.json").read_text())
+    assert table["target_dev_wer"] == target
+    assert table["runs"][0]["time_to_target_seconds"] == histories[0][0]["elapsed_seconds"]
+    for row, history in zip(table["runs"], histories):
+        first = [h["elapsed_seconds"] for h in history if h["dev_wer_greedy"] <= target]
+        assert row["time_to_target_seconds"] == (first[0] if first else None)
+    # A target below every evaluation is never reached.
+    lowest = min(h["dev_wer_greedy"] for history in histories for h in history)
+    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.compare", "--config", str(cfg), *sets, "--collect-only",
+                        "--set", f"compare.target_dev_wer={lowest - 0.01!r}"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = json.loads((out / "comparison.json").read_text())
+    assert [row["time_to_target_seconds"] for row in table["runs"]] == [None, None]
 
 
 def test_emulated_node_comparison_reuses_the_one_node_baseline():
