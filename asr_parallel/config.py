@@ -12,20 +12,15 @@ keys then override the base's, section by section. Command-line overrides use do
 from __future__ import annotations
 
 import dataclasses
-import re
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe config has an unknown key, a value of the wrong type, or an invalid value."""
+from asr_parallel.typed import ConfigError, build as _build
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +146,11 @@ class ConformerConfig:
     kernel: int = 15
     dropout: float = 0.1
     layers_per_stage: int = 1
+    # Normalisation inside the convolution module (asr_parallel/models/conformer.py): "layer" over the
+    # channels of every frame, padding zeroed ahead of the depthwise convolution (an utterance's output
+    # depends on nothing else in its batch); "batch" torchaudio's BatchNorm1d (statistics over the
+    # batch, padding included: configs from before this option); "group" torchaudio's GroupNorm.
+    conv_norm: Literal["layer", "batch", "group"] = "layer"
 
 
 @dataclass
@@ -219,6 +219,18 @@ class CompareConfig:
 
     runs: list[dict] = field(default_factory=list)
     target_dev_wer: float = 60.0  # greedy dev worn-microphone WER (%) for "time to reach"
+    # The run every other is tested against (paired bootstrap): a run's label, or the strategy name of
+    # exactly one run; "" = the first run.
+    baseline: str = ""
+    # Train every run once per seed (train.seed=<s>, into exp_dir/seed<s>/, labels <label>_seed<s>) and
+    # report the mean and spread of WER over seeds; [] = one run each with the config's train.seed.
+    seeds: list[int] = field(default_factory=list)
+    # Bootstrap of the WER confidence intervals and paired tests (Bisani and Ney 2004,
+    # asr_parallel/score/significance.py): resampled test sets, interval level, and what is resampled
+    # (utterances, or whole speakers or sessions as blocks).
+    bootstrap_resamples: int = 1000
+    confidence_level: float = 0.95
+    bootstrap_unit: Literal["utterance", "speaker", "session"] = "utterance"
 
 
 @dataclass
@@ -258,101 +270,6 @@ class RecipeConfig:
 # --------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        (inner,) = get_args(tp)
-        return f"list of {_type_name(inner)}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against type ``tp``; return it (ints are accepted where floats are)."""
-
-    def fail() -> typing.NoReturn:
-        raise ConfigError(
-            f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}"
-        )
-
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail()
-        return _build(tp, value, source, prefix=key + ".")
-    if origin is Literal:
-        if value not in get_args(tp):
-            fail()
-        return value
-    if origin in (Union, types.UnionType):
-        for option in get_args(tp):
-            try:
-                return _coerce(value, option, key, source)
-            except ConfigError:
-                continue
-        fail()
-    if origin is list:
-        (inner,) = get_args(tp)
-        if not isinstance(value, list):
-            fail()
-        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is not None:
-            fail()
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads exponents without a dot (1e9) as strings
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            fail()
-        return value
-    if tp is Any:
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            fail()
-        return value
-    raise TypeError(f"unsupported config type {tp!r} for {key}")
-
-
-def _public_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-
-
-def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
-    fields = _public_fields(cls)
-    hints = get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key '{prefix}{unknown[0]}'"
-            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-            + f"; valid keys here: {', '.join(sorted(fields))}"
-        )
-    kwargs = {name: _coerce(value, hints[name], prefix + name, source) for name, value in data.items()}
-    return cls(**kwargs)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -496,6 +413,12 @@ def validate(cfg: RecipeConfig) -> None:
             raise ConfigError(f"{src}: key '{key}.world_size' must be an integer >= 1")
         if not isinstance(run.get("overrides", []), list):
             raise ConfigError(f"{src}: key '{key}.overrides' must be a list of key=value strings")
+    cc = cfg.compare
+    repeated = sorted({s for s in cc.seeds if cc.seeds.count(s) > 1})
+    need(not repeated, "compare.seeds", f"must list distinct seeds, got {cc.seeds} ({repeated} repeated)")
+    need(all(s >= 0 for s in cc.seeds), "compare.seeds", f"must hold seeds >= 0, got {cc.seeds}")
+    need(cc.bootstrap_resamples >= 100, "compare.bootstrap_resamples", "must be >= 100 (Bisani and Ney use 10^3-10^4)")
+    need(0 < cc.confidence_level < 1, "compare.confidence_level", "must be in (0, 1), e.g. 0.95")
 
 
 def dump_config(cfg: RecipeConfig, path: str | Path) -> None:

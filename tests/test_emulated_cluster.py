@@ -69,6 +69,6 @@ def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy
     print(strategy, "wire", summary["wire"], "modelled", modelled, summary["bytes_by_label"])
     assert modelled > 4_000_000  # the training traffic dominates: parameters or gradients of 0.5 M values
     assert abs(wire - modelled) <= 0.15 * modelled, (wire, modelled)
-    assert summary["bytes_by_label"]["control"][1] >= 3  # epoch length, checkpoint barriers, final figures
+    assert summary["bytes_by_label"]["trainer"][1] >= 3  # epoch length, checkpoint barriers, final figures
     calls = summary["calls_this_process"]
     assert calls["counted"] == calls["process_group"], calls

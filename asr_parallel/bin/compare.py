@@ -183,6 +183,11 @@ def collect(plan: Plan, exp: Path, target: float) -> tuple[dict, dict]:
            "time_to_target_seconds": time_to_reach(summary.get("history", []), target),
            "frames_per_second": summary["frames_per_second"],
            "bytes_sent_per_rank": summary["bytes_sent_per_rank"],
+           # the training loop alone (no per-epoch evaluation or checkpoint writes)
+           "train_seconds": summary.get("train_seconds"),
+           # what rank 0's link counted (emulated nodes only), and every call rank 0 made
+           "wire_bytes_sent": (summary.get("wire") or {}).get("bytes_sent_per_rank", [None])[0],
+           "calls": summary.get("collective_calls"),
            "staleness": summary.get("strategy_figures", {}).get("staleness"),
            "peak_memory_mb": summary.get("peak_memory_mb"),
            "history": summary.get("history", [])}
@@ -283,24 +288,28 @@ def _spread_cell(s: dict | None, fmt: str = "{:.2f}") -> str:
 def markdown(rows: list[dict], target: float, baseline: str = "", summaries: list[dict] | None = None,
              level: float = 0.95, resamples: int = 1000, unit: str = "utterance") -> str:
     pct = f"{100 * level:g}%"
-    head = ("| run | ranks | dev worn | dev array | eval worn | eval array | training wall (s) | time to "
-            f"greedy dev worn <= {target:g}% (s) | frames/s | bytes sent per rank | staleness | peak memory (MB) |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| run | ranks | dev worn | dev array | eval worn | eval array | training wall (s) | training loop (s) "
+            f"| time to greedy dev worn <= {target:g}% (s) | frames/s | bytes sent per rank, modelled "
+            "| bytes sent by rank 0, on the wire | calls per rank | staleness | peak memory (MB) |")
+    lines = [head, "|" + "---|" * 15]
     by_run = {s["run"]: s for s in summaries or []}
     for i, r in enumerate(rows):
         stale = "-" if not r["staleness"] else ", ".join(f"{v:g}" for v in r["staleness"])
         wers = " | ".join(_wer_cell(r, f"{split}_{cond}") for split, cond in SETS)
+        wire = "-" if r.get("wire_bytes_sent") is None else f"{r['wire_bytes_sent']:,}"
         lines.append(f"| {r['label']} | {r['world_size']} | {wers} | {_f(r['wall_seconds'], '{:.0f}')} "
+                     f"| {_f(r.get('train_seconds'), '{:.0f}')} "
                      f"| {_f(r['time_to_target_seconds'], '{:.0f}')} | {_f(r['frames_per_second'], '{:.0f}')} "
-                     f"| {r['bytes_sent_per_rank']:,} | {stale} | {_f(r['peak_memory_mb'], '{:.0f}')} |")
+                     f"| {r['bytes_sent_per_rank']:,} | {wire} | {_f(r.get('calls'), '{:,}')} | {stale} "
+                     f"| {_f(r['peak_memory_mb'], '{:.0f}')} |")
         s = by_run.get(r["run"])
         if s and (i + 1 == len(rows) or rows[i + 1]["run"] != r["run"]):
             wers = " | ".join(_spread_cell(s.get(f"{split}_{cond}_wer")) for split, cond in SETS)
             ttt = _spread_cell(s["time_to_target_seconds"], "{:.0f}") if s["time_to_target_seconds"] else \
                 f"reached by {s['reached_target']} of {len(s['seeds'])}"
             lines.append(f"| **{r['run']}**: mean ± std (min-max) over {len(s['seeds'])} seeds | {r['world_size']} "
-                         f"| {wers} | {_spread_cell(s['wall_seconds'], '{:.0f}')} | {ttt} "
-                         f"| {_spread_cell(s['frames_per_second'], '{:.0f}')} | - | - | - |")
+                         f"| {wers} | {_spread_cell(s['wall_seconds'], '{:.0f}')} | - | {ttt} "
+                         f"| {_spread_cell(s['frames_per_second'], '{:.0f}')} | - | - | - | - | - |")
     lines += ["", f"WER (%) of WFST decoding at the LM weight chosen on dev worn (greedy without WFST), with its {pct} "
               f"bootstrap confidence interval ({resamples} resampled test sets of {unit}s; Bisani and Ney 2004)."]
     compared = [r for r in rows if r.get("vs_baseline")]

@@ -25,7 +25,7 @@ def build_model(cfg, input_dim: int, vocab_size: int) -> AcousticModel:
 
         c = cfg.conformer
         return build_conformer(input_dim, vocab_size, c.model_dim, c.num_layers, c.num_heads, c.ffn_dim, c.kernel,
-                               c.dropout, c.layers_per_stage)
+                               c.dropout, c.layers_per_stage, c.conv_norm)
     raise ValueError(f"unknown model '{cfg.name}'")
 
 

@@ -1,6 +1,22 @@
 """``conformer``: torchaudio's Conformer layers (Gulati et al., Interspeech 2020) behind a
 convolutional front end that subsamples time by 4 (two 3x3 convolutions of stride 2, as in ESPnet
-and icefall). The layers are grouped into stages of ``layers_per_stage`` for pipeline cuts."""
+and icefall). The layers are grouped into stages of ``layers_per_stage`` for pipeline cuts.
+
+The normalisation inside each layer's convolution module (after the depthwise convolution) is
+``conv_norm``:
+
+* ``layer`` (default): a LayerNorm over the channels of every frame, and the padded frames set to
+  zero ahead of the depthwise convolution (as ESPnet and icefall do), so the convolution sees an
+  utterance's end as the end and no value of the padding. With the front end reading only valid
+  frames and attention masking padded keys, an utterance's output then depends on nothing else in
+  its batch: neither the other utterances nor how far the batch is padded. This is what makes the
+  micro-batch pipelines (``gpipe``, ``one_f_one_b``) compute the same update as one process.
+* ``batch``: torchaudio's default BatchNorm1d, statistics over all utterances and frames of the
+  batch (padding included) in training, running statistics in evaluation. Configs written before
+  this option meant this; a micro-batch pipeline then normalises every micro-batch on its own.
+* ``group``: torchaudio's GroupNorm with one group, statistics per utterance over its channels and
+  all frames of the padded batch (padding included).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +51,62 @@ class Conv2dSubsampling(Stage):
         return torch.div(torch.div(lengths - 1, 2, rounding_mode="floor") - 1, 2, rounding_mode="floor")
 
 
+CONV_NORMS = ("layer", "batch", "group")
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of every frame of a (batch, channels, time) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Layer(ConformerLayer):
+    """torchaudio's ConformerLayer with ``conv_norm`` (module docstring) in its convolution module.
+
+    With ``layer`` the BatchNorm1d torchaudio builds is replaced by :class:`ChannelLayerNorm` (same
+    parameter names: ``conv_module.sequential.3.weight`` and ``.bias``, no running statistics), and the
+    convolution module's input to the depthwise convolution is zeroed at padded frames; the order of
+    the modules (and so of the random draws of dropout) is torchaudio's.
+    """
+
+    def __init__(self, model_dim: int, ffn_dim: int, num_heads: int, kernel: int, dropout: float,
+                 conv_norm: str = "layer"):
+        if conv_norm not in CONV_NORMS:
+            raise ValueError(f"model.conformer.conv_norm must be one of {', '.join(CONV_NORMS)}, got '{conv_norm}'")
+        super().__init__(input_dim=model_dim, ffn_dim=ffn_dim, num_attention_heads=num_heads,
+                         depthwise_conv_kernel_size=kernel, dropout=dropout, use_group_norm=conv_norm == "group")
+        self.conv_norm = conv_norm
+        self._pad: torch.Tensor | None = None  # (B, T) True at padded frames, during forward
+        if conv_norm == "layer":
+            seq = self.conv_module.sequential
+            if not isinstance(seq[3], nn.BatchNorm1d):  # torchaudio's layout: conv, GLU, depthwise, norm, ...
+                raise RuntimeError(f"unexpected torchaudio ConvolutionModule layout: {seq}")
+            seq[3] = ChannelLayerNorm(seq[3].num_features)
+
+    def forward(self, input: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.conv_norm != "layer":
+            return super().forward(input, key_padding_mask)
+        self._pad = key_padding_mask
+        try:
+            return super().forward(input, key_padding_mask)
+        finally:
+            self._pad = None
+
+    def _apply_convolution(self, input: torch.Tensor) -> torch.Tensor:
+        if self.conv_norm != "layer":
+            return super()._apply_convolution(input)
+        module = self.conv_module
+        seq = module.sequential
+        x = module.layer_norm(input.transpose(0, 1)).transpose(1, 2)  # (T, B, D) -> (B, D, T)
+        x = seq[1](seq[0](x))  # pointwise convolution, GLU
+        if self._pad is not None:
+            x = x.masked_fill(self._pad.unsqueeze(1), 0.0)
+        for m in seq[2:]:  # depthwise convolution, norm, SiLU, pointwise convolution, dropout
+            x = m(x)
+        return input + x.permute(2, 0, 1)
+
+
 class ConformerStage(Stage):
     def __init__(self, layers: list[ConformerLayer], model_dim: int, ffn_dim: int, kernel: int,
                  typical_frames: int = 150):
@@ -56,10 +128,10 @@ class ConformerStage(Stage):
 
 
 def build_conformer(input_dim: int, vocab_size: int, model_dim: int, num_layers: int, num_heads: int,
-                    ffn_dim: int, kernel: int, dropout: float, layers_per_stage: int) -> AcousticModel:
+                    ffn_dim: int, kernel: int, dropout: float, layers_per_stage: int,
+                    conv_norm: str = "layer") -> AcousticModel:
     stages = [("subsampling", Conv2dSubsampling(input_dim, model_dim))]
-    layers = [ConformerLayer(input_dim=model_dim, ffn_dim=ffn_dim, num_attention_heads=num_heads,
-                             depthwise_conv_kernel_size=kernel, dropout=dropout) for _ in range(num_layers)]
+    layers = [Layer(model_dim, ffn_dim, num_heads, kernel, dropout, conv_norm) for _ in range(num_layers)]
     for i in range(0, num_layers, layers_per_stage):
         group = layers[i:i + layers_per_stage]
         stages.append((f"conformer{i + 1}-{i + len(group)}", ConformerStage(group, model_dim, ffn_dim, kernel)))

@@ -4,28 +4,36 @@ The model is cut into S parts on S ranks (:mod:`asr_parallel.strategies.pipeline
 is split into M micro-batches that flow through the parts under torch's schedule
 (``ScheduleGPipe``: all forwards, then all backwards; ``Schedule1F1B``: one forward, one backward
 in the steady state); gradients accumulate over the micro-batches and are applied once per
-minibatch, so the update equals non-pipelined training on the same minibatch (the loss is the CTC
-sum over the micro-batch divided by the utterances of the whole minibatch, ``scale_grads=False``).
-Gradient clipping uses the norm over all parts (one small all-reduce).
+minibatch (the loss is the CTC sum over the micro-batch's real utterances divided by the utterances
+of the whole minibatch, ``scale_grads=False``). Gradient clipping uses the norm over all parts, and
+a non-finite loss or gradient on any part makes every part skip the step: both from the step's
+exchange of figures (one small all-reduce). So the update equals non-pipelined training on the same
+minibatch when the model treats every utterance on its own (the MLP, the TDNN, the conformer with
+``conv_norm: layer``; not with BatchNorm, whose statistics are then those of each micro-batch, dummy
+utterances included) and without dropout (its random draws differ per micro-batch).
 
 How speech batches fit torch's pipeline stages, which fix their shapes when built:
 
 * every rank reads the same batches; the feature lengths reach every part as a keyword argument
   (split into micro-batches like the features) and each part derives its own input lengths from them,
   so only activations cross the boundaries;
-* the batch is padded to a multiple of M utterances with dummy utterances that add nothing to the
-  loss, and the frames to a multiple of ``pad_frames``; a stage and schedule are built for every
-  (micro-batch size, frames) met, with explicit shapes (no shape-inference traffic), and the last
-  ``cache_size`` are kept;
+* the batch is padded to a multiple of M utterances with dummy utterances of zero features and
+  the full padded length (a valid length: every stage sees ordinary input, so nothing non-finite
+  arises in them), whose loss weight is zero (left out of the loss); and the frames to a multiple
+  of ``pad_frames``; SpecAugment (on part 0) draws its masks on the batch before the padding, as the
+  non-pipelined step does; a stage and schedule are built for every (micro-batch size, frames) met,
+  with explicit shapes (no shape-inference traffic), and the last ``cache_size`` are kept;
 * activations cross in float32 (bf16 autocast stays inside the parts).
 
-Bytes are counted at the schedule's batched point-to-point calls (forward sends, backward sends,
-and the 4-byte neighbour handshake of every newly built stage); each wait has ``recv_timeout``.
-Bubble: an idle fraction of (S-1)/(M+S-1) per stage in theory; the waits are measured.
+Every call of the schedule's batched point-to-point operations is counted, one per send and one per
+receive (forward, backward, and the 4-byte neighbour handshake of every newly built stage: one send
+and one receive per neighbour), as is the step's exchange (``control``); each wait has
+``recv_timeout``. Bubble: an idle fraction of (S-1)/(M+S-1) per stage in theory; the waits are
+measured. No minibatch is in flight between steps, so checkpoints need no preparation.
 """
-
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -133,7 +141,7 @@ class MicroPipeline(PipelineStrategy):
 
     def _loss(self, output, packed: torch.Tensor) -> torch.Tensor:
         """CTC over the real utterances of a micro-batch, divided by the minibatch's utterances."""
-        from asr_parallel.train.trainer import ctc_loss
+        from asr_parallel.train.loss import ctc_loss
 
         logits, out_lens = output
         keep = (packed[:, 0] >= 0).nonzero().flatten().tolist()
@@ -153,16 +161,24 @@ class MicroPipeline(PipelineStrategy):
 
         def counted(ops, desc=None):
             for op in ops:
-                if getattr(op.op, "__name__", "") == "isend":
-                    nbytes = op.tensor.numel() * op.tensor.element_size()
-                    # The neighbour handshake of a new stage goes out without a description.
-                    label = "handshake" if desc is None else (
-                        "forward" if op.peer == strategy.part_index + 1 else "backward")
+                nbytes = op.tensor.numel() * op.tensor.element_size()
+                send = getattr(op.op, "__name__", "") == "isend"
+                # The neighbour handshake of a new stage goes out without a description.
+                if desc is None:
+                    label = "handshake"
+                elif send:
+                    label = "forward" if op.peer == strategy.part_index + 1 else "backward"
+                else:
+                    label = "forward" if op.peer == strategy.part_index - 1 else "backward"
+                if send:
                     strategy.comm.add(nbytes, 1, label)
                     if label == "forward":
                         strategy.bytes_forward[strategy.part_index] += nbytes
                     elif label == "backward":
                         strategy.bytes_backward[strategy.part_index - 1] += nbytes
+                else:
+                    strategy.comm.add(0, 1, label)
+                    strategy.comm.bytes_received += nbytes
             try:
                 return batch_p2p(ops, desc)
             except RuntimeError as e:
@@ -181,33 +197,36 @@ class MicroPipeline(PipelineStrategy):
             sch._batch_p2p, sch._wait_batch_p2p = batch_p2p, wait_p2p
 
     # -- one minibatch
-    def train_step(self, batch, trainer) -> dict:
-        m, dev = self.params.microbatches, trainer.device
+    def train_step(self, batch, ctx) -> dict:
+        m, dev = self.params.microbatches, ctx.device
         b, frames, feat_dim = batch.feats.shape
         total = -(-b // m) * m
         padded_frames = -(-frames // self.params.pad_frames) * self.params.pad_frames
-        feats = torch.zeros(total, padded_frames, feat_dim)
-        feats[:b, :frames] = batch.feats
-        lengths = torch.ones(total, dtype=torch.long)
+        feats = batch.feats.to(dev, non_blocking=True)
+        if self.first:
+            feats = ctx.augment(feats)  # on the real batch, as the non-pipelined step draws its masks
+        padded = torch.zeros(total, padded_frames, feat_dim, dtype=feats.dtype, device=dev)
+        padded[:b, :frames] = feats
+        # Dummy utterances: zero features of the full padded length (a valid length), no loss.
+        lengths = torch.full((total,), padded_frames, dtype=torch.long)
         lengths[:b] = batch.feat_lens
-        feats, lengths = feats.to(dev, non_blocking=True), lengths.to(dev)
-        if self.first and trainer.spec_augment is not None:
-            feats = trainer.spec_augment(feats)
+        lengths = lengths.to(dev)
         self.utterances = b
         builds = self.builds
         schedule = self._schedule(total // m, padded_frames, feat_dim, dev)
-        self.predict_sends(total // m, padded_frames, times=m, header=False)
-        if self.builds > builds:  # a new stage greets each neighbour with one float32
+        self.predict_traffic(total // m, padded_frames, times=m, header=False)
+        if self.builds > builds:  # a new stage greets each neighbour: one float32 each way
             neighbours = int(not self.first) + int(not self.last)
-            self.predicted.add(4 * neighbours, neighbours, "handshake")
+            self.predicted.add(4 * neighbours, 2 * neighbours, "handshake")
+        self.predict_control()
         self.part.train()
-        opt = trainer.optimizer
+        opt = ctx.optimizer
         opt.zero_grad(set_to_none=True)
         losses: list = []
         t0, idle0 = time.perf_counter(), self.idle
-        with self._instrumented(), trainer._autocast():
+        with self._instrumented(), ctx.autocast():
             if self.first:
-                schedule.step(feats, lengths=lengths)
+                schedule.step(padded, lengths=lengths)
             elif self.last:
                 schedule.step(lengths=lengths, target=pack_targets(batch.tokens, total).to(dev), losses=losses,
                               return_outputs=False)
@@ -216,22 +235,17 @@ class MicroPipeline(PipelineStrategy):
         self.busy += time.perf_counter() - t0 - (self.idle - idle0)
         loss = float(sum(l.detach().float() for l in losses)) if self.last else None
         params = [p for p in self.part.parameters() if p.grad is not None]
-        sq_norm = float(sum(p.grad.detach().float().pow(2).sum() for p in params)) if params else 0.0
-        bad_here = (loss is not None and not torch.isfinite(torch.tensor(loss))) or not torch.isfinite(
-            torch.tensor(sq_norm))
+        sq_norm = float(ctx.grad_sq_norm(params)) if params else 0.0
+        bad_here = (loss is not None and not math.isfinite(loss)) or not math.isfinite(sq_norm)
         figures = self.exchange({"loss": loss, "bad": bad_here, "sq_norm": sq_norm if not bad_here else 0.0})
-        self.figures = figures
         norm = figures["sq_norm"] ** 0.5
-        if not figures["bad"]:
-            coef = min(1.0, trainer.tc.grad_clip / (norm + 1e-6))  # as clip_grad_norm_, over all parts
-            if coef < 1.0:
-                for p in params:
-                    p.grad.mul_(coef)
-            if trainer.fused:
-                opt.found_inf = torch.zeros((), device=dev)
-            opt.step()
-        trainer.scheduler.step()
-        trainer.step += 1
-        return {"bad": torch.tensor([1.0 if figures["bad"] else 0.0]),
-                "loss": None if figures["loss"] is None else torch.tensor(figures["loss"]),
-                "grad_norm": torch.tensor(norm), "frames": batch.num_frames, "cut_ids": batch.cut_ids}
+        if figures["any_bad"]:  # every part skips the step, as a non-pipelined step would
+            self.skipped += 1
+        else:
+            ctx.clip(params, torch.tensor(norm, dtype=torch.float32, device=dev))  # the norm over all parts
+            ctx.apply(torch.zeros(1, device=dev))
+        ctx.advance()
+        return self.step_output(figures, batch.num_frames, list(batch.cut_ids))
+
+    def summary_figures(self) -> dict:
+        return {**super().summary_figures(), "grad_clip": "global norm over all parts"}

@@ -1,5 +1,6 @@
 """What the pipeline strategies share: cutting the model across ranks, point-to-point messages
-between neighbouring stages, gathering the model for evaluation, and per-stage accounting.
+between neighbouring stages, the per-step exchange of figures, gathering the model for evaluation,
+and per-stage accounting.
 
 A model is an ordered list of stages mapping ``(x, lengths)`` to ``(x, lengths)``
 (:mod:`asr_parallel.models.base`). A pipeline of S ranks gives each rank a contiguous *part* of that
@@ -8,13 +9,26 @@ or at explicit boundaries from the config. Rank s runs part s; part 0 reads the 
 last part computes the CTC loss. Every rank reads the same batches (one data stream), so the
 targets and lengths of every minibatch are at hand on the last stage without being sent.
 
-Messages: speech batches have variable length, so an activation travels as a fixed-size header
-(batch, time, feature dims, dtype), then the lengths (int64), then the values; its gradient travels back
-with the shape the receiver already knows. Every receive waits at most ``recv_timeout`` seconds, so
-a stage that died makes its neighbours stop with an error naming it instead of hanging.
-Bytes per boundary and direction are counted as they are sent (:func:`boundary_bytes` predicts them).
-"""
+Messages (``pipelined_bp``): speech batches have variable length, so an activation travels as a
+fixed-size header (batch, time, feature dims, dtype), then the lengths (int64), then the values; its
+gradient travels back with the shape the receiver already knows. Every receive waits at most
+``recv_timeout`` seconds, so a stage that died makes its neighbours stop with an error naming it
+instead of hanging.
 
+Every call into ``torch.distributed`` is counted in ``comm`` (one call per send, per receive and per
+collective, as gloo's sequence number counts them), under the label of its traffic: ``forward``
+(activations: sends on the lower stage, receives with 0 bytes sent on the upper), ``backward``
+(gradients), ``handshake`` (torch's neighbour greeting of a new pipeline stage), ``control`` (the
+all-reduce of the step's figures, :meth:`PipelineStrategy.exchange`, one per clock tick or
+minibatch) and ``eval`` (the gather of the model on rank 0, :meth:`PipelineStrategy.eval_model`).
+The same calls are predicted from the batch shapes and the cut (:func:`boundary_bytes`) in
+``predicted``, so a test can set the two side by side. Bytes per boundary and direction are summed
+as they are sent.
+
+Per-stage figures every rank learns at each exchange, kept in the strategy's state (so a resumed run
+reports what an uninterrupted one does): busy and idle (waiting on a neighbour) seconds, the largest
+weight delay (staleness), updates skipped for a non-finite gradient, and bytes per boundary.
+"""
 from __future__ import annotations
 
 import datetime
@@ -122,7 +136,11 @@ class PipelineStrategy(Strategy):
         self.num_parts = dist.world_size
         self.part_index = dist.rank
         self.timeout = datetime.timedelta(seconds=float(params.recv_timeout))
-        self.reset_figures()
+        self.busy = 0.0  # seconds this rank computed (and sent), over the run
+        self.idle = 0.0  # seconds this rank waited on a neighbour, over the run
+        self.skipped = 0  # updates this part skipped for a non-finite gradient or loss
+        self.max_staleness = [0.0] * self.num_parts
+        self.figures: dict | None = None  # the last exchange's figures (every stage's)
 
     # -- data: every rank reads the same batches
     def data_shard(self) -> tuple[int, int]:
@@ -146,18 +164,34 @@ class PipelineStrategy(Strategy):
         self.predicted = CommCounter()
         return self.part
 
+    def prepare_checkpoint(self, ctx) -> list[dict]:
+        """Nothing to do for the micro-batch pipelines: no minibatch is in flight between steps
+        (``pipelined_bp`` drains its pipeline here)."""
+        return []
+
     def describe(self) -> str:
         names = self.model.stage_names
         bounds = self.starts + [len(names)]
         return "; ".join(f"rank {p}: {', '.join(names[bounds[p]:bounds[p + 1]])}" for p in range(self.num_parts))
 
-    # -- the cost model's prediction of this rank's sends, accumulated per (micro-)batch
-    def predict_sends(self, batch: int, frames: int, times: int = 1, header: bool = True) -> None:
+    # -- the cost model's prediction of this rank's calls, accumulated per (micro-)batch
+    def predict_traffic(self, batch: int, frames: int, times: int = 1, header: bool = True) -> None:
+        """The calls of ``times`` (micro-)batches of ``batch`` utterances padded to ``frames``: with
+        ``header`` three sends (header, lengths, values) per activation, as ``pipelined_bp`` makes them,
+        else one; one per gradient; receives as many, with no bytes sent."""
         per = boundary_bytes(self.model, self.starts, batch, frames, header=header)
+        activation_calls = times * (3 if header else 1)
         if not self.last:
-            self.predicted.add(times * per[self.part_index]["forward"], times * (3 if header else 1), "forward")
+            self.predicted.add(times * per[self.part_index]["forward"], activation_calls, "forward")
+            self.predicted.add(0, times, "backward")  # receives of the gradient
         if not self.first:
+            self.predicted.add(0, activation_calls, "forward")  # receives of the activation
             self.predicted.add(times * per[self.part_index - 1]["backward"], times, "backward")
+
+    def predict_control(self, times: int = 1) -> None:
+        """``times`` exchanges of the step's figures (:meth:`exchange`)."""
+        for _ in range(times):
+            self.predicted.all_reduce(self._exchange_size(), 8, self.num_parts, "control")
 
     def predicted_comm(self) -> dict:
         p = self.predicted
@@ -208,8 +242,8 @@ class PipelineStrategy(Strategy):
         x = torch.empty(b, t, d, dtype=DTYPES[code], device=device)
         self._wait(self._post(tdist.irecv, lengths, src, "lengths"), "lengths", src)
         self._wait(self._post(tdist.irecv, x, src, "activation"), "activation", src)
-        nbytes = (HEADER + b) * 8 + x.numel() * x.element_size()
-        self.comm.bytes_received += nbytes
+        self.comm.add(0, 3, "forward")
+        self.comm.bytes_received += (HEADER + b) * 8 + x.numel() * x.element_size()
         self.idle += time.perf_counter() - t0
         return x, lengths
 
@@ -228,6 +262,7 @@ class PipelineStrategy(Strategy):
         t0 = time.perf_counter()
         grad = torch.empty(shape, dtype=dtype, device=device)
         self._wait(self._post(tdist.irecv, grad, src, "gradient"), "gradient", src)
+        self.comm.add(0, 1, "backward")
         self.comm.bytes_received += grad.numel() * grad.element_size()
         self.idle += time.perf_counter() - t0
         return grad
@@ -237,15 +272,18 @@ class PipelineStrategy(Strategy):
             if not torch.is_tensor(item):
                 self._wait(item, "acknowledgement of a send", -1)
 
+    # -- figures for the summary and TensorBoard
     def summary_figures(self) -> dict:
-        """The largest measured staleness per stage (the steady-state delay) and the idle fraction."""
-        f = getattr(self, "figures", None) or {}
+        """Per stage: the largest measured staleness (the steady-state delay), the idle fraction and the
+        updates skipped for a non-finite gradient; bytes per boundary and direction."""
+        f = self.figures or {}
         idle = [i / (b + i) if b + i > 0 else 0.0 for b, i in zip(f.get("busy", []), f.get("idle", []))]
-        return {"staleness": list(getattr(self, "max_staleness", [])), "idle_fraction": idle,
+        return {"staleness": list(self.max_staleness), "idle_fraction": idle,
+                "skipped_updates": [int(v) for v in f.get("skipped", [0.0] * self.num_parts)],
                 "bytes_forward": f.get("bytes_forward"), "bytes_backward": f.get("bytes_backward")}
 
     def log_scalars(self) -> dict[str, float]:
-        f = getattr(self, "figures", None)
+        f = self.figures
         if not f:
             return {}
         out = {}
@@ -255,25 +293,39 @@ class PipelineStrategy(Strategy):
             out[f"pipeline/idle_seconds_stage{s}"] = f["idle"][s]
             out[f"pipeline/idle_fraction_stage{s}"] = f["idle"][s] / total if total > 0 else 0.0
             out[f"pipeline/staleness_stage{s}"] = f["staleness"][s]
+            out[f"pipeline/skipped_updates_stage{s}"] = f["skipped"][s]
         for b in range(self.num_parts - 1):
             out[f"pipeline/bytes_forward_boundary{b}"] = f["bytes_forward"][b]
             out[f"pipeline/bytes_backward_boundary{b}"] = f["bytes_backward"][b]
         return out
 
-    # -- figures shared with rank 0 once per step (one small all-reduce)
-    def reset_figures(self) -> None:
-        self.busy = 0.0
-        self.idle = 0.0
+    # -- figures shared by all ranks once per step (one small all-reduce, counted as "control")
+    def _exchange_sizes(self) -> dict:
+        s = self.num_parts
+        return {"loss": 1, "has_loss": 1, "sq_norm": 1, "bad": s, "busy": s, "idle": s, "staleness": s,
+                "skipped": s, "bytes_forward": s - 1, "bytes_backward": s - 1}
 
-    def exchange(self, mine: dict) -> dict:
-        """One all-reduce (sum) of the step's figures: this rank's ``loss`` (last stage), ``bad`` flag,
-        squared gradient norm, and its own slot of the per-stage ``busy``, ``idle`` and ``staleness``
-        and the per-boundary ``bytes_forward`` and ``bytes_backward``. Every rank learns them all."""
+    def _exchange_size(self) -> int:
+        return sum(self._exchange_sizes().values())
+
+    def _exchange_device(self) -> torch.device:
+        """Where the exchange's vector lives: the GPU under NCCL (which takes no CPU tensors), else CPU."""
         import torch.distributed as tdist
 
-        s = self.num_parts
-        sizes = {"loss": 1, "has_loss": 1, "bad": 1, "sq_norm": 1, "busy": s, "idle": s, "staleness": s,
-                 "bytes_forward": s - 1, "bytes_backward": s - 1}
+        if self.num_parts > 1 and tdist.get_backend() == "nccl":
+            return next(self.part.parameters(), torch.empty(0, device="cuda")).device
+        return torch.device("cpu")
+
+    def exchange(self, mine: dict) -> dict:
+        """One all-reduce (sum) of the step's figures: this rank's ``loss`` (last stage) and squared
+        gradient norm ``sq_norm``, and its own slot of the per-stage ``bad`` (a bad step originated
+        here), ``staleness``, ``busy`` and ``idle`` seconds and ``skipped`` updates (both over the run),
+        and the per-boundary ``bytes_forward`` and ``bytes_backward``. Every rank learns them all;
+        ``sq_norm`` is the sum over the stages, ``bad`` stays per stage, with ``any_bad`` their OR."""
+        import torch.distributed as tdist
+
+        s, me = self.num_parts, self.part_index
+        sizes = self._exchange_sizes()
         v = torch.zeros(sum(sizes.values()), dtype=torch.float64)
         offsets, o = {}, 0
         for k, n in sizes.items():
@@ -281,36 +333,73 @@ class PipelineStrategy(Strategy):
             o += n
         if mine.get("loss") is not None:
             v[offsets["loss"]], v[offsets["has_loss"]] = float(mine["loss"]), 1.0
-        v[offsets["bad"]] = float(mine.get("bad", False))
         v[offsets["sq_norm"]] = float(mine.get("sq_norm", 0.0))
-        v[offsets["busy"] + self.part_index] = self.busy
-        v[offsets["idle"] + self.part_index] = self.idle
-        v[offsets["staleness"] + self.part_index] = float(mine.get("staleness", 0.0))
+        v[offsets["bad"] + me] = float(bool(mine.get("bad", False)))
+        v[offsets["busy"] + me] = self.busy
+        v[offsets["idle"] + me] = self.idle
+        v[offsets["staleness"] + me] = float(mine.get("staleness", 0.0))
+        v[offsets["skipped"] + me] = float(self.skipped)
         if s > 1:
             v[offsets["bytes_forward"]:offsets["bytes_forward"] + s - 1] += torch.tensor(self.bytes_forward,
                                                                                         dtype=torch.float64)
             v[offsets["bytes_backward"]:offsets["bytes_backward"] + s - 1] += torch.tensor(self.bytes_backward,
                                                                                           dtype=torch.float64)
+            v = v.to(self._exchange_device())
+            self.comm.all_reduce(v.numel(), v.element_size(), s, "control")
             try:
                 work = tdist.all_reduce(v, async_op=True)
             except RuntimeError as e:
                 self._fail("step figures", -1, e)
             self._wait(work, "step figures", -1)
         out = {k: v[offsets[k]:offsets[k] + n].tolist() for k, n in sizes.items()}
-        self.max_staleness = [max(a, b) for a, b in zip(getattr(self, "max_staleness", [0.0] * s), out["staleness"])]
-        for k in ("loss", "has_loss", "bad", "sq_norm"):
+        self.max_staleness = [max(a, b) for a, b in zip(self.max_staleness, out["staleness"])]
+        for k in ("loss", "has_loss", "sq_norm"):
             out[k] = out[k][0]
         out["loss"] = out["loss"] if out["has_loss"] > 0 else None
-        out["bad"] = out["bad"] > 0
+        out["bad"] = [b > 0 for b in out["bad"]]
+        out["any_bad"] = any(out["bad"])
+        self.figures = out
         return out
+
+    @staticmethod
+    def step_output(figures: dict, frames: int, cut_ids: list, device=None) -> dict:
+        """What ``train_step`` returns to the trainer: a step that finished no minibatch has loss None,
+        unless it is bad (then NaN, so that the trainer's bad-batch counter sees it)."""
+        loss = figures["loss"]
+        if loss is None and figures["any_bad"]:
+            loss = float("nan")
+        return {"bad": torch.tensor([1.0 if figures["any_bad"] else 0.0]),
+                "loss": None if loss is None else torch.tensor(loss),
+                "grad_norm": torch.tensor(figures["sq_norm"] ** 0.5), "frames": frames, "cut_ids": cut_ids}
+
+    # -- checkpoints: the figures go on where they were
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["pipeline"] = {
+            "predicted": self.predicted.state_dict(), "bytes_forward": list(self.bytes_forward),
+            "bytes_backward": list(self.bytes_backward), "max_staleness": list(self.max_staleness),
+            "busy": self.busy, "idle": self.idle, "skipped": self.skipped,
+            "figures": {k: v for k, v in (self.figures or {}).items()} or None,
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        p = state.get("pipeline")
+        if p is None:  # a checkpoint from before the figures were saved
+            return
+        self.predicted.load_state_dict(p["predicted"])
+        self.bytes_forward, self.bytes_backward = list(p["bytes_forward"]), list(p["bytes_backward"])
+        self.max_staleness = list(p["max_staleness"])
+        self.busy, self.idle, self.skipped = p["busy"], p["idle"], p["skipped"]
+        self.figures = dict(p["figures"]) if p["figures"] else None
 
     # -- evaluation: the whole model on rank 0
     def eval_model(self, model: nn.Module) -> nn.Module | None:
-        """Collective: every rank sends its part's parameters and buffers to rank 0, which returns the
-        whole model (others return None). Not counted as training traffic."""
+        """Collective: every rank sends its part's parameters and floating-point buffers to rank 0 (one
+        send per part, counted and predicted as ``eval``), which returns the whole model (the others
+        return None)."""
         import torch.distributed as tdist
-
-        from asr_parallel.strategies.periodic import flatten, unflatten_into
 
         if self.num_parts == 1:
             return self.model
@@ -321,10 +410,20 @@ class PipelineStrategy(Strategy):
                                                                   if b.is_floating_point()]]
             if not tensors:
                 continue
+            nbytes = sum(t.numel() for t in tensors) * tensors[0].element_size()
             if self.part_index == p:
-                tdist.send(flatten(tensors).contiguous(), 0)
+                flat = torch.cat([t.detach().reshape(-1).to(tensors[0].dtype) for t in tensors])
+                for counter in (self.comm, self.predicted):
+                    counter.add(nbytes, 1, "eval")
+                tdist.send(flat, 0)
             elif self.first:
                 flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
-                self._wait(tdist.irecv(flat, p), "model part", p)
-                unflatten_into(flat, tensors)
+                for counter in (self.comm, self.predicted):
+                    counter.add(0, 1, "eval")
+                self.comm.bytes_received += nbytes
+                self._wait(self._post(tdist.irecv, flat, p, "model part"), "model part", p)
+                offset = 0
+                for t in tensors:
+                    t.data.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
         return self.model if self.first else None

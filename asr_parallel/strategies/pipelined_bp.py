@@ -4,18 +4,33 @@ Petrowski, Dreyfus, Girault, "Performance analysis of a pipelined backpropagatio
 algorithm" (IEEE Trans. Neural Networks 4(6), 1993); Chen, Wang, Li, Xu, Li, "Pipelined
 back-propagation for context-dependent deep neural networks" (Interspeech 2012). The model's stages
 are cut into S contiguous parts on S ranks (:mod:`asr_parallel.strategies.pipeline`). At every
-clock tick t each part s
+clock tick t (one trainer step) each part s
 
 * runs the forward pass of minibatch t - s (part 0 reads a new minibatch, the others receive the
   activation part s - 1 sent at tick t - 1) and sends its output on;
 * runs the backward pass of minibatch t - 2(S-1) + s, with the output gradient part s + 1 sent at
   tick t - 1 (the last part: the minibatch whose forward pass it just ran, through the CTC loss),
-  sends the input gradient back, and updates its weights at once.
+  and sends the input gradient back;
+* joins the tick's exchange of figures (one all-reduce of a few numbers over all parts), then
+  clips its gradient and updates its weights.
 
 So part s applies gradients of minibatches whose forward pass used weights 2(S-1-s) updates older
 (the last part: none). That delay is measured for every update (weight version at the update minus
-the version the forward pass used) and logged per stage. The pipeline fills at the start of every
-epoch and is drained at its end, so no minibatch is lost.
+the version the forward pass used) and logged per stage.
+
+Gradient clipping: the update applied at a tick is one vector over all parts (part s's slice being
+the gradient of minibatch t - 2(S-1) + s), and it is clipped by its global norm as
+``clip_grad_norm_`` clips a non-pipelined step: every part scales its slice by
+min(1, grad_clip / (norm + 1e-6)), the norm summed over the parts by the tick's exchange (no
+extra call). No whole gradient of one minibatch exists at any tick (its slices are applied over
+2(S-1) ticks), so this norm of the update actually applied is what "global" can mean here; with one
+part it is exactly the non-pipelined clipping.
+
+A non-finite loss or gradient: a part whose loss (last part) or own gradient is not finite skips its
+update, sends a NaN input gradient back so that the parts below skip the same minibatch too, and
+marks the tick bad where the skip originated (the trainer counts each bad minibatch once, naming
+its utterances). Every part counts its skipped updates (``pipeline/skipped_updates_stage<s>`` in
+TensorBoard, ``skipped_updates`` in the summary).
 
 The forward pass of parts 0..S-2 runs without keeping its graph; the backward pass recomputes it
 from the stored stage input (with the random state of the forward pass, and without updating
@@ -29,16 +44,24 @@ batch-norm statistics twice):
   weights (applied to the current ones).
 
 Recomputing costs a second forward pass on parts 0..S-2 (about a third more compute there) and keeps
-the pipeline's state small: stage inputs only. Because minibatches are in flight between epoch
-ends, this strategy writes checkpoints only at epoch ends, where the pipeline is empty.
+the pipeline's state small: stage inputs only.
+
+Fill and drain: the pipeline fills at the start of every epoch and after every checkpoint, and is
+drained (ticks without new input until every minibatch has been through part 0's backward pass) at
+every epoch end and before every checkpoint (:meth:`PipelinedBP.prepare_checkpoint`, every
+``train.checkpoint_every_steps`` steps), so that a checkpoint holds no minibatch in flight and a
+resumed run continues exactly as an uninterrupted one. Drain ticks update the weights but advance
+neither the learning-rate schedule nor the step counter; each drain costs 2(S-1) ticks, and the
+minibatches after it see the delays of a filling pipeline (0, 1, ... on part 0). So
+``checkpoint_every_steps`` changes what this strategy computes.
 Traffic per boundary per minibatch: B*T*D*b activation bytes forward (plus a header and the lengths)
-and B*T*D*b gradient bytes backward (T, D: frames and width at the cut).
+and B*T*D*b gradient bytes backward (T, D: frames and width at the cut); one exchange per tick.
 """
 
 from __future__ import annotations
 
+import math
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,81 +100,108 @@ class PipelinedBP(PipelineStrategy):
     def __init__(self, params, dist):
         super().__init__(params, dist)
         self.tick = 0  # clock ticks of the current fill-run-drain
-        self.injected = 0  # minibatches that entered part 0 in this run
+        self.injected = 0  # minibatches that entered part 0 in this fill-run-drain
+        self.done_before = 0  # minibatches of the earlier fill-run-drains (numbers delays globally)
         self.version = 0  # updates this part applied
         self.in_flight: dict[int, _InFlight] = {}
         self.targets: dict[int, list] = {}  # last part: the token sequences of minibatches in flight
-        self.delays: list[tuple[int, int]] = []  # (minibatch of this run, measured delay) of recent updates
+        self.ids: dict[int, list] = {}  # the utterance ids of minibatches in flight (every part)
+        self.delays: list[tuple[int, int]] = []  # (minibatch, measured delay) of the last 1000 updates
         self.sends: list = []  # this tick's sends (work handles and their buffers)
         self.previous_sends: list = []
 
     # -- the trainer's hooks
-    def checkpoint_ok(self) -> bool:
-        return self.injected == 0
-
-    def train_step(self, batch, trainer) -> dict:
+    def train_step(self, batch, ctx) -> dict:
         self.injected += 1
-        self.predict_sends(batch.feats.shape[0], batch.feats.shape[1])
-        out = self._tick(batch, trainer)
-        with warnings.catch_warnings():  # part 0 applies no update while the pipeline fills
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            trainer.scheduler.step()
-        trainer.step += 1
+        self.predict_traffic(batch.feats.shape[0], batch.feats.shape[1])
+        out = self._tick(batch, ctx)
+        ctx.advance()  # part 0 applies no update while the pipeline fills, but the schedule moves on
         return out
 
-    def end_of_epoch(self, trainer) -> list[dict]:
+    def end_of_epoch(self, ctx) -> list[dict]:
         """Drain the pipeline: ticks without new input until every minibatch has been through part 0's
         backward pass; returns their figures (losses of the last minibatches)."""
+        return self._drain(ctx)
+
+    def prepare_checkpoint(self, ctx) -> list[dict]:
+        """Drain the pipeline, so that the state to be saved holds no minibatch in flight."""
+        return self._drain(ctx)
+
+    def _drain(self, ctx) -> list[dict]:
         outs = []
-        while self.tick < self.injected + 2 * (self.num_parts - 1):
-            outs.append(self._tick(None, trainer))
+        if self.injected:
+            while self.tick < self.injected + 2 * (self.num_parts - 1):
+                outs.append(self._tick(None, ctx))
         self.finish_sends(self.previous_sends)
         self.previous_sends = []
+        assert not self.in_flight and not self.targets and not self.ids, "minibatches left in the pipeline"
+        self.done_before += self.injected
         self.tick, self.injected = 0, 0
         return outs
+
+    def state_dict(self) -> dict:
+        if self.injected:
+            raise RuntimeError("pipelined_bp: state saved with minibatches in flight; the trainer must call "
+                               "prepare_checkpoint() first")
+        state = super().state_dict()
+        state["pipelined_bp"] = {"version": self.version, "done_before": self.done_before,
+                                 "delays": [list(d) for d in self.delays]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        p = state.get("pipelined_bp")
+        if p is not None:
+            self.version, self.done_before = p["version"], p["done_before"]
+            self.delays = [tuple(d) for d in p["delays"]]
+
+    def summary_figures(self) -> dict:
+        return {**super().summary_figures(),
+                "grad_clip": "global norm of each tick's update over all parts"}
 
     # -- one clock tick
     def _valid(self, n: int) -> bool:
         return 0 <= n < self.injected
 
-    def _tick(self, batch, trainer) -> dict:
-        from asr_parallel.train.trainer import ctc_loss
-
-        s, S, dev = self.part_index, self.num_parts, trainer.device
+    def _tick(self, batch, ctx) -> dict:
+        s, S, dev = self.part_index, self.num_parts, ctx.device
         t0 = time.perf_counter()
         idle0 = self.idle
-        if batch is not None and self.last:
-            self.targets[self.injected - 1] = batch.tokens
-        mine = {"loss": None, "bad": False}
-        n_f, n_b = self.tick - s, self.tick - 2 * (S - 1) + s
+        if batch is not None:
+            self.ids[self.injected - 1] = list(batch.cut_ids)
+            if self.last:
+                self.targets[self.injected - 1] = batch.tokens
+        tick = self.tick
+        n_f, n_b = tick - s, tick - 2 * (S - 1) + s
         self.part.train()
         loss = None
         if self._valid(n_f):
             if self.first:
                 x, lengths = batch.feats.to(dev, non_blocking=True), batch.feat_lens.to(dev)
-                if trainer.spec_augment is not None:
-                    x = trainer.spec_augment(x)
+                x = ctx.augment(x)
             else:
                 x, lengths = self.recv_activation(dev)
             rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
             if self.last:  # forward and backward of the same minibatch in this tick: keep the graph
                 x_in = x.detach().requires_grad_(not self.first)
-                with trainer._autocast():
+                with ctx.autocast():
                     logits, out_lens = self.part(x_in, lengths)
                 tokens = self.targets.pop(n_f)
-                loss = ctc_loss(logits, out_lens, tokens) / len(tokens)
+                loss = ctx.loss_sum(logits, out_lens, tokens) / len(tokens)
                 self.in_flight[n_f] = _InFlight(x_in, lengths, tuple(logits.shape), logits.dtype, self.version,
                                                 rng, cuda_rng)
             else:
                 stash = [p.detach().clone() for p in self.part.parameters()] if self.params.weight_stashing else None
-                with torch.no_grad(), trainer._autocast():
+                with torch.no_grad(), ctx.autocast():
                     y, y_lens = self.part(x, lengths)
                 self.sends += self.send_activation(y, y_lens)
                 self.in_flight[n_f] = _InFlight(x, lengths, tuple(y.shape), y.dtype, self.version, rng, cuda_rng,
                                                 stash)
+        mine: dict = {"loss": None}
+        update = None
         if self._valid(n_b):
-            mine.update(self._backward(n_b, loss, trainer))
+            update, mine = self._backward(n_b, loss, ctx)
         self.tick += 1
         # The previous tick's sends: the neighbours took them in this tick (a send completes when its
         # receive is posted, so waiting for this tick's sends here would deadlock).
@@ -159,56 +209,71 @@ class PipelinedBP(PipelineStrategy):
         self.previous_sends, self.sends = self.sends, []
         self.busy += time.perf_counter() - t0 - (self.idle - idle0)
         figures = self.exchange(mine)
-        self.figures = figures
-        bad = torch.tensor([1.0 if figures["bad"] else 0.0])
-        loss_value = figures["loss"]
-        return {"bad": bad, "loss": None if loss_value is None else torch.tensor(loss_value),
-                "grad_norm": torch.tensor(figures["sq_norm"] ** 0.5), "frames": batch.num_frames if batch else 0,
-                "cut_ids": batch.cut_ids if batch else []}
+        self.predict_control()
+        if update is not None:  # the update, clipped by the norm of this tick's update over all parts
+            t1 = time.perf_counter()
+            params = [p for p in self.part.parameters() if p.grad is not None]
+            ctx.clip(params, torch.tensor(figures["sq_norm"] ** 0.5, dtype=torch.float32, device=dev))
+            ctx.apply(torch.zeros(1, device=dev))
+            self.version += 1
+            self.busy += time.perf_counter() - t1
+        bad_ids = [i for p in range(S) if figures["bad"][p] for i in self.ids.get(tick - 2 * (S - 1) + p, [])]
+        self.ids.pop(tick - 2 * (S - 1), None)  # part 0's backward pass was that minibatch's last
+        if figures["any_bad"]:
+            cut_ids = bad_ids
+        else:
+            cut_ids = list(batch.cut_ids) if batch is not None else []
+        return self.step_output(figures, batch.num_frames if batch is not None else 0, cut_ids)
 
-    def _backward(self, n: int, loss, trainer) -> dict:
+    def _backward(self, n: int, loss, ctx) -> tuple[int | None, dict]:
+        """Minibatch ``n``'s backward pass on this part and the input gradient sent back. Returns
+        (the delay of the update to make, or None to skip it) and this part's figures."""
         item = self.in_flight.pop(n)
-        opt = trainer.optimizer
-        opt.zero_grad(set_to_none=True)
-        mine: dict = {}
+        ctx.optimizer.zero_grad(set_to_none=True)
+        mine: dict = {"loss": None}
+        origin = False  # the minibatch turned bad on this part (not: a NaN gradient came from above)
         if self.last:
             mine["loss"] = float(loss.detach())
             finite = bool(torch.isfinite(loss.detach()))
+            origin = not finite
             if finite:
                 loss.backward()
             x_in = item.x
         else:
-            grad_out = self.recv_gradient(item.out_shape, trainer.device, item.out_dtype)
+            grad_out = self.recv_gradient(item.out_shape, ctx.device, item.out_dtype)
             finite = bool(torch.isfinite(grad_out).all())
             x_in = item.x.detach().requires_grad_(not self.first)
             if finite:
-                y, stashed = self._recompute(item, x_in, trainer)
+                y, stashed = self._recompute(item, x_in, ctx)
                 torch.autograd.backward(y, grad_out.to(y.dtype))
                 if stashed is not None:  # gradients at the stashed weights, applied to the current ones
                     for p, w in zip(self.part.parameters(), stashed):
                         p.grad = w.grad
+        params = [p for p in self.part.parameters() if p.grad is not None]
+        if finite:
+            sq_norm = float(ctx.grad_sq_norm(params)) if params else 0.0
+            grad_ok = math.isfinite(sq_norm)
+            if not self.first and x_in.grad is not None:
+                grad_ok = grad_ok and bool(torch.isfinite(x_in.grad).all())
+            if not grad_ok:
+                finite, origin = False, True
+            else:
+                mine["sq_norm"] = sq_norm
         if not self.first:
             grad_in = x_in.grad if finite and x_in.grad is not None else torch.full_like(x_in, float("nan"))
             self.sends += self.send_gradient(grad_in.detach())
-        params = [p for p in self.part.parameters()]
-        if finite and params:
-            norm = torch.nn.utils.clip_grad_norm_(params, trainer.tc.grad_clip)
-            finite = bool(torch.isfinite(norm))
-            mine["sq_norm"] = float(norm) ** 2 if finite else 0.0
-        if finite:
-            if trainer.fused:
-                opt.found_inf = torch.zeros((), device=trainer.device)
-            opt.step()
-            delay = self.version - item.version
-            self.version += 1
-            mine["staleness"] = delay
-            self.delays.append((n, delay))
-            del self.delays[:-1000]
-        elif self.last:
-            mine["bad"] = True
-        return mine
+        mine["bad"] = origin
+        if not finite:
+            self.skipped += 1
+            ctx.optimizer.zero_grad(set_to_none=True)
+            return None, mine
+        delay = self.version - item.version
+        mine["staleness"] = delay
+        self.delays.append((self.done_before + n, delay))
+        del self.delays[:-1000]
+        return delay, mine
 
-    def _recompute(self, item: _InFlight, x_in: torch.Tensor, trainer):
+    def _recompute(self, item: _InFlight, x_in: torch.Tensor, ctx):
         """The part's forward pass again, with the forward pass's random state and batch-norm
         statistics left as they were; with the stashed weights under weight stashing."""
         stashed = None
@@ -217,10 +282,10 @@ class PipelinedBP(PipelineStrategy):
         rng_now = torch.get_rng_state()
         torch.set_rng_state(item.rng)
         if item.cuda_rng is not None:
-            cuda_now = torch.cuda.get_rng_state(trainer.device)
-            torch.cuda.set_rng_state(item.cuda_rng, trainer.device)
+            cuda_now = torch.cuda.get_rng_state(ctx.device)
+            torch.cuda.set_rng_state(item.cuda_rng, ctx.device)
         try:
-            with trainer._autocast():
+            with ctx.autocast():
                 if item.stash is not None:
                     from torch.func import functional_call
 
@@ -232,7 +297,7 @@ class PipelinedBP(PipelineStrategy):
         finally:
             torch.set_rng_state(rng_now)
             if item.cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_now, trainer.device)
+                torch.cuda.set_rng_state(cuda_now, ctx.device)
             for b, v in zip(buffers, saved_buffers):
                 b.data.copy_(v)
         return y, stashed

@@ -15,7 +15,7 @@ batch. The decision is local: ranks that must agree see the same all-reduced gra
 makes a collective call of its own.
 
 Every collective call the trainer itself makes (epoch lengths, checkpoint barriers, the final
-figures) is counted in the strategy's counter under ``control``. With ``GLOO_SOCKET_IFNAME`` naming
+figures) is counted in the strategy's counter under ``trainer``. With ``GLOO_SOCKET_IFNAME`` naming
 a real link (the emulated cluster), the bytes that crossed it are read from the interface's
 counters and reported beside the modelled ones (:mod:`asr_parallel.utils.netstat`).
 
@@ -193,7 +193,7 @@ class Trainer:
         k = group_size()
         if k > 1:
             n = ring_allreduce_bytes(tensor.numel(), tensor.element_size(), k) if tensor is not None else 0
-            self.strategy.comm.control(1, n)
+            self.strategy.comm.control(1, n, "trainer")
 
     def _barrier(self):
         if self.dist.distributed:
@@ -227,7 +227,10 @@ class Trainer:
         import hashlib
 
         d = self.cfg.to_dict()
-        train = {k: v for k, v in d["train"].items() if k not in self.OPERATIONAL_KEYS}
+        operational = set(self.OPERATIONAL_KEYS)
+        if d["strategy"].get("name") == "pipelined_bp":  # its checkpoints drain the pipeline: other updates
+            operational.discard("checkpoint_every_steps")
+        train = {k: v for k, v in d["train"].items() if k not in operational}
         key = {"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
                "features": d["features"], "train": train}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
