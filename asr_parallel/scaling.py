@@ -188,7 +188,7 @@ def mean_step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, ste
     if strategy["name"] in PERIODIC and steps > 0:
         e = comm_events(strategy, steps)
         ring = step_time({"name": "sync_sgd"}, k, cluster, work)["comm_s"]
-        warm = step_time({"name": "sync_sgd"}, k, cluster, work, overlap)["comm_s"]
+        warm = step_time({"name": "sync_sgd"}, k, cluster, work, overlap=True)["comm_s"]  # warm-up: DDP
         t["comm_s"] = (e["sync_steps"] * warm + (e["allreduces"] + e["broadcasts"]) * ring) / steps
         t["step_s"] = t["compute_s"] + t["comm_s"]
         t["frames_per_second"] = t["frames"] / t["step_s"]

@@ -69,6 +69,7 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
     trainer = Trainer.for_benchmark(cfg, dist, build(cfg))
     pipeline = trainer.strategy.owns_step  # one data stream for all ranks
     calls = []
+    resume_setup = None
 
     def record():
         groups = [None] + list(trainer.strategy.process_groups())
@@ -80,6 +81,7 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
             path = f"{tmp}/state-{dist.rank}.pt"
             torch.save(trainer.state_dict(), path)
             trainer = Trainer.for_benchmark(cfg, dist, build(cfg, seed=99))
+            resume_setup = trainer.strategy.comm.state_dict()  # the new process's own start (broadcast)
             trainer.load_state_dict(torch.load(path, weights_only=True))
         trainer.train_step(batch(s, 0 if pipeline else dist.rank, uneven))
         record()
@@ -96,6 +98,7 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
             "delays": list(getattr(st, "delays", [])), "starts": list(getattr(st, "starts", [])),
             "part": sorted(trainer.wrapped.state_dict()) if pipeline else None,
             "predicted": trainer.predicted_comm() if pipeline else None, "calls": calls,
+            "resume_setup": resume_setup,
             "buckets": trainer.strategy.summary_figures().get("ddp_bucket_bytes")}
 
 

@@ -31,7 +31,9 @@ TRANSFER = textwrap.dedent("""
 """)
 
 
-def test_transfer_takes_at_least_bytes_over_rate(tmp_path):
+def test_transfer_runs_at_the_link_rate(tmp_path):
+    """4 MB between two emulated nodes over a 20 Mbit/s link: no faster than the rate allows, and at
+    least 70% of it (TCP/IP headers cost about 5%, tbf's bucket a little)."""
     script = tmp_path / "transfer.py"
     script.write_text(TRANSFER)
     nbytes, rate = 4_000_000, 20e6  # 20 Mbit/s: at least 1.6 s
@@ -41,7 +43,7 @@ def test_transfer_takes_at_least_bytes_over_rate(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     seconds = float(r.stdout.split("seconds ")[1].split()[0])
     assert "address 10.77.0.2" in r.stdout
-    assert seconds >= nbytes * 8 / rate * 0.95, seconds
+    assert nbytes * 8 / rate * 0.95 <= seconds <= nbytes * 8 / rate / 0.7, seconds
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "apt-br" not in links and "apt0h" not in links  # removed on exit
     assert "apt0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -69,6 +71,10 @@ def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy
     print(strategy, "wire", summary["wire"], "modelled", modelled, summary["bytes_by_label"])
     assert modelled > 4_000_000  # the training traffic dominates: parameters or gradients of 0.5 M values
     assert abs(wire - modelled) <= 0.15 * modelled, (wire, modelled)
-    assert summary["bytes_by_label"]["trainer"][1] >= 3  # epoch length, checkpoint barriers, final figures
+    # The trainer's own calls, exactly: the epoch length at start-up and at every epoch begun, 3
+    # barriers per checkpoint and 1 after every epoch's evaluation, the checkpoint at max_steps, and
+    # the final figures (peak memory, then the gathered wire bytes and call counts).
+    epochs = summary["epochs"]  # finished; the run stopped by max_steps inside the next one
+    assert summary["bytes_by_label"]["trainer"][1] == 1 + (epochs + 1) + 4 * epochs + 3 + 2
     calls = summary["calls_this_process"]
     assert calls["counted"] == calls["process_group"], calls

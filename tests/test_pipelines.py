@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from strategy_harness import (CONFORMER, LR, MLP, SGD, batch, build, config, flat, flat_state,
+from strategy_harness import (CONFORMER, CONFORMER_BN, LR, MLP, SGD, batch, build, config, flat, flat_state,
                               reference_pipelined_bp)
 
 STEPS = 6
@@ -31,6 +31,8 @@ SCENARIOS = {
     # The conformer with its default conv_norm (layer): padding-invariant, so against unpadded batches.
     "gpipe_conformer": {**S, "model": CONFORMER, "strategy": {"name": "gpipe", "microbatches": 2}},
     "1f1b_conformer": {**S, "model": CONFORMER, "strategy": {"name": "one_f_one_b", "microbatches": 2}},
+    # The negative control: torchaudio's BatchNorm normalises each micro-batch on its own.
+    "gpipe_conformer_bn": {**S, "model": CONFORMER_BN, "strategy": {"name": "gpipe", "microbatches": 2}},
     # A checkpoint after step 3 (2) (drain, state saved and reloaded), without and with a fresh model.
     "pbp_ckpt": {**S, "strategy": {"name": "pipelined_bp"}, "checkpoint": 3},
     "pbp_resume": {**S, "strategy": {"name": "pipelined_bp"}, "checkpoint": 3, "resume": True},
@@ -349,6 +351,15 @@ def test_micro_batch_pipelines_equal_non_pipelined_training_on_the_conformer(two
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(got, flat(build(cfg)), atol=1e-3)  # it trained
     assert all(o["bad"] == 0 and o["loss"] is not None for o in two_stages[0][name]["outs"][:STEPS])
+
+
+def test_batch_norm_conformer_is_not_exact_under_gpipe(two_stages):
+    """The control for the test above: with BatchNorm in the conv module (statistics per micro-batch)
+    GPipe no longer equals one process, by far more than the tolerance used there."""
+    cfg = config({"name": "single"}, CONFORMER_BN)
+    got = flat_state(two_stages[0]["gpipe_conformer_bn"]["eval"], cfg)
+    expected = plain_training(STEPS, CONFORMER_BN)
+    assert not torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
 def test_micro_batch_pipeline_bytes_per_boundary(two_stages):

@@ -41,6 +41,8 @@ SCENARIOS = {  # name: (strategy, steps, resume after, model, train options)
                          CONFORMER_BN, ADAM),
     "bmuf_conformer": ({"name": "bmuf", "sync_period": 2, "warmup_steps": 1, "block_momentum": 0.5}, 5, None,
                        CONFORMER_BN, ADAM),
+    "bmuf_bn_sync_warmup": ({"name": "bmuf", "sync_period": 2, "warmup_steps": 2, "warmup": "sync",
+                             "block_momentum": 0.5}, 3, None, CONFORMER_BN, ADAM),
 }
 
 
@@ -141,7 +143,23 @@ def test_resume_mid_block_restores_strategy_state(two_ranks, name):
         for key in ("reference", "block_momentum"):
             if key in a["strategy"]:
                 assert torch.equal(a["strategy"][key], b["strategy"][key])
-        assert a["comm"] == b["comm"]
+        # the resumed run's counts: the first process's, and the second one's own start on top
+        from asr_parallel.strategies.base import CommCounter
+
+        expected = CommCounter()
+        expected.load_state_dict(a["comm"])
+        expected.merge(b["resume_setup"])
+        assert b["comm"] == expected.state_dict()
+
+
+def test_batch_norm_statistics_agree_after_a_synchronous_warm_up(two_ranks):
+    """DDP keeps the parameters of the warm-up equal but not the batch-norm statistics; after the
+    warm-up (step 2) they are averaged, so the global model is the same on both ranks."""
+    e0, e1 = two_ranks[0]["bmuf_bn_sync_warmup"]["eval"], two_ranks[1]["bmuf_bn_sync_warmup"]["eval"]
+    keys = [k for k in e0 if "running_mean" in k]
+    assert keys
+    for k in e0:
+        assert torch.allclose(e0[k].float(), e1[k].float(), atol=1e-6), k
 
 
 def test_buffers_and_optimizer_state_are_averaged(two_ranks):
@@ -177,17 +195,17 @@ def test_model_averaging_makes_no_call_between_synchronisations(two_ranks):
         assert measured == [0, 0, 1, 0, 0, 1, 0]
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if "resumed" not in n])
 def test_counted_bytes_equal_cost_model(two_ranks, name):
     """The formula per counted call, summed, equals the cost model's total for the run (DDP's set-up
-    is counted but not modelled)."""
+    is counted but not modelled; a resumed run's second start is checked by the resume test)."""
     from asr_parallel.strategies.cost import ModelSize, predict
 
     for rank in (0, 1):
         res = two_ranks[rank][name]
         size = ModelSize(*res["size"])
         buckets = [b // size.element_size for b in res["buckets"]] if res["buckets"] else None
-        predicted = predict(SCENARIOS[name][0], size, 2, res["steps"], buckets=buckets, root=rank == 0)
+        predicted = predict(SCENARIOS[name][0], size, 2, res["steps"], buckets=buckets, rank=rank)
         measured = {k: v for k, v in res["comm"]["by_label"].items() if k != "ddp_setup"}
         assert sum(v[0] for v in measured.values()) > 0
         assert measured == predicted["by_label"]
@@ -222,8 +240,11 @@ def test_hierarchical_matches_definition(four_ranks):
             assert close(flat_state(res["eval"], cfg), ref["global"]), (name, rank)
             size = ModelSize(*res["size"])
             buckets = [b // size.element_size for b in res["buckets"]]
-            predicted = predict(HIER[name][0], size, 4, res["steps"], buckets=buckets, root=rank in (0, 1))
-            assert {k: v for k, v in res["comm"]["by_label"].items() if k != "ddp_setup"} == predicted["by_label"]
+            predicted = predict(HIER[name][0], size, 4, res["steps"], buckets=buckets, rank=rank)["by_label"]
+            for label, (nbytes, calls) in (res["resume_setup"] or {}).get("by_label", {}).items():
+                if label != "ddp_setup":  # a resumed run starts twice: its second broadcast is real traffic
+                    predicted[label] = [predicted[label][0] + nbytes, predicted[label][1] + calls]
+            assert {k: v for k, v in res["comm"]["by_label"].items() if k != "ddp_setup"} == predicted
     assert not close(refs["hier_ma"]["locals"][0], refs["hier_ma"]["locals"][1])
 
 
@@ -250,15 +271,19 @@ def test_cost_model_hand_computed():
     # DDP's rebuilt buckets (from step 2): 400 + 600 values.
     assert predict({"name": "sync_sgd"}, size, 4, 3, buckets=[400, 600])["by_label"] == {
         "gradients": [6 * 1002 + 2 * 6 * (402 + 602), 5]}
-    # The root broadcasts parameters and buffers to 3 ranks; every sync: params, buffers, state, 1 count.
+    # gloo's binomial broadcast over 4 ranks: the root sends 2 copies (to ranks 1 and 2), rank 1 one
+    # (to rank 3), ranks 2 and 3 none; every sync: params, buffers, state and 1 count in one all-reduce.
     ma = predict({"name": "model_averaging", "sync_period": 10, "average_optimizer_state": True}, size, 4, 105)
-    assert ma["by_label"] == {"broadcast": [1010 * 4 * 3, 1], "params": [10 * 6 * 3011, 10]}
-    assert predict({"name": "model_averaging"}, size, 4, 105, root=False)["by_label"]["broadcast"] == [0, 1]
+    assert ma["by_label"] == {"broadcast": [1010 * 4 * 2, 1], "params": [10 * 6 * 3011, 10]}
+    for rank, copies in ((1, 1), (2, 0), (3, 0)):
+        assert predict({"name": "model_averaging"}, size, 4, 105, rank=rank)["by_label"]["broadcast"] == [
+            1010 * 4 * copies, 1]
     # fairseq's warm-up: a broadcast at the start and one after W = 30 local steps.
     bmuf = predict({"name": "bmuf", "sync_period": 10, "warmup_steps": 30}, size, 4, 105)
-    assert bmuf["by_label"] == {"broadcast": [2 * 1010 * 12, 2], "params": [7 * 6 * 1011, 7]}
+    assert bmuf["by_label"] == {"broadcast": [2 * 1010 * 8, 2], "params": [7 * 6 * 1011, 7]}
+    # a synchronous warm-up through DDP, then the batch-norm statistics averaged once (10 values)
     sync_warm = predict({"name": "bmuf", "sync_period": 10, "warmup_steps": 30, "warmup": "sync"}, size, 4, 105)
-    assert sync_warm["by_label"] == {"gradients": [30 * 6 * 1002, 30], "params": [7 * 6 * 1011, 7]}
+    assert sync_warm["by_label"] == {"gradients": [30 * 6 * 1002, 30], "state": [60, 1], "params": [7 * 6 * 1011, 7]}
     # 8 ranks in 2 groups of 4: DDP inside (6 n bytes a step), averaging across 2 (4 n bytes).
     hier = predict({"name": "hierarchical", "group_size": 4, "sync_period": 5}, ModelSize(params=1000), 8, 20)
     assert hier["by_label"] == {"intra": [20 * 6 * 1002, 20], "broadcast": [4000, 1], "inter": [4 * 4 * 1001, 4]}

@@ -220,6 +220,9 @@ def test_comparison_in_a_browser(browser, tensorboard, tmp_path):
     assert header[0] == "Trial ID" and {"strategy", "model", "seed"} <= set(header)
     text = browser.execute_script(PAGE_TEXT_JS)
     assert "Number of matching session groups: 3" in text
+    # The strategies' own parameters are hyperparameters of the table (columns, or in its column list).
+    for param in ("strategy.sync_period", "strategy.block_momentum", "strategy.warmup_steps"):
+        assert param in header or param in text, f"{param} is not an HParams column: {header}"
 
     # Time Series: the compare/* overlays come first, each with every run and its last greedy dev WER.
     browser.get(f"{tensorboard}/#timeseries")

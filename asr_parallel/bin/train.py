@@ -68,12 +68,19 @@ def main(argv=None):
     from lhotse import load_manifest
 
     from asr_parallel.tokenizer import lang_dir_name
-    from asr_parallel.train.trainer import Trainer, TrainingError
+    from asr_parallel.train.trainer import Trainer, TrainingError, training_fingerprint
 
     exp = Path(args.exp_dir) if args.exp_dir else experiment_dir(cfg)
     data = Path(cfg.data_dir)
     try:
         if (exp / "final.pt").is_file() and (exp / "train_summary.json").is_file():
+            import json
+
+            done = json.loads((exp / "train_summary.json").read_text()).get("fingerprint")
+            if done != training_fingerprint(cfg):  # never report another config's training as this one
+                raise TrainingError(f"{exp} holds a finished training of another model, strategy or training "
+                                    "config" + ("" if done else " (or from before fingerprints were recorded)")
+                                    + f"; delete {exp} or train into another experiment directory")
             if dist.is_main:
                 print(f"{exp}: training already finished (final.pt); skipping")
             return

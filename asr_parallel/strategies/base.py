@@ -58,7 +58,8 @@ class CommCounter:
     2(K-1)/K * n * b bytes (reduce-scatter, then all-gather). Calls are counted where the tensors
     go through ``torch.distributed`` (their element count, element size and group size), under a label
     (``gradients``, ``params``, ``state``, ``intra``, ``inter``, ``broadcast``, ``ddp_setup``,
-    ``control`` for the trainer's own calls; for pipelines ``forward``, ``backward``, ``handshake``).
+    ``trainer`` for the trainer's own calls; for pipelines ``forward``, ``backward``, ``handshake``,
+    ``control`` for their per-tick exchange, ``eval`` for gathering the model).
     Every call counts, also those that send (almost) nothing, such as barriers.
     """
 
@@ -68,22 +69,26 @@ class CommCounter:
     by_label: dict = field(default_factory=dict)  # label -> [bytes sent, calls]
 
     def all_reduce(self, numel: int, element_size: int, world_size: int, label: str = "gradients") -> None:
-        """Count one ring all-reduce of ``numel`` values over ``world_size`` ranks."""
+        """Count one ring all-reduce of ``numel`` values over ``world_size`` ranks (a call on a group of
+        one rank still counts, with no bytes)."""
         if world_size <= 1:
+            self.add(0, 1, label)
             return
         nbytes = ring_allreduce_bytes(numel, element_size, world_size)
         self.add(nbytes, 1, label)
         self.bytes_received += nbytes
 
-    def broadcast(self, numel: int, element_size: int, world_size: int, root: bool, label: str = "broadcast",
+    def broadcast(self, numel: int, element_size: int, world_size: int, position: int, label: str = "broadcast",
                   calls: int = 1) -> None:
-        """Count a broadcast of ``numel`` values: the root sends them once per other rank (the bound of a
-        flat tree; gloo sends to every rank), the others receive them once."""
+        """Count a broadcast of ``numel`` values (``position``: this rank's place counted from the root)
+        along gloo's binomial tree: every rank but the root receives the values once, and some forward
+        them (:func:`broadcast_sends`)."""
         if world_size <= 1:
+            self.add(0, calls, label)
             return
         nbytes = numel * element_size
-        self.add(nbytes * (world_size - 1) if root else 0, calls, label)
-        if not root:
+        self.add(nbytes * broadcast_sends(position, world_size), calls, label)
+        if position:
             self.bytes_received += nbytes
 
     def control(self, calls: int = 1, nbytes: int = 0, label: str = "control") -> None:
@@ -99,6 +104,16 @@ class CommCounter:
         entry[0] += nbytes
         entry[1] += calls
 
+    def merge(self, state: dict) -> None:
+        """Add the counts of another counter's ``state_dict`` to this one's."""
+        self.bytes_sent += state["bytes_sent"]
+        self.bytes_received += state["bytes_received"]
+        self.calls += state["calls"]
+        for label, (nbytes, calls) in state.get("by_label", {}).items():
+            entry = self.by_label.setdefault(label, [0, 0])
+            entry[0] += nbytes
+            entry[1] += calls
+
     def state_dict(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "calls": self.calls,
                 "by_label": {k: list(v) for k, v in self.by_label.items()}}
@@ -106,6 +121,18 @@ class CommCounter:
     def load_state_dict(self, state: dict) -> None:
         self.bytes_sent, self.bytes_received, self.calls = state["bytes_sent"], state["bytes_received"], state["calls"]
         self.by_label = {k: list(v) for k, v in state.get("by_label", {}).items()}
+
+
+def broadcast_sends(position: int, world_size: int) -> int:
+    """Copies a rank sends in gloo's binomial-tree broadcast (``gloo/broadcast.cc``) of K ranks, at
+    ``position`` from the root: in round i = 0, 1, ... (2^i < K) every rank r < 2^i sends to r + 2^i
+    when that rank exists. The root sends ceil(log2 K) copies; for K = 2, one."""
+    sends, m = 0, 1
+    while m < world_size:
+        if position < m and position + m < world_size:
+            sends += 1
+        m *= 2
+    return sends
 
 
 def ring_allreduce_bytes(numel: int, element_size: int, world_size: int) -> int:
@@ -143,7 +170,9 @@ def broadcast(tensor: torch.Tensor, counter: CommCounter, src: int = 0, group=No
 
     k = group_size(group)
     if k > 1:
-        counter.broadcast(tensor.numel(), tensor.element_size(), k, tdist.get_rank() == src, label)
+        me = tdist.get_group_rank(group, tdist.get_rank()) if group is not None else tdist.get_rank()
+        root = tdist.get_group_rank(group, src) if group is not None else src
+        counter.broadcast(tensor.numel(), tensor.element_size(), k, (me - root) % k, label)
         tdist.broadcast(tensor, src=src, group=group)
     return tensor
 

@@ -4,7 +4,8 @@ counters, :mod:`asr_parallel.utils.netstat`).
 
 Notation as there: K ranks, P parameters, b bytes per value, tau local steps between
 synchronisations, W warm-up steps. A ring all-reduce of n values makes each rank send (and receive)
-2(K-1)/K * n * b bytes; a broadcast makes the root send n * b to each of the K-1 others. Per
+2(K-1)/K * n * b bytes; a broadcast along gloo's binomial tree makes the root send n * b to
+ceil(log2 K) ranks, and some others forward it (``base.broadcast_sends``). Per
 strategy, over ``steps`` optimiser steps:
 
 * ``single``: nothing.
@@ -13,7 +14,8 @@ strategy, over ``steps`` optimiser steps:
   second DDP's rebuilt buckets, read from DDP (``buckets``; without them, one bucket).
 * ``model_averaging``: one broadcast of P + buffers at the start (none with a synchronous warm-up:
   DDP's construction broadcasts, counted as ``ddp_setup``), the warm-up (synchronous: W steps as
-  ``sync_sgd``; ``local_broadcast``: one broadcast of P + buffers at step W), then after every tau-th
+  ``sync_sgd`` and one all-reduce of the buffers at step W; ``local_broadcast``: one broadcast of
+  P + buffers at step W), then after every tau-th
   local step one all-reduce of P + buffers (+ optimiser state) + 1.
 * ``bmuf``, ``easgd``: as model averaging, without optimiser state.
 * ``hierarchical``: per step the bucketed gradient all-reduce inside the group of G ranks; across the
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asr_parallel.strategies.base import ring_allreduce_bytes
+from asr_parallel.strategies.base import broadcast_sends, ring_allreduce_bytes
 
 
 @dataclass
@@ -59,8 +61,8 @@ def sync_count(steps: int, sync_period: int, warmup_steps: int = 0) -> int:
 
 
 def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_world_size: int | None = None,
-            buckets: list[int] | None = None, root: bool = True) -> dict:
-    """Predicted bytes sent by one rank (``root``: the rank that broadcasts, rank 0), collective calls
+            buckets: list[int] | None = None, rank: int = 0) -> dict:
+    """Predicted bytes sent by global rank ``rank`` (0: the rank that broadcasts), collective calls
     and bytes per label, for a strategy section; ``buckets``: DDP's rebuilt buckets in values."""
     from asr_parallel.strategies import parse_strategy
 
@@ -77,8 +79,10 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         entry[0] += times * (ring_allreduce_bytes(numel, b, k) if nbytes is None else nbytes)
         entry[1] += times
 
+    position = rank  # this rank's place in the broadcasting group, from its root
+
     def bcast(label: str, numel: int, k: int) -> None:
-        add(label, numel, k, 1, numel * b * (k - 1) if root else 0)
+        add(label, numel, k, 1, numel * b * broadcast_sends(position, k))
 
     def ddp(label: str, k: int, times: int) -> None:
         add(label, size.params + 2, k, min(1, times))
@@ -97,6 +101,8 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
                 add("gradients", size.params, k, min(steps, w))
         if w and mode == "local_broadcast" and steps >= w:
             bcast("broadcast", model_state, k)
+        if w and mode == "sync" and steps >= w:
+            add("state", size.buffers, k, 1)  # batch-norm statistics averaged once after the warm-up
         extra = size.optimizer_state if getattr(params, "average_optimizer_state", False) else 0
         add(label, model_state + extra + 1, k, syncs)
         return syncs
@@ -107,6 +113,7 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         periodic(name, p, world_size, "params", True)
     elif name == "hierarchical":
         g = p.group_size or local_world_size or world_size
+        position = rank // g  # the outer group: the ranks at this rank's place in every group
         ddp("intra", g, steps)
         syncs = periodic(p.outer, p, world_size // g, "inter", False)  # its warm-up is always synchronous
         add("intra", size.buffers, g, syncs)

@@ -10,7 +10,9 @@ compute at a synchronisation; this base class holds what they share:
   ranks' utterances), after which DDP's ``no_sync`` keeps every later step local; or
   ``local_broadcast``, fairseq's BMUF warm-up (``optim/bmuf.py``, ``_warmup_sync``): W local steps
   on every rank, then one broadcast of rank 0's parameters and buffers, and the optimiser's state
-  reset (fairseq reloads the optimiser's initial state unless ``average_sync``);
+  reset (fairseq reloads the optimiser's initial state unless ``average_sync``). After a synchronous
+  warm-up the floating buffers (batch-norm statistics, which DDP does not synchronise) are averaged
+  once (one all-reduce, label ``state``);
 * the schedule: a synchronisation after every ``sync_period`` local steps: after step s when s > W
   and (s - W) % tau == 0. Between two synchronisations a rank makes no collective call at all:
   a step with a non-finite loss or gradient is skipped locally, and the count of such steps travels
@@ -201,6 +203,11 @@ class PeriodicSync(Strategy):
         if self.warmup == "local_broadcast" and self.k > 1:
             self.broadcast_model()
             optimizer.state.clear()
+        elif self.k > 1 and float_buffers(self.module):
+            # DDP kept the parameters equal but not the batch-norm statistics: average them once
+            bufs = float_buffers(self.module)
+            flat = all_reduce(flatten(bufs), self.comm, self.group, "state")
+            unflatten_into(flat / self.k, bufs)
         self.set_global_from_local()
         self.init_state()
 
@@ -222,6 +229,14 @@ class PeriodicSync(Strategy):
 
     def log_scalars(self) -> dict[str, float]:
         return {"train/bad_batches_all_ranks": float(self.bad_all_ranks)}
+
+    def summary_figures(self) -> dict:
+        out = {"bad_batches_all_ranks": self.bad_all_ranks}
+        if self.ddp is not None:  # the synchronous warm-up's buckets
+            from asr_parallel.strategies.ddp import bucket_bytes
+
+            out["ddp_bucket_bytes"] = bucket_bytes(self.ddp)
+        return out
 
     # -- checkpoints
     def state_dict(self) -> dict:

@@ -78,6 +78,42 @@ def make_optimizer(cfg, params, fused: bool = False):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
+# Keys of the train section that do not change what is computed, only when it stops or reports.
+OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "checkpoint_every_steps",
+                    "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints",
+                    "emulate_nodes", "link_rate")
+
+
+def training_fingerprint(cfg: RecipeConfig) -> str:
+    """A hash of everything that decides what training computes (model, strategy, tokenizer,
+    features, training options other than :data:`OPERATIONAL_KEYS`)."""
+    import hashlib
+
+    d = cfg.to_dict()
+    operational = set(OPERATIONAL_KEYS)
+    if d["strategy"].get("name") == "pipelined_bp":  # its checkpoints drain the pipeline: other updates
+        operational.discard("checkpoint_every_steps")
+    train = {k: v for k, v in d["train"].items() if k not in operational}
+    key = {"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
+           "features": d["features"], "train": train}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_version() -> dict:
+    """The git commit of the code that ran, and whether the work tree differed from it."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None}
+    return {"commit": head or None, "modified": bool(dirty)}
+
+
 class Trainer:
     def __init__(self, cfg: RecipeConfig, exp_dir: Path, dist: DistContext, train_cuts, dev_cuts, sp):
         self.cfg, self.tc, self.exp_dir, self.dist, self.sp = cfg, cfg.train, Path(exp_dir), dist, sp
@@ -218,22 +254,8 @@ class Trainer:
             "fingerprint": self.fingerprint(),
         }
 
-    # Keys of the train section that do not change what is computed, only when it stops or reports.
-    OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "checkpoint_every_steps",
-                        "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints",
-                        "emulate_nodes", "link_rate")
-
     def fingerprint(self) -> str:
-        import hashlib
-
-        d = self.cfg.to_dict()
-        operational = set(self.OPERATIONAL_KEYS)
-        if d["strategy"].get("name") == "pipelined_bp":  # its checkpoints drain the pipeline: other updates
-            operational.discard("checkpoint_every_steps")
-        train = {k: v for k, v in d["train"].items() if k not in operational}
-        key = {"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
-               "features": d["features"], "train": train}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return training_fingerprint(self.cfg)
 
     def save_checkpoint(self) -> Path:
         self._drain()
@@ -262,17 +284,16 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        calls_here = self.strategy.comm.calls
+        own = self.strategy.comm.state_dict()  # this process's calls so far (set-up, epoch length)
         self.strategy.load_state_dict(state["strategy"])
-        self.calls_offset = self.strategy.comm.calls - calls_here
+        self.calls_offset = self.strategy.comm.calls
+        self.strategy.comm.merge(own)  # the run's totals: earlier processes' and this one's
         p = state["progress"]
         self.step, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
         self.bad_in_row, self.bad_total, self.frames_total = p["bad_in_row"], p["bad_total"], p["frames_total"]
         self.elapsed_before = p["elapsed"]
         self.train_seconds = p.get("train_seconds", 0.0)
-        self.wire_before = tuple(p.get("wire", (0, 0)))
-        if self.wire_start is not None:  # this process's counting starts now
-            self.wire_start = netstat.interface_bytes(self.wire_if)
+        self.wire_before = tuple(p.get("wire", (0, 0)))  # this process's bytes are counted from its start
         self.history = json.loads(state["history"])
         ckpt.set_rng_state(state["rng"])
 
@@ -519,7 +540,7 @@ class Trainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
         buckets = [n // size.element_size for n in self.strategy.summary_figures().get("ddp_bucket_bytes", [])]
         return predict(self.cfg.strategy, size, self.dist.world_size, self.step, local, buckets or None,
-                       root=self.dist.is_main)
+                       rank=self.dist.rank)
 
     def _gather_rank_figures(self) -> dict:
         """Every rank's wire bytes and call counts, gathered on all ranks (one counted all-reduce).
@@ -530,8 +551,10 @@ class Trainer:
         k = self.dist.world_size
         tx, rx = self._wire_now()
         counted = self.strategy.comm.calls - self.calls_offset + 1  # + this gather
-        v = torch.zeros(4 * k, dtype=torch.float64)
-        v[4 * self.dist.rank:4 * self.dist.rank + 4] = torch.tensor([tx, rx, counted, 0], dtype=torch.float64)
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors only
+        v = torch.zeros(4 * k, dtype=torch.float64, device=dev)
+        v[4 * self.dist.rank:4 * self.dist.rank + 4] = torch.tensor([tx, rx, counted, 0], dtype=torch.float64,
+                                                                     device=dev)
         if self.dist.distributed and k > 1:
             import torch.distributed as tdist
 
@@ -564,6 +587,7 @@ class Trainer:
             ckpt.save_model(self.exp_dir / "final.pt", state, meta)
             summary = {
                 "model": self.cfg.model.name, "strategy": self.cfg.strategy, "world_size": self.dist.world_size,
+                "fingerprint": self.fingerprint(), "code": code_version(),
                 "device": str(self.device), "params": self.model.num_params(),
                 "flops_per_frame": self.model.flops_per_frame(), "steps": self.step, "epochs": self.epoch,
                 "wall_seconds": round(self.elapsed_before + self._elapsed(), 1),
