@@ -303,7 +303,7 @@ def markdown(rows: list[dict], target: float, baseline: str = "", summaries: lis
                      f"| {r['bytes_sent_per_rank']:,} | {wire} | {_f(r.get('calls'), '{:,}')} | {stale} "
                      f"| {_f(r['peak_memory_mb'], '{:.0f}')} |")
         s = by_run.get(r["run"])
-        if s and (i + 1 == len(rows) or rows[i + 1]["run"] != r["run"]):
+        if s and len(s["seeds"]) > 1 and (i + 1 == len(rows) or rows[i + 1]["run"] != r["run"]):
             wers = " | ".join(_spread_cell(s.get(f"{split}_{cond}_wer")) for split, cond in SETS)
             ttt = _spread_cell(s["time_to_target_seconds"], "{:.0f}") if s["time_to_target_seconds"] else \
                 f"reached by {s['reached_target']} of {len(s['seeds'])}"
@@ -329,7 +329,7 @@ def markdown(rows: list[dict], target: float, baseline: str = "", summaries: lis
                                  f"{t['difference_ci'][1]:+.2f}] poi {t['poi']:.2f} {t['verdict']}")
                 lines.append(f"| {r['label']} | {vs['baseline']} | " + " | ".join(cells) + " |")
             s = by_run.get(r["run"])
-            if s and s["vs_baseline"] and (i + 1 == len(rows) or rows[i + 1]["run"] != r["run"]):
+            if s and len(s["seeds"]) > 1 and s["vs_baseline"] and (i + 1 == len(rows) or rows[i + 1]["run"] != r["run"]):
                 cells = []
                 for split, cond in SETS:
                     t = s["vs_baseline"].get(f"{split}_{cond}")

@@ -79,9 +79,8 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         entry[0] += times * (ring_allreduce_bytes(numel, b, k) if nbytes is None else nbytes)
         entry[1] += times
 
-    position = rank  # this rank's place in the broadcasting group, from its root
-
-    def bcast(label: str, numel: int, k: int) -> None:
+    def bcast(label: str, numel: int, k: int, position: int) -> None:
+        """``position``: this rank's place in the broadcasting group, counted from its root."""
         add(label, numel, k, 1, numel * b * broadcast_sends(position, k))
 
     def ddp(label: str, k: int, times: int) -> None:
@@ -89,18 +88,18 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         for n in (buckets or [size.params]):
             add(label, n + 2, k, times - 1)
 
-    def periodic(outer: str, params, k: int, label: str, own_ddp: bool) -> None:
+    def periodic(params, k: int, label: str, own_ddp: bool, position: int) -> int:
         w = getattr(params, "warmup_steps", 0)
         mode = getattr(params, "warmup", "sync")
         syncs = sync_count(steps, params.sync_period, w)
         if w and mode == "sync" and own_ddp:
             ddp("gradients", k, min(steps, w))
         else:
-            bcast("broadcast", model_state, k)
+            bcast("broadcast", model_state, k, position)
             if w and mode == "sync":
                 add("gradients", size.params, k, min(steps, w))
         if w and mode == "local_broadcast" and steps >= w:
-            bcast("broadcast", model_state, k)
+            bcast("broadcast", model_state, k, position)
         if w and mode == "sync" and steps >= w:
             add("state", size.buffers, k, 1)  # batch-norm statistics averaged once after the warm-up
         extra = size.optimizer_state if getattr(params, "average_optimizer_state", False) else 0
@@ -110,12 +109,12 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
     if name == "sync_sgd":
         ddp("gradients", world_size, steps)
     elif name in ("model_averaging", "bmuf", "easgd"):
-        periodic(name, p, world_size, "params", True)
+        periodic(p, world_size, "params", True, rank)
     elif name == "hierarchical":
         g = p.group_size or local_world_size or world_size
-        position = rank // g  # the outer group: the ranks at this rank's place in every group
         ddp("intra", g, steps)
-        syncs = periodic(p.outer, p, world_size // g, "inter", False)  # its warm-up is always synchronous
+        # across groups: the ranks at this rank's place in every group; the warm-up is always synchronous
+        syncs = periodic(p, world_size // g, "inter", False, rank // g)
         add("intra", size.buffers, g, syncs)
     elif name in ("pipelined_bp", "gpipe", "one_f_one_b"):
         raise ValueError(f"the bytes of '{name}' depend on the batch shapes: see "

@@ -11,7 +11,7 @@ clipping, the skip of a bad step and the schedule live here once:
   ``torch.nn.utils.clip_grad_norm_`` does, for a norm computed elsewhere (over all pipeline stages);
 * ``bad_flag(*tensors)``: 1.0 when any value is NaN or inf, as a (1,) tensor on the device;
 * ``apply(bad)``: the optimiser step unless ``bad`` (on GPU through the fused optimiser's
-  ``found_inf``, so the host never waits for the device), then ``advance()``;
+  ``found_inf``, so the host never waits for the device); the caller then calls ``advance()``;
 * ``advance()``: the schedule's step and the step counter.
 
 The decision to skip is local to the rank that computes it: strategies whose ranks must agree make
@@ -32,7 +32,6 @@ from asr_parallel.train.loss import ctc_loss
 class StepContext:
     def __init__(self, tc, device: torch.device, optimizer: torch.optim.Optimizer, spec_augment=None,
                  fused: bool = False):
-        self.tc = tc
         self.grad_clip = float(tc.grad_clip)
         self.device = device
         self.optimizer = optimizer
@@ -77,9 +76,9 @@ class StepContext:
             ok = ok & torch.isfinite(v.detach()).all()
         return (~ok).float().reshape(1)
 
-    def apply(self, bad: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def apply(self, bad: torch.Tensor) -> None:
         """The optimiser step unless ``bad`` (the update of one step), without the schedule."""
-        opt = optimizer if optimizer is not None else self.optimizer
+        opt = self.optimizer
         if self.fused:
             opt.found_inf = bad.reshape(())  # a 0-dim tensor, as the fused kernels expect
             opt.step()

@@ -158,12 +158,11 @@ class Trainer:
         """Strategy, wrapped model, optimiser and step options (shared with the benchmark)."""
         self.strategy = build_strategy(self.cfg.strategy, self.dist)
         self.wrapped = self.strategy.wrap_model(model)
-        self.fused = self.device.type == "cuda"  # fused optimisers skip a step on device (found_inf)
-        self.optimizer = make_optimizer(self.tc, self.wrapped.parameters(), fused=self.fused)
+        fused = self.device.type == "cuda"  # fused optimisers skip a step on device (found_inf)
+        self.optimizer = make_optimizer(self.tc, self.wrapped.parameters(), fused=fused)
         self.strategy.setup_optimizer(self.optimizer)  # before the schedule records the base rates
-        self.spec_augment = SpecAugment().to(self.device) if self.tc.spec_augment else None
-        self.use_bf16 = self.tc.bf16 and self.device.type == "cuda"
-        self.ctx = StepContext(self.tc, self.device, self.optimizer, self.spec_augment, self.fused)
+        spec_augment = SpecAugment().to(self.device) if self.tc.spec_augment else None
+        self.ctx = StepContext(self.tc, self.device, self.optimizer, spec_augment, fused)
 
     @classmethod
     def for_benchmark(cls, cfg: RecipeConfig, dist: DistContext, model) -> "Trainer":
