@@ -214,8 +214,9 @@ class DecodeConfig:
 class CompareConfig:
     """Stage 8: several training runs side by side (each trained, decoded and scored as stages 5-7,
     finished runs reused). Each run is a mapping: ``strategy`` (a strategy section), ``world_size``
-    (ranks, default 1), ``overrides`` (extra ``key=value`` settings, e.g. ``model.name=mlp``) and
-    ``label`` (a name for tables and plots)."""
+    (ranks, default 1), ``overrides`` (extra ``key=value`` settings, e.g. ``model.name=mlp``),
+    ``label`` (a name for tables and plots) and, with ``seeds``, ``seeds`` (the subset of them this
+    run is trained with)."""
 
     runs: list[dict] = field(default_factory=list)
     target_dev_wer: float = 60.0  # greedy dev worn-microphone WER (%) for "time to reach"
@@ -224,6 +225,7 @@ class CompareConfig:
     baseline: str = ""
     # Train every run once per seed (train.seed=<s>, into exp_dir/seed<s>/, labels <label>_seed<s>) and
     # report the mean and spread of WER over seeds; [] = one run each with the config's train.seed.
+    # A run with its own ``seeds`` (a subset) is trained with those only (e.g. an expensive row).
     seeds: list[int] = field(default_factory=list)
     # Bootstrap of the WER confidence intervals and paired tests (Bisani and Ney 2004,
     # asr_parallel/score/significance.py): resampled test sets, interval level, and what is resampled
@@ -401,10 +403,10 @@ def validate(cfg: RecipeConfig) -> None:
         key = f"compare.runs[{i}]"
         if not isinstance(run, dict) or "strategy" not in run:
             raise ConfigError(f"{src}: key '{key}' must be a mapping with a 'strategy' section")
-        unknown = sorted(set(run) - {"strategy", "world_size", "overrides", "label"})
+        unknown = sorted(set(run) - {"strategy", "world_size", "overrides", "label", "seeds"})
         if unknown:
             raise ConfigError(f"{src}: unknown key '{key}.{unknown[0]}'; valid keys here: label, overrides, "
-                              "strategy, world_size")
+                              "seeds, strategy, world_size")
         try:
             parse_strategy(run["strategy"])
         except ValueError as e:
@@ -413,6 +415,14 @@ def validate(cfg: RecipeConfig) -> None:
             raise ConfigError(f"{src}: key '{key}.world_size' must be an integer >= 1")
         if not isinstance(run.get("overrides", []), list):
             raise ConfigError(f"{src}: key '{key}.overrides' must be a list of key=value strings")
+        if "seeds" in run:
+            own = run["seeds"]
+            if not cfg.compare.seeds:
+                raise ConfigError(f"{src}: key '{key}.seeds' needs compare.seeds (a run's seeds are a subset of them)")
+            if not isinstance(own, list) or not own or not set(own) <= set(cfg.compare.seeds) \
+                    or len(set(own)) != len(own):
+                raise ConfigError(f"{src}: key '{key}.seeds' must be a non-empty list of distinct seeds out of "
+                                  f"compare.seeds {cfg.compare.seeds}, got {own}")
     cc = cfg.compare
     repeated = sorted({s for s in cc.seeds if cc.seeds.count(s) > 1})
     need(not repeated, "compare.seeds", f"must list distinct seeds, got {cc.seeds} ({repeated} repeated)")

@@ -182,6 +182,25 @@ def test_seeds(tmp_path, capsys):
     assert code == 1 and "single_seed11 was trained with train.seed=3, not 11" in err
 
 
+def test_a_run_can_have_fewer_seeds(tmp_path, capsys):
+    """A run's own ``seeds`` (an expensive row) trains it with those only; the others get every seed."""
+    runs = [RUNS[0], "{strategy: {name: model_averaging, sync_period: 4}, world_size: 2, label: ma, seeds: [11]}"]
+    p = plans(write_config(tmp_path, runs, seeds=[3, 11]))
+    assert [x.label for x in p] == ["single_seed3", "single_seed11", "ma_seed11"]
+    for x in p:
+        fake_experiment(x, set(range(0, N, 3)), [(50.0, 80.0)])
+    table, md = run_compare(write_config(tmp_path, runs, seeds=[3, 11]), capsys)
+    summary = {s["run"]: s for s in table["seed_summary"]}
+    assert summary["single"]["seeds"] == [3, 11] and summary["ma"]["seeds"] == [11]
+    assert table["runs"][2]["vs_baseline"]["baseline"] == "single_seed11"
+    for bad, message in (("[5]", r"compare.runs\[1\].seeds' must be a non-empty list of distinct seeds out of "
+                                 r"compare.seeds \[3, 11\], got \[5\]"), ("[]", "non-empty")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_config(tmp_path, [RUNS[0], runs[1].replace("[11]", bad)], seeds=[3, 11]))
+    with pytest.raises(ConfigError, match=r"compare.runs\[1\].seeds' needs compare.seeds"):
+        load_config(write_config(tmp_path, runs))
+
+
 def test_seed_key_is_validated(tmp_path):
     for seeds, message in (("[1, 2, 1]", r"key 'compare.seeds' must list distinct seeds, got \[1, 2, 1\] "
                                          r"\(\[1\] repeated\)"),

@@ -25,6 +25,7 @@ S = {"model": MLP, "train": SGD, "steps": STEPS}
 SCENARIOS = {
     "pbp": {**S, "strategy": {"name": "pipelined_bp"}},
     "pbp_stash": {**S, "strategy": {"name": "pipelined_bp", "weight_stashing": True}},
+    "pbp_conformer": {**S, "model": CONFORMER, "strategy": {"name": "pipelined_bp"}},
     "gpipe": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 1}},
     "1f1b": {**S, "strategy": {"name": "one_f_one_b", "microbatches": 2, "pad_frames": 1}},
     "gpipe_padded": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 16}},
@@ -180,6 +181,14 @@ def test_pipelined_bp_matches_clocked_simulation(two_stages, name, stash):
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     other = reference_pipelined_bp(cfg, STEPS, start, not stash)
     assert not torch.allclose(got, other, atol=1e-5)  # stashing makes a measurable difference
+
+
+def test_pipelined_bp_matches_clocked_simulation_on_the_conformer(two_stages):
+    cfg = config({"name": "single"}, CONFORMER)
+    start = two_stages[0]["pbp_conformer"]["starts"][1]
+    expected = reference_pipelined_bp(cfg, STEPS, start, False)
+    got = flat_state(two_stages[0]["pbp_conformer"]["eval"], cfg)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 def test_pipelined_bp_delay_per_stage(two_stages):

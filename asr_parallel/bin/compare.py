@@ -83,7 +83,8 @@ class Plan:
 
 
 def plan_runs(args, base: RecipeConfig) -> list[Plan]:
-    """Every training of ``compare.runs`` (once per seed of ``compare.seeds``)."""
+    """Every training of ``compare.runs`` (once per seed of ``compare.seeds``, or of the run's own
+    ``seeds``)."""
     labels = [run_label(r) for r in base.compare.runs]
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
@@ -93,7 +94,7 @@ def plan_runs(args, base: RecipeConfig) -> list[Plan]:
     for label, run in zip(labels, base.compare.runs):
         if not base.compare.seeds:
             plans.append(Plan(label, label, run, run_config(args, run), None))
-        for seed in base.compare.seeds:
+        for seed in run.get("seeds", base.compare.seeds):
             cfg = run_config(args, run, seed, str(Path(base.exp_dir) / f"seed{seed}"))
             plans.append(Plan(f"{label}_seed{seed}", label, run, cfg, seed))
     return plans
