@@ -193,6 +193,9 @@ class TrainConfig:
     emulate_nodes: int = 0
     link_rate: str = "100mbit"  # tc syntax
     average_last_checkpoints: int = 1  # average the model over the last N epoch checkpoints for decoding
+    # Stragglers: {rank: factor} makes each named rank take ``factor`` times its own time per step
+    # (it waits factor - 1 times the step's time after each step), e.g. {1: 2.0}
+    slow_ranks: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -392,6 +395,12 @@ def validate(cfg: RecipeConfig) -> None:
     td = cfg.model.tdnn
     need(len(td.kernels) == len(td.dilations), "model.tdnn.dilations", "must have one entry per kernel")
     need(0 <= td.subsample_layer < len(td.kernels), "model.tdnn.subsample_layer", "must index a layer")
+    tc = cfg.train
+    for rank, factor in tc.slow_ranks.items():
+        need(isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank < tc.world_size, "train.slow_ranks",
+             f"keys must be ranks 0..{tc.world_size - 1} (train.world_size {tc.world_size}), got {rank!r}")
+        need(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1.0, "train.slow_ranks",
+             f"values must be slow-down factors >= 1.0, got {factor!r} for rank {rank}")
     # The strategy section is checked against the chosen strategy's own parameters.
     from asr_parallel.strategies import parse_strategy
 

@@ -128,6 +128,29 @@ def run_ranks(world: int, scenarios: dict, tmp_path) -> list[dict]:
     return [torch.load(f"{out}-{r}.pt", weights_only=True) for r in range(world)]
 
 
+def _gloo_worker(rank, world, store, out, drive, scenarios):
+    import torch.distributed as tdist
+
+    from asr_parallel.strategies.base import DistContext
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist = DistContext(rank=rank, world_size=world, initialized=True)
+    results = {name: drive(spec, dist) for name, spec in scenarios.items()}
+    torch.save(results, f"{out}-{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def gloo_ranks(world: int, drive, scenarios: dict, tmp_path) -> list[dict]:
+    """``drive(spec, dist)`` for every scenario on ``world`` gloo ranks (one thread each); every rank's
+    results (name -> what drive returned)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "results"
+    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "store"), str(out), drive, scenarios), nprocs=world, join=True)
+    return [torch.load(f"{out}-{r}.pt", weights_only=True) for r in range(world)]
+
+
 # ---------------------------------------------------------------- independent reference
 
 

@@ -21,7 +21,7 @@ REF = "one two three four five"
 
 def write_config(tmp_path, runs, seeds=None, baseline=None, target=50.0) -> Path:
     cfg = tmp_path / "compare.yaml"
-    extra = (f"  seeds: {seeds}\n" if seeds is not None else "") + (f"  baseline: {baseline}\n" if baseline else "")
+    extra = f"  seeds: {seeds if seeds is not None else []}\n" + (f"  baseline: {baseline}\n" if baseline else "")
     cfg.write_text(f"base: {REPO / 'recipes/chime6_sim.yaml'}\nexp_dir: {tmp_path / 'exp'}\n"
                    f"data_dir: {tmp_path / 'data'}\ncompare:\n  target_dev_wer: {target}\n{extra}  runs:\n"
                    + "".join(f"    - {r}\n" for r in runs))

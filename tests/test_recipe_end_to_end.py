@@ -140,3 +140,41 @@ def test_pipelines_under_torchrun(prepared, tmp_path, strategy):
         assert tag in tags, tags
     if strategy == "pipelined_bp":  # stage 0 applies gradients two updates old once the pipeline is full
         assert events.Scalars("pipeline/staleness_stage0")[-1].value == 2.0
+
+
+ASYNC = ["train.world_size=3", "strategy.name=async_ps", "strategy.schedule=round_robin", "model.mlp.dropout=0.0",
+         "train.checkpoint_every_steps=3"]
+
+
+def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path):
+    """A server and 2 workers in a fixed round robin: checkpoints at server updates 3 and 6 (every rank
+    pauses), stop at 8; stopped at 5 and resumed from the checkpoint of update 3, the same model."""
+    import torch
+
+    r = run_sh(prepared, tmp_path / "a", *ASYNC, stop_stage=5)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = tmp_path / "a" / "mlp_async_ps_scheduleround_robin_w3"
+    summary = json.loads((run / "train_summary.json").read_text())
+    figures = summary["strategy_figures"]
+    assert summary["steps"] == 8 and figures["updates"] == 8
+    assert figures["staleness_max"] == 1 and sum(figures["staleness_histogram"]) == 8  # K - 1 = 1
+    assert summary["calls_this_process"]["counted"] == summary["calls_this_process"]["process_group"]
+    assert summary["predicted"]["by_label"] == {k: v for k, v in summary["bytes_by_label"].items() if k != "trainer"}
+    # checkpoints after updates 3 and 6, and one at every end of an epoch of updates (2 workers x their
+    # batches per epoch), where rank 0 also evaluates the master model
+    epoch_ends = [h["step"] for h in summary["history"]]
+    assert epoch_ends == list(range(figures["updates_per_epoch"], 9, figures["updates_per_epoch"]))
+    names = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert names == sorted({f"checkpoint-{s:08d}" for s in [3, 6] + epoch_ends})[-3:]  # keep_checkpoints 3
+    b = tmp_path / "b"
+    r = run_sh(prepared, b, *ASYNC, "train.max_steps=5", stop_stage=5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("final.pt", "train_summary.json"):
+        (b / run.name / name).unlink()
+    r = run_sh(prepared, b, *ASYNC, stop_stage=5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "checkpoint-00000003" in r.stdout
+    a_model = torch.load(run / "final.pt", weights_only=True)["model"]
+    b_model = torch.load(b / run.name / "final.pt", weights_only=True)["model"]
+    for key, value in a_model.items():
+        assert torch.equal(value, b_model[key]), key

@@ -135,3 +135,26 @@ def test_training_set_smaller_than_a_batch_is_an_error(prepared, tmp_path):
 
     with pytest.raises(TrainingError, match="no training batches"):
         make_trainer(prepared, tmp_path / "exp", "train.max_duration=5000")
+
+
+def test_delay_probe_applies_the_gradient_of_delay_steps_ago():
+    """The delay probe's step context: the chosen parameters get the gradient of ``delay`` steps
+    earlier (none during the first ``delay`` steps), the others this step's; delay 0 is the plain step."""
+    from types import SimpleNamespace
+
+    from asr_parallel.bin.delay_probe import DelayedStepContext
+    from asr_parallel.train.step import StepContext
+
+    tc = SimpleNamespace(grad_clip=1e9, bf16=False)
+    for delay in (0, 2):
+        a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([a, b], lr=1.0)
+        ctx = DelayedStepContext(StepContext(tc, torch.device("cpu"), opt), [a], delay)
+        for step in range(1, 6):  # gradient of step s: s on both parameters
+            opt.zero_grad(set_to_none=True)
+            a.grad, b.grad = torch.tensor([float(step)]), torch.tensor([float(step)])
+            ctx.apply(torch.zeros(1))
+        # b took every gradient, a the first 5 - delay of them
+        assert float(b) == -15.0
+        assert float(a) == -sum(range(1, 6 - delay))
+        assert len(ctx.queue) == delay

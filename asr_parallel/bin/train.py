@@ -54,8 +54,10 @@ def setup_distributed(cfg):
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, initialized=launched)
 
 
-def main(argv=None):
-    p = experiment_parser(__doc__)
+def main(argv=None, parser=None, make_trainer=None):
+    """Stage 5. ``parser`` and ``make_trainer(args, cfg, exp, dist, train_cuts, dev_cuts, sp)`` let a
+    variant of the trainer (:mod:`asr_parallel.bin.delay_probe`) run through the same checks."""
+    p = parser or experiment_parser(__doc__)
     args = p.parse_args(argv)
     setup_logging()
     try:
@@ -91,7 +93,10 @@ def main(argv=None):
         train_cuts = load_manifest(data / "fbank/chime6-ihm_cuts_train.jsonl.gz")
         dev_path = data / "fbank/chime6-ihm_cuts_dev.jsonl.gz"
         dev_cuts = load_manifest(dev_path) if dev_path.is_file() else None
-        trainer = Trainer(cfg, exp, dist, train_cuts, dev_cuts, sp)
+        if make_trainer is not None:
+            trainer = make_trainer(args, cfg, exp, dist, train_cuts, dev_cuts, sp)
+        else:
+            trainer = Trainer(cfg, exp, dist, train_cuts, dev_cuts, sp)
         summary = trainer.fit()
         if dist.is_main:
             print(f"{exp}: {summary['steps']} steps in {summary['wall_seconds'] / 60:.1f} min, "

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import get_type_hints
 
+from asr_parallel.strategies.async_ps import AsyncPS
 from asr_parallel.strategies.base import Strategy
 from asr_parallel.strategies.bmuf import BMUF
+from asr_parallel.strategies.dc_asgd import DCASGD
 from asr_parallel.strategies.easgd import EASGD
 from asr_parallel.strategies.hierarchical import Hierarchical
 from asr_parallel.strategies.gpipe import GPipe
@@ -24,7 +26,7 @@ from asr_parallel.typed import coerce
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (SingleProcess, SyncSGD, ModelAveraging, BMUF,
                                                                    EASGD, Hierarchical, PipelinedBP, GPipe,
-                                                                   OneFOneB)}
+                                                                   OneFOneB, AsyncPS, DCASGD)}
 
 
 def parse_strategy(section: dict):

@@ -193,6 +193,11 @@ class Strategy:
 
     name: str = ""
     owns_step: bool = False
+    # Strategies without a common step (asynchronous: ``async_ps``) run their own loop: server ranks
+    # call ``serve(ctx, on_update)`` until a pause, workers ``train_step`` batch after batch; a step's
+    # ``control`` ("epoch", "checkpoint", "stop") tells the trainer when every rank pauses together.
+    owns_loop: bool = False
+    is_server: bool = False
 
     @dataclass
     class Params:
@@ -219,6 +224,11 @@ class Strategy:
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once the optimiser exists, before the schedule: may scale learning rates."""
+
+    def schedule_steps(self, batches_per_epoch: int, epochs: int, checkpoint_every: int) -> int:
+        """The length of the learning-rate schedule in optimiser steps of this rank (asynchronous
+        strategies: server updates)."""
+        return batches_per_epoch * epochs
 
     def eval_model(self, model: nn.Module) -> nn.Module | None:
         """The model to evaluate and save; called on every rank (pipelines gather it on rank 0)."""

@@ -84,6 +84,11 @@ OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "check
                     "emulate_nodes", "link_rate")
 
 
+# Training keys added after fingerprints were first recorded, with their defaults: left out of the
+# fingerprint at the default, so that a finished run from before keeps its fingerprint.
+ADDED_KEYS = {"slow_ranks": {}}
+
+
 def training_fingerprint(cfg: RecipeConfig) -> str:
     """A hash of everything that decides what training computes (model, strategy, tokenizer,
     features, training options other than :data:`OPERATIONAL_KEYS`)."""
@@ -93,7 +98,8 @@ def training_fingerprint(cfg: RecipeConfig) -> str:
     operational = set(OPERATIONAL_KEYS)
     if d["strategy"].get("name") == "pipelined_bp":  # its checkpoints drain the pipeline: other updates
         operational.discard("checkpoint_every_steps")
-    train = {k: v for k, v in d["train"].items() if k not in operational}
+    train = {k: v for k, v in d["train"].items()
+             if k not in operational and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     key = {"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
            "features": d["features"], "train": train}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -141,7 +147,12 @@ class Trainer:
                                 "train.max_duration or train.num_buckets")
         # The schedule spans all epochs; max_steps only stops early (so a run stopped by max_steps and
         # resumed with a larger one follows the same schedule as an uninterrupted run).
-        self.total_steps = self.batches_per_epoch * self.tc.epochs
+        self.total_steps = self.strategy.schedule_steps(self.batches_per_epoch, self.tc.epochs,
+                                                        self.tc.checkpoint_every_steps)
+        if self.strategy.owns_loop and self.tc.max_steps:
+            self.strategy.stop_at = min(self.strategy.stop_at, self.tc.max_steps)
+        self.slow = float(self.tc.slow_ranks.get(dist.rank, 1.0))  # straggler emulation (train.slow_ranks)
+        self.slow_seconds = 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tc, self.total_steps))
         self.ctx.scheduler = self.scheduler
         self._init_counters()
@@ -256,9 +267,12 @@ class Trainer:
     def fingerprint(self) -> str:
         return training_fingerprint(self.cfg)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, step: int | None = None) -> Path:
+        """Every rank writes its part of checkpoint ``step`` (default: this rank's step; strategies
+        whose ranks count steps differently pass a number they share)."""
         self._drain()
-        return ckpt.save(self.exp_dir, self.step, self.dist.rank, self.dist.world_size, self.state_dict(),
+        step = self.step if step is None else step
+        return ckpt.save(self.exp_dir, step, self.dist.rank, self.dist.world_size, self.state_dict(),
                          self._barrier, self.tc.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
@@ -423,6 +437,9 @@ class Trainer:
                     print(self.strategy.describe())
         self.t_start = time.time()
         stop = False
+        if self.strategy.owns_loop:
+            self._run_owned_loop()
+            return self._finish()
         while self.epoch < self.tc.epochs and not stop:
             batches = self._epoch_batches(self.epoch)
             todo = batches[self.batch_in_epoch:]
@@ -431,7 +448,9 @@ class Trainer:
             t_log, frames_log = time.time(), 0
             t_iter = time.time()
             for batch in loader(self.dataset, todo, self.tc.num_workers):
+                t_step = time.time()
                 out = self.train_step(batch)
+                self._straggle(t_step)
                 self.batch_in_epoch += 1
                 self.frames_total += out["frames"]
                 frames_log += out["frames"]
@@ -471,6 +490,77 @@ class Trainer:
             self.save_checkpoint()
         return self._finish()
 
+    def _straggle(self, t_step: float) -> None:
+        """A slow rank (``train.slow_ranks``): wait (factor - 1) times the step's own time, so the rank
+        takes ``factor`` times as long per step as it would."""
+        if self.slow > 1.0:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            extra = (self.slow - 1.0) * (time.time() - t_step)
+            time.sleep(extra)
+            self.slow_seconds += extra
+
+    def _run_owned_loop(self) -> None:
+        """Strategies without a common step (``owns_loop``): server ranks serve until the end, workers
+        train on their shards epoch after epoch (each its own count of batches, no collective); every
+        rank joins the pauses the strategy calls: an epoch's end (checkpoint, evaluation of the model
+        the strategy names, on rank 0), a checkpoint, and the end."""
+        st, ctx = self.strategy, self.ctx
+        if st.is_server:
+            t_log = [time.time(), st.frames_pushed]
+
+            def on_update():
+                self.frames_total = st.frames_pushed // max(1, st.replicas)
+                if self.dist.is_main and self.step % self.tc.log_every_steps == 0:
+                    losses = st.take_losses()
+                    now = time.time()
+                    fps = (st.frames_pushed - t_log[1]) / max(1e-9, now - t_log[0])
+                    t_log[:] = [now, st.frames_pushed]
+                    if losses:
+                        self.losses += [round(x, 6) for x in losses]
+                        self._log_step({"loss": sum(losses) / len(losses), "grad_norm": float("nan")}, fps)
+
+            while True:
+                t0 = time.time()
+                event = st.serve(ctx, on_update)
+                self.train_seconds += time.time() - t0
+                if event == "stop":
+                    return
+                self._pause(event)
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            batches = list(self.sampler)
+            t_iter = time.time()
+            for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.tc.num_workers):
+                t_step = time.time()
+                out = st.train_step(batch, ctx)
+                self._straggle(t_step)
+                self.batch_in_epoch += 1
+                self.frames_total += out["frames"]
+                self.pending.append(out)
+                self._drain()
+                self.train_seconds += time.time() - t_iter
+                control = out.get("control")
+                if control == "stop":
+                    return
+                if control is not None:
+                    self._pause(control)
+                t_iter = time.time()
+            self.epoch += 1  # a worker's own pass over its shard
+            self.batch_in_epoch = 0
+
+    def _pause(self, event: str) -> None:
+        """Every rank together: an epoch's end or a checkpoint, named by the strategy's step."""
+        step = self.strategy.pause_step
+        if event == "epoch":
+            if self.strategy.is_server:
+                self.epoch += 1  # the server counts epochs of updates; a worker its passes over its shard
+            self._end_of_epoch(step)
+        elif event == "checkpoint":
+            self.save_checkpoint(step)
+        else:
+            raise TrainingError(f"unknown pause '{event}' from strategy {self.cfg.strategy['name']}")
+
     def _log_step(self, out: dict, fps: float) -> None:
         w = self.writer
         w.add_scalar("train/loss", out["loss"], self.step)
@@ -491,8 +581,8 @@ class Trainer:
             w.add_scalar(name, value, self.step)
         w.add_scalar("train/bad_batches", self.bad_total, self.step)
 
-    def _end_of_epoch(self) -> None:
-        self.save_checkpoint()
+    def _end_of_epoch(self, step: int | None = None) -> None:
+        self.save_checkpoint(step)
         model = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         if self.dist.is_main:
             ckpt.save_model(self.exp_dir / f"epoch-{self.epoch}.pt", model.state_dict(), {"epoch": self.epoch,
@@ -578,7 +668,9 @@ class Trainer:
         if self.dist.is_main:
             epochs = sorted(self.exp_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
             chosen = epochs[-self.tc.average_last_checkpoints:]
-            if chosen and self.batch_in_epoch == 0:
+            st = self.strategy
+            at_epoch_end = st.version >= st.total_updates if st.owns_loop else self.batch_in_epoch == 0
+            if chosen and at_epoch_end:
                 state = ckpt.average_models(chosen)
                 meta = {"averaged": [p.name for p in chosen], "step": self.step}
             else:  # stopped inside an epoch (max_steps): the current model
@@ -592,6 +684,7 @@ class Trainer:
                 "wall_seconds": round(self.elapsed_before + self._elapsed(), 1),
                 "train_seconds": round(self.train_seconds, 2), "frames_per_rank": self.frames_total,
                 "threads_per_rank": torch.get_num_threads() if self.device.type == "cpu" else None,
+                "slow_ranks": {str(k): v for k, v in self.tc.slow_ranks.items()},
                 "nodes": nodes, "link_rate": self.cfg.train.link_rate if nodes > 1 and self.cfg.train.emulate_nodes > 1 else None,
                 "frames_per_second": round(self.frames_total * self.strategy.replicas
                                            / max(1e-9, self.elapsed_before + self._elapsed()), 1),

@@ -1,0 +1,185 @@
+"""The asynchronous strategies against the one-process delay simulator
+(:mod:`asr_parallel.strategies.delay_sim`): ``async_ps`` in a fixed round robin on gloo ranks equals
+Downpour SGD simulated with the same minibatches, DC-ASGD with lambda 0 equals it and with lambda > 0
+(constant and adaptive) equals simulated DC-ASGD, synchronous rounds with 0 backup workers equal
+synchronous SGD; every send and receive is counted as gloo counts it and as the cost model predicts;
+a dead or hung rank stops the others with an error naming it.
+
+Ranks: one server and 2 workers (3 processes, one thread each), a tiny MLP, plain SGD.
+"""
+
+
+import pytest
+import torch
+
+from strategy_harness import LR, batch, build, config, flat, gloo_ranks, load_flat
+
+BATCHES = 4  # minibatches per worker per "epoch": the run is 2 * 4 = 8 server updates
+WORKERS = 2
+
+
+def grad_fn(cfg):
+    """The simulator's gradient: worker k's ``index``-th minibatch (0-based) at parameters w, as a
+    worker computes it (the loss's mean over the minibatch's utterances)."""
+    from asr_parallel.train.loss import ctc_loss
+
+    model = build(cfg)
+
+    def grad(k, index, w):
+        load_flat(model, w)
+        model.zero_grad(set_to_none=True)
+        b = batch(index + 1, k, uneven=True)
+        logits, out_lens = model(b.feats, b.feat_lens)
+        (ctc_loss(logits, out_lens, b.tokens) / len(b.tokens)).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    return grad
+
+
+# ---------------------------------------------------------------- the simulator on its own
+
+
+def test_simulator_staleness_and_special_cases():
+    from asr_parallel.strategies import delay_sim
+
+    cfg = config({"name": "single"})
+    w0, grad = flat(build(cfg)), grad_fn(cfg)
+    w, stale = delay_sim.downpour(w0, grad, 3, delay_sim.round_robin(3, 9), LR)
+    assert stale == [0, 1, 2, 2, 2, 2, 2, 2, 2]  # K - 1 once every worker has pushed
+    # one worker: plain SGD on its minibatches
+    w1, stale1 = delay_sim.downpour(w0, grad, 1, [0] * 4, LR)
+    sgd = w0.clone()
+    for i in range(4):
+        sgd = sgd - LR * grad(0, i, sgd)
+    assert stale1 == [0] * 4 and torch.allclose(w1, sgd, atol=1e-7)
+    # DC-ASGD with lambda 0 is ASGD; with lambda > 0 it is not
+    assert torch.equal(delay_sim.downpour(w0, grad, 3, delay_sim.round_robin(3, 9), LR, dc_lambda=0.0)[0], w)
+    assert not torch.allclose(delay_sim.downpour(w0, grad, 3, delay_sim.round_robin(3, 9), LR, dc_lambda=2.0)[0], w)
+    # gossip: the mean over workers follows SGD on the mean of the gradients each worker computes
+    for t in range(3):
+        xs = delay_sim.gossip(w0, grad, 4, t, LR)
+        mean_next = sum(delay_sim.gossip(w0, grad, 4, t + 1, LR)) / 4
+        assert torch.allclose(mean_next, sum(xs) / 4 - LR * sum(grad(k, t, xs[k]) for k in range(4)) / 4, atol=1e-6)
+    assert not torch.allclose(xs[0], xs[1])  # the workers' models differ; only their mean is SGD
+
+
+# ---------------------------------------------------------------- on gloo ranks
+
+SCENARIOS = {
+    "asgd": {"name": "async_ps", "schedule": "round_robin"},
+    "dc0": {"name": "dc_asgd", "schedule": "round_robin", "dc_lambda": 0.0},
+    "dc": {"name": "dc_asgd", "schedule": "round_robin", "dc_lambda": 2.0},
+    "dca": {"name": "dc_asgd", "schedule": "round_robin", "dc_lambda": 0.1, "adaptive": True},
+    "sync": {"name": "async_ps", "backup_workers": 0},
+    "arrival": {"name": "async_ps"},
+}
+
+
+def _sequence_numbers(st) -> int:
+    from asr_parallel.strategies.base import process_group_calls
+
+    return process_group_calls([None] + st.process_groups())
+
+
+def drive(section: dict, dist) -> dict:
+    """One run: the server serves until the end, the workers train minibatch after minibatch."""
+    from asr_parallel.strategies import build_strategy
+    from asr_parallel.train.step import StepContext
+
+    cfg = config(section)
+    seq0 = _sequence_numbers_default()
+    model = build(cfg)
+    st = build_strategy(cfg.strategy, dist)
+    part = st.wrap_model(model)
+    tc = cfg.train
+    opt = torch.optim.SGD(part.parameters(), lr=tc.lr, momentum=0.0)
+    ctx = StepContext(tc, torch.device("cpu"), opt)
+    st.schedule_steps(BATCHES, 1, 0)
+    events = []
+    if st.is_server:
+        while True:
+            events.append(st.serve(ctx))
+            if events[-1] == "stop":
+                break
+    else:
+        i = 0
+        while True:
+            i += 1
+            out = st.train_step(batch(i, st.worker_index, uneven=True), ctx)
+            if out["control"] is not None:
+                events.append(out["control"])
+            if out["control"] == "stop":
+                break
+    evaluated = st.eval_model(part)
+    return {"eval": flat(evaluated) if evaluated is not None else None, "events": events,
+            "summary": st.summary_figures(), "comm": st.comm.state_dict(), "predicted": st.predicted_comm(),
+            "calls": (st.comm.calls, _sequence_numbers(st) - seq0)}
+
+
+def _sequence_numbers_default() -> int:
+    from asr_parallel.strategies.base import process_group_calls
+
+    return process_group_calls([None])
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    return gloo_ranks(3, drive, SCENARIOS, tmp_path_factory.mktemp("async"))
+
+
+def simulated(**kw):
+    from asr_parallel.strategies import delay_sim
+
+    cfg = config({"name": "single"})
+    w0 = flat(build(cfg))
+    return delay_sim.downpour(w0, grad_fn(cfg), WORKERS, delay_sim.round_robin(WORKERS, WORKERS * BATCHES), LR, **kw)
+
+
+def test_round_robin_async_ps_equals_the_simulator(three_ranks):
+    w, stale = simulated()
+    server = three_ranks[0]["asgd"]
+    assert torch.allclose(server["eval"], w, atol=1e-6), (server["eval"] - w).abs().max()
+    s = server["summary"]
+    assert s["updates"] == WORKERS * BATCHES and s["staleness_max"] == max(stale) == 1
+    assert s["staleness_histogram"][:2] == [stale.count(0), stale.count(1)]
+    assert s["staleness_mean"] == pytest.approx(sum(stale) / len(stale))
+    # every rank saw the end of the one "epoch" of updates, then the stop
+    assert [r["asgd"]["events"] for r in three_ranks] == [["epoch", "stop"]] * 3
+
+
+def test_dc_asgd_equals_the_simulator(three_ranks):
+    w, _ = simulated()
+    assert torch.allclose(three_ranks[0]["dc0"]["eval"], w, atol=1e-6)  # lambda 0: ASGD
+    wd, _ = simulated(dc_lambda=2.0)
+    got = three_ranks[0]["dc"]["eval"]
+    assert torch.allclose(got, wd, atol=1e-6) and not torch.allclose(got, w, atol=1e-4)
+    wa, _ = simulated(dc_lambda=0.1, adaptive=True)
+    assert torch.allclose(three_ranks[0]["dca"]["eval"], wa, atol=1e-5)
+
+
+def test_synchronous_rounds_without_backups_equal_synchronous_sgd(three_ranks):
+    """b = 0: every round averages both workers' gradients, weighted by their utterances (the
+    minibatches hold 2 and 3 utterances), as synchronous SGD on the union minibatch."""
+    from asr_parallel.strategies import delay_sim
+
+    cfg = config({"name": "single"})
+    w0 = flat(build(cfg))
+    utts = lambda k, i: len(batch(i + 1, k, uneven=True).tokens)  # noqa: E731
+    w, used = delay_sim.backup_rounds(w0, grad_fn(cfg), WORKERS, [[0, 1]] * BATCHES, LR, 0, weights=utts)
+    assert torch.allclose(three_ranks[0]["sync"]["eval"], w, atol=1e-6)
+    assert three_ranks[0]["sync"]["summary"]["staleness_max"] == 0
+
+
+def test_arrival_order_trains_and_records_staleness(three_ranks):
+    s = three_ranks[0]["arrival"]["summary"]
+    assert s["updates"] == WORKERS * BATCHES and sum(s["staleness_histogram"]) == WORKERS * BATCHES
+    assert sum(s["pushes_per_worker"]) >= WORKERS * BATCHES
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_every_send_and_receive_counted_and_predicted(three_ranks, name):
+    for rank, res in enumerate(three_ranks):
+        counted, sequence = res[name]["calls"]
+        assert counted == sequence, (rank, counted, sequence)
+        comm, predicted = res[name]["comm"], res[name]["predicted"]
+        assert comm["by_label"] == predicted["by_label"], (rank, comm["by_label"], predicted["by_label"])
