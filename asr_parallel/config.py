@@ -234,6 +234,9 @@ class CompareConfig:
     # asr_parallel/score/significance.py): resampled test sets, interval level, and what is resampled
     # (utterances, or whole speakers or sessions as blocks).
     bootstrap_resamples: int = 1000
+    # Further paired tests besides the baseline: [reference label, run label] pairs (run labels as in the
+    # table), e.g. BMUF against model averaging at the same warm-up
+    pairs: list[list[str]] = field(default_factory=list)
     confidence_level: float = 0.95
     bootstrap_unit: Literal["utterance", "speaker", "session"] = "utterance"
 

@@ -99,6 +99,8 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
             "part": sorted(trainer.wrapped.state_dict()) if pipeline else None,
             "predicted": trainer.predicted_comm() if pipeline else None, "calls": calls,
             "resume_setup": resume_setup,
+            "optimizer_steps": max((int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s),
+                                   default=0),
             "buckets": trainer.strategy.summary_figures().get("ddp_bucket_bytes")}
 
 

@@ -8,6 +8,7 @@ a dead or hung rank stops the others with an error naming it.
 Ranks: one server and 2 workers (3 processes, one thread each), a tiny MLP, plain SGD.
 """
 
+import time
 
 import pytest
 import torch
@@ -183,3 +184,70 @@ def test_every_send_and_receive_counted_and_predicted(three_ranks, name):
         assert counted == sequence, (rank, counted, sequence)
         comm, predicted = res[name]["comm"], res[name]["predicted"]
         assert comm["by_label"] == predicted["by_label"], (rank, comm["by_label"], predicted["by_label"])
+
+
+# ---------------------------------------------------------------- failures
+
+
+def _failing_rank(rank, store, out, mode):
+    """Server 0, workers 1 and 2. ``worker_dies``: rank 2 exits after its first push; ``server_dies``:
+    the server exits after 3 updates; ``worker_hangs``: rank 2 stops sending but stays alive."""
+    import os
+
+    import torch.distributed as tdist
+
+    from asr_parallel.strategies import build_strategy
+    from asr_parallel.strategies.base import DistContext
+    from asr_parallel.train.step import StepContext
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    cfg = config({"name": "async_ps", "timeout": 3.0})
+    model = build(cfg)
+    st = build_strategy(cfg.strategy, DistContext(rank=rank, world_size=3, initialized=True))
+    part = st.wrap_model(model)
+    ctx = StepContext(cfg.train, torch.device("cpu"), torch.optim.SGD(part.parameters(), lr=LR))
+    st.schedule_steps(1000, 1, 0)
+    t0 = time.time()
+    message = "no error"
+    try:
+        if st.is_server:
+            if mode == "server_dies":
+                while st.version < 3:
+                    st.serve(ctx, on_update=lambda: None if st.version < 3 else os._exit(3))
+            st.serve(ctx)
+        else:
+            for i in range(1, 1000):
+                if rank == 2 and i == 2 and mode != "server_dies":
+                    if mode == "worker_dies":
+                        os._exit(3)
+                    time.sleep(20)
+                    os._exit(0)
+                st.train_step(batch(i, st.worker_index), ctx)
+    except Exception as e:  # noqa: BLE001 -- the message is the test's subject
+        message = f"{type(e).__name__}: {e}"
+    with open(f"{out}-{rank}", "w") as f:
+        f.write(f"{time.time() - t0:.1f}\n{message}")
+    os._exit(0)
+
+
+@pytest.mark.parametrize("mode", ["worker_dies", "worker_hangs", "server_dies"])
+def test_a_dead_or_hung_rank_stops_the_others_with_an_error_naming_it(tmp_path, mode):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "message"
+    ctx = mp.spawn(_failing_rank, args=(str(tmp_path / "store"), str(out), mode), nprocs=3, join=False)
+    for p in ctx.processes:
+        p.join(60)
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    if mode == "server_dies":
+        for rank in (1, 2):  # every worker: no reply from the server within the timeout
+            elapsed, message = (tmp_path / f"message-{rank}").read_text().split("\n", 1)
+            assert "async_ps worker" in message and "from server (rank 0) within 3 s" in message, message
+            assert float(elapsed) < 40
+    else:  # the server names the silent worker while the other keeps pushing
+        elapsed, message = (tmp_path / "message-0").read_text().split("\n", 1)
+        assert "worker 1 (rank 2) has sent nothing for" in message and "timeout 3 s" in message, message
+        assert float(elapsed) < 40

@@ -40,6 +40,7 @@ def test_two_strategy_comparison(prepared, tmp_path):
 compare:
   target_dev_wer: 60.0    # set from the runs' own histories on the re-run below
   seeds: []               # one run each (the default recipe compares two seeds)
+  pairs: []
   runs:
     - {{strategy: {{name: single}}, label: single}}
     - {{strategy: {{name: model_averaging, sync_period: 4}}, world_size: 2}}

@@ -19,9 +19,10 @@ N = 60  # utterances per test set, 5 reference words each
 REF = "one two three four five"
 
 
-def write_config(tmp_path, runs, seeds=None, baseline=None, target=50.0) -> Path:
+def write_config(tmp_path, runs, seeds=None, baseline=None, target=50.0, pairs="[]") -> Path:
     cfg = tmp_path / "compare.yaml"
-    extra = f"  seeds: {seeds if seeds is not None else []}\n" + (f"  baseline: {baseline}\n" if baseline else "")
+    extra = (f"  seeds: {seeds if seeds is not None else []}\n  pairs: {pairs}\n"
+             + (f"  baseline: {baseline}\n" if baseline else ""))
     cfg.write_text(f"base: {REPO / 'recipes/chime6_sim.yaml'}\nexp_dir: {tmp_path / 'exp'}\n"
                    f"data_dir: {tmp_path / 'data'}\ncompare:\n  target_dev_wer: {target}\n{extra}  runs:\n"
                    + "".join(f"    - {r}\n" for r in runs))
@@ -180,6 +181,21 @@ def test_seeds(tmp_path, capsys):
     dump_config(p[0].cfg, experiment_dir(p[1].cfg) / "config.yaml")
     code, err = run_compare(cfg, capsys)
     assert code == 1 and "single_seed11 was trained with train.seed=3, not 11" in err
+
+
+def test_pairs_are_tested_seed_by_seed(tmp_path, capsys):
+    cfg = write_config(tmp_path, RUNS, seeds=[3, 11], pairs="[[sync_sgd_w2, ma]]")
+    for x in plans(cfg):
+        errs = range(0, N, 3) if x.run_label != "ma" else range(0, N, 6)  # ma: half the others' errors
+        fake_experiment(x, set(errs), [(50.0, 80.0)])
+    table, md = run_compare(cfg, capsys)
+    assert [(e["reference"], e["run"]) for e in table["pairs"]] == [("sync_sgd_w2_seed3", "ma_seed3"),
+                                                                   ("sync_sgd_w2_seed11", "ma_seed11")]
+    assert table["pairs"][0]["dev_worn"]["verdict"] == "better" and table["pairs"][0]["dev_worn"]["difference"] < 0
+    assert "| ma_seed11 | sync_sgd_w2_seed11 |" in md
+    write_config(tmp_path, RUNS, seeds=[3, 11], pairs="[[sync_sgd_w2, nope]]")
+    code, err = run_compare(cfg, capsys)
+    assert code == 1 and "compare.pairs entry ['sync_sgd_w2', 'nope'] must name two runs" in err
 
 
 def test_a_run_can_have_fewer_seeds(tmp_path, capsys):

@@ -162,6 +162,14 @@ def test_batch_norm_statistics_agree_after_a_synchronous_warm_up(two_ranks):
         assert torch.allclose(e0[k].float(), e1[k].float(), atol=1e-6), k
 
 
+def test_fairseq_warm_up_restarts_the_optimiser_state(two_ranks):
+    """BMUF's local warm-up (1 step) ends with rank 0's model broadcast and Adam's state cleared
+    (fairseq), so after 5 steps Adam has counted 4; the synchronous warm-up keeps it (3 of 3)."""
+    assert two_ranks[0]["bmuf_conformer"]["optimizer_steps"] == 4
+    assert two_ranks[1]["bmuf_conformer"]["optimizer_steps"] == 4
+    assert two_ranks[0]["bmuf_bn_sync_warmup"]["optimizer_steps"] == 3
+
+
 def test_buffers_and_optimizer_state_are_averaged(two_ranks):
     # After step 4 (an averaging step) both ranks hold the same parameters and batch-norm statistics.
     r0, r1 = two_ranks[0]["ma_state"]["local"], two_ranks[1]["ma_state"]["local"]

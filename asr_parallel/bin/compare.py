@@ -171,6 +171,16 @@ def utterance_scores(exp: Path, method: str) -> dict:
     return out
 
 
+def staleness(figures: dict) -> list | None:
+    """The staleness column: per stage for pipelines, [mean, max] of the applied pushes for the
+    asynchronous strategies."""
+    if figures.get("staleness") is not None:
+        return figures["staleness"]
+    if "staleness_mean" in figures:
+        return [figures["staleness_mean"], figures["staleness_max"]]
+    return None
+
+
 def collect(plan: Plan, exp: Path, target: float) -> tuple[dict, dict]:
     """The row of one training, and its per-utterance error counts per set."""
     results = json.loads((exp / "results.json").read_text())
@@ -189,7 +199,11 @@ def collect(plan: Plan, exp: Path, target: float) -> tuple[dict, dict]:
            # what rank 0's link counted (emulated nodes only), and every call rank 0 made
            "wire_bytes_sent": (summary.get("wire") or {}).get("bytes_sent_per_rank", [None])[0],
            "calls": summary.get("collective_calls"),
-           "staleness": summary.get("strategy_figures", {}).get("staleness"),
+           # the figures behind those columns, kept so that a committed table can be checked
+           "calls_this_process": summary.get("calls_this_process"), "bytes_by_label": summary.get("bytes_by_label"),
+           "predicted": summary.get("predicted"), "wire": summary.get("wire"),
+           "strategy_figures": summary.get("strategy_figures"), "code": summary.get("code"),
+           "staleness": staleness(summary.get("strategy_figures") or {}),
            "peak_memory_mb": summary.get("peak_memory_mb"),
            "history": summary.get("history", [])}
     scores = utterance_scores(exp, method)
@@ -219,6 +233,9 @@ def add_significance(rows: list[dict], scores: dict, baseline: str, cc) -> None:
             if f"{key}_wer" in row:
                 row[f"{key}_wer_ci"] = bootstrap_wer(s, **opts).to_dict()["ci"]
         ref = base_rows.get(row["seed"] if cc.seeds else None)
+        if row["run"] != baseline and ref is None:
+            print(f"WARNING: stage 8 (compare): no baseline run {baseline} of seed {row['seed']}: {row['label']} is "
+                  "not tested against it", file=sys.stderr)
         if row["run"] == baseline or ref is None:
             row["vs_baseline"] = None
             continue
@@ -228,6 +245,30 @@ def add_significance(rows: list[dict], scores: dict, baseline: str, cc) -> None:
                 paired = paired_bootstrap(scores[ref["label"]][key], s, name_a=f"{ref['label']} ({key})",
                                           name_b=f"{row['label']} ({key})", **opts)
                 row["vs_baseline"][key] = paired.to_dict()
+
+
+def add_pairs(rows: list[dict], scores: dict, pairs: list[list[str]], cc) -> list[dict]:
+    """``compare.pairs``: for each [reference, run] of run labels, the paired bootstrap of the run
+    against the reference, seed by seed (the same test-set resamples for both)."""
+    from asr_parallel.score.significance import paired_bootstrap
+
+    opts = {"num_resamples": cc.bootstrap_resamples, "level": cc.confidence_level, "seed": BOOTSTRAP_SEED,
+            "unit": cc.bootstrap_unit}
+    out = []
+    for ref_run, run in pairs:
+        for ref in (r for r in rows if r["run"] == ref_run):
+            other = next((r for r in rows if r["run"] == run and r["seed"] == ref["seed"]), None)
+            if other is None:
+                print(f"WARNING: stage 8 (compare): compare.pairs [{ref_run}, {run}]: no run {run} of seed {ref['seed']}",
+                      file=sys.stderr)
+                continue
+            entry = {"reference": ref["label"], "run": other["label"]}
+            for key, s in scores[other["label"]].items():
+                if f"{key}_wer" in other and key in scores[ref["label"]]:
+                    entry[key] = paired_bootstrap(scores[ref["label"]][key], s, name_a=f"{ref['label']} ({key})",
+                                                  name_b=f"{other['label']} ({key})", **opts).to_dict()
+            out.append(entry)
+    return out
 
 
 def _spread(values: list) -> dict | None:
@@ -286,12 +327,19 @@ def _spread_cell(s: dict | None, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
 
 
+def _paired_cell(t: dict | None) -> str:
+    if t is None:
+        return "-"
+    return (f"{t['difference']:+.2f} [{t['difference_ci'][0]:+.2f}, {t['difference_ci'][1]:+.2f}] poi {t['poi']:.2f} "
+            f"{t['verdict']}")
+
+
 def markdown(rows: list[dict], target: float, baseline: str = "", summaries: list[dict] | None = None,
-             level: float = 0.95, resamples: int = 1000, unit: str = "utterance") -> str:
+             level: float = 0.95, resamples: int = 1000, unit: str = "utterance", pairs: list[dict] | None = None) -> str:
     pct = f"{100 * level:g}%"
     head = ("| run | ranks | dev worn | dev array | eval worn | eval array | training wall (s) | training loop (s) "
             f"| time to greedy dev worn <= {target:g}% (s) | frames/s | bytes sent per rank, modelled "
-            "| bytes sent by rank 0, on the wire | calls per rank | staleness | peak memory (MB) |")
+            "| bytes sent by rank 0's node, on the wire | calls per rank | staleness | peak memory (MB) |")
     lines = [head, "|" + "---|" * 15]
     by_run = {s["run"]: s for s in summaries or []}
     for i, r in enumerate(rows):
@@ -323,11 +371,7 @@ def markdown(rows: list[dict], target: float, baseline: str = "", summaries: lis
         for i, r in enumerate(rows):
             vs = r.get("vs_baseline")
             if vs:
-                cells = []
-                for split, cond in SETS:
-                    t = vs.get(f"{split}_{cond}")
-                    cells.append("-" if t is None else f"{t['difference']:+.2f} [{t['difference_ci'][0]:+.2f}, "
-                                 f"{t['difference_ci'][1]:+.2f}] poi {t['poi']:.2f} {t['verdict']}")
+                cells = [_paired_cell(vs.get(f"{split}_{cond}")) for split, cond in SETS]
                 lines.append(f"| {r['label']} | {vs['baseline']} | " + " | ".join(cells) + " |")
             s = by_run.get(r["run"])
             if s and len(s["seeds"]) > 1 and s["vs_baseline"] and (i + 1 == len(rows) or rows[i + 1]["run"] != r["run"]):
@@ -338,6 +382,13 @@ def markdown(rows: list[dict], target: float, baseline: str = "", summaries: lis
                                  f"tie {t['tie']}, worse {t['worse']}")
                 lines.append(f"| **{r['run']}** over {len(s['seeds'])} seeds | {baseline} | "
                              + " | ".join(cells) + " |")
+    if pairs:
+        lines += ["", f"Pairs of runs (compare.pairs), seed by seed: WER difference (run - reference, points) with its "
+                  f"{pct} paired-bootstrap interval, poi and verdict as above.", "",
+                  "| run | reference | dev worn | dev array | eval worn | eval array |", "|" + "---|" * 6]
+        for e in pairs:
+            lines.append(f"| {e['run']} | {e['reference']} | "
+                         + " | ".join(_paired_cell(e.get(f"{split}_{cond}")) for split, cond in SETS) + " |")
     return "\n".join(lines)
 
 
@@ -455,6 +506,12 @@ def main(argv=None):
             raise ConfigError(f"{args.config}: compare.runs is empty; list the runs to compare")
         plans = plan_runs(args, base)
         baseline = baseline_label(base)
+        labels = [run_label(r) for r in base.compare.runs]
+        for pair in base.compare.pairs:
+            unknown = [x for x in pair if x not in labels]
+            if len(pair) != 2 or unknown:
+                raise ConfigError(f"{args.config}: compare.pairs entry {pair} must name two runs by their labels; "
+                                  f"runs: {', '.join(labels)}")
     except ConfigError as e:
         print(f"ERROR: stage 8 (compare): {e}", file=sys.stderr)
         raise SystemExit(1)
@@ -488,12 +545,13 @@ def main(argv=None):
         rows.append(row)
     try:
         add_significance(rows, scores, baseline, cc)
+        pairs = add_pairs(rows, scores, cc.pairs, cc)
     except ValueError as e:
         print(f"ERROR: stage 8 (compare): {e}", file=sys.stderr)
         raise SystemExit(1)
     summaries = seed_summary(rows) if cc.seeds else None
     table = markdown(rows, cc.target_dev_wer, baseline, summaries, cc.confidence_level, cc.bootstrap_resamples,
-                     cc.bootstrap_unit)
+                     cc.bootstrap_unit, pairs)
     atomic_write_text(out / "comparison.md", table + "\n")
     atomic_write_json(out / "comparison.json", {
         "target_dev_wer": cc.target_dev_wer, "baseline": baseline, "seeds": cc.seeds,
@@ -501,7 +559,8 @@ def main(argv=None):
                          "resamples": cc.bootstrap_resamples, "level": cc.confidence_level,
                          "unit": cc.bootstrap_unit, "seed": BOOTSTRAP_SEED,
                          "verdict": "tie when the difference's interval contains 0, else better (lower WER) or worse"},
-        "runs": rows, **({"seed_summary": summaries} if summaries is not None else {})})
+        "runs": rows, **({"seed_summary": summaries} if summaries is not None else {}),
+        **({"pairs": pairs} if pairs else {})})
     write_tensorboard(out, rows)
     plot(out, rows)
     print(table)

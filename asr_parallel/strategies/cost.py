@@ -20,10 +20,10 @@ strategy, over ``steps`` optimiser steps:
 * ``bmuf``, ``easgd``: as model averaging, without optimiser state.
 * ``hierarchical``: per step the bucketed gradient all-reduce inside the group of G ranks; across the
   N = K / G groups the outer rule above with N in place of K (its warm-up averages gradients with a
-  flat all-reduce of P), and at every outer synchronisation an all-reduce of the buffers inside the
-  group.
+  flat all-reduce of P), and at every outer synchronisation (and at the end of the warm-up) an
+  all-reduce of the buffers inside the group.
 
-Not modelled: DDP's set-up calls (``ddp_setup``) and the trainer's own coordination (``control``):
+Not modelled: DDP's set-up calls (``ddp_setup``) and the trainer's own coordination (``trainer``):
 they are counted, and reported apart.
 """
 
@@ -115,7 +115,8 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         ddp("intra", g, steps)
         # across groups: the ranks at this rank's place in every group; the warm-up is always synchronous
         syncs = periodic(p, world_size // g, "inter", False, rank // g)
-        add("intra", size.buffers, g, syncs)
+        warmed = 1 if p.warmup_steps and steps >= p.warmup_steps else 0  # buffers averaged at its end too
+        add("intra", size.buffers, g, syncs + warmed)
     elif name in ("pipelined_bp", "gpipe", "one_f_one_b"):
         raise ValueError(f"the bytes of '{name}' depend on the batch shapes: see "
                          "asr_parallel.strategies.pipeline.boundary_bytes and the strategy's predicted_comm()")

@@ -12,8 +12,9 @@ post-local SGD with ``HierarchicalModelAverager``.
 
 Inside a group the loss is averaged over the group's utterances (the DDP hook of
 :mod:`~asr_parallel.strategies.ddp`). Batch-norm statistics are not synchronised by DDP, so at every
-outer synchronisation the buffers are first averaged inside the group (one all-reduce, label
-``intra``) and then across groups with the parameters: the result is their mean over all K ranks.
+outer synchronisation, and at the end of a warm-up, the buffers are first averaged inside the group
+(one all-reduce, label ``intra``) and then across groups (with the parameters, or on their own after
+the warm-up): the result is their mean over all K ranks.
 ``scale_lr`` multiplies the learning rate by K: by G for the G-fold batch of a group (the linear
 scaling rule) and by N for the averaging of N models (Kaldi nnet3's rule).
 
@@ -88,6 +89,8 @@ class Hierarchical(Strategy):
         self.outer = cls(outer_params, dist, group=self.inter, label="inter")
         self.outer.comm = self.comm  # one counter, its labels apart
         self.outer.synchronize = self._synchronize_outer(self.outer.synchronize)
+        self.outer.average_buffers_after_warmup = self._average_buffers_after_warmup(
+            self.outer.average_buffers_after_warmup)
 
     def process_groups(self) -> list:
         return [self.intra, self.inter]
@@ -97,14 +100,25 @@ class Hierarchical(Strategy):
         self.outer.wrap_model(self.ddp)  # rank 0 of every peer set broadcasts; the groups already agree
         return self.ddp
 
+    def _average_buffers_in_group(self) -> None:
+        bufs = float_buffers(self.outer.module)
+        if bufs and self.group_size > 1:
+            flat = all_reduce(flatten(bufs), self.comm, self.intra, "intra")
+            unflatten_into(flat / self.group_size, bufs)
+
     def _synchronize_outer(self, synchronize):
         """The outer rule, after the buffers were averaged inside the group (one all-reduce)."""
         def run(step, optimizer):
-            bufs = float_buffers(self.outer.module)
-            if bufs and self.group_size > 1:
-                flat = all_reduce(flatten(bufs), self.comm, self.intra, "intra")
-                unflatten_into(flat / self.group_size, bufs)
+            self._average_buffers_in_group()
             synchronize(step, optimizer)
+        return run
+
+    def _average_buffers_after_warmup(self, across_groups):
+        """The end of the synchronous warm-up: buffers averaged inside the group, then across groups
+        (their mean over all K ranks), as at every outer synchronisation."""
+        def run():
+            self._average_buffers_in_group()
+            across_groups()
         return run
 
     def setup_optimizer(self, optimizer) -> None:

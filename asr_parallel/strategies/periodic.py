@@ -203,13 +203,20 @@ class PeriodicSync(Strategy):
         if self.warmup == "local_broadcast" and self.k > 1:
             self.broadcast_model()
             optimizer.state.clear()
-        elif self.k > 1 and float_buffers(self.module):
-            # DDP kept the parameters equal but not the batch-norm statistics: average them once
-            bufs = float_buffers(self.module)
-            flat = all_reduce(flatten(bufs), self.comm, self.group, "state")
-            unflatten_into(flat / self.k, bufs)
+        else:
+            # the synchronous warm-up's skipped steps were agreed by every rank: count them once
+            self.bad_all_ranks += int(round(float(self.bad_since_sync)))
+            self.bad_since_sync = torch.zeros(())
+            self.average_buffers_after_warmup()
         self.set_global_from_local()
         self.init_state()
+
+    def average_buffers_after_warmup(self) -> None:
+        """DDP kept the parameters equal but not the batch-norm statistics: average them once."""
+        bufs = float_buffers(self.module)
+        if self.k > 1 and bufs:
+            flat = all_reduce(flatten(bufs), self.comm, self.group, "state")
+            unflatten_into(flat / self.k, bufs)
 
     def synchronize(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         raise NotImplementedError

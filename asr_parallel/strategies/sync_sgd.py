@@ -30,11 +30,17 @@ class SyncSGD(Strategy):
     @dataclass
     class Params:
         bucket_cap_mb: float = 0.0  # DDP bucket size; 0: torch's default (a 1 MiB first bucket, then 25 MiB)
+        # DDP's unused-parameter search all-reduces a map of used parameters every step outside the
+        # communication hook (uncounted) and changes the first step's buckets: not supported
         find_unused_parameters: bool = False
 
         def __post_init__(self):
             if self.bucket_cap_mb < 0:
                 raise ValueError(f"strategy.bucket_cap_mb must be >= 0, got {self.bucket_cap_mb}")
+            if self.find_unused_parameters:
+                raise ValueError("strategy.find_unused_parameters: true is not supported: DDP would all-reduce its "
+                                 "map of used parameters every step outside the counted communication hook; every "
+                                 "model of this recipe uses all its parameters")
 
     def __init__(self, params, dist):
         super().__init__(params, dist)

@@ -96,8 +96,9 @@ def training_fingerprint(cfg: RecipeConfig) -> str:
 
     d = cfg.to_dict()
     operational = set(OPERATIONAL_KEYS)
-    if d["strategy"].get("name") == "pipelined_bp":  # its checkpoints drain the pipeline: other updates
-        operational.discard("checkpoint_every_steps")
+    if d["strategy"].get("name") == "pipelined_bp":  # its checkpoints and a max_steps stop drain the
+        operational.discard("checkpoint_every_steps")  # pipeline: other updates
+        operational.discard("max_steps")
     train = {k: v for k, v in d["train"].items()
              if k not in operational and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     key = {"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
@@ -272,8 +273,16 @@ class Trainer:
         whose ranks count steps differently pass a number they share)."""
         self._drain()
         step = self.step if step is None else step
-        return ckpt.save(self.exp_dir, step, self.dist.rank, self.dist.world_size, self.state_dict(),
-                         self._barrier, self.tc.keep_checkpoints)
+        state = self.state_dict()
+        from asr_parallel.strategies.base import CommCounter, group_size
+
+        if self.dist.distributed and group_size() > 1:  # the save's own 3 barriers, counted as they happen
+            counter = CommCounter()
+            counter.load_state_dict(state["strategy"]["comm"])
+            counter.control(3, 0, "trainer")
+            state["strategy"]["comm"] = counter.state_dict()
+        return ckpt.save(self.exp_dir, step, self.dist.rank, self.dist.world_size, state, self._barrier,
+                         self.tc.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
         path = ckpt.latest(self.exp_dir, self.dist.world_size)

@@ -4,8 +4,9 @@
 received, headers included (Ethernet, IP, TCP: about 4-5% on top of the payload at a 1500-byte MTU,
 plus the acknowledgements of the other direction). In the emulated cluster every node is a network
 namespace whose only link to the others is ``eth0`` (``local/emulate_cluster.sh``; ``ip netns exec``
-mounts the namespace's own sysfs), so the counters there are this rank's traffic and nothing else's:
-an instrument outside the project's own accounting, set beside its modelled bytes.
+mounts the namespace's own sysfs), so the counters there are the traffic of that node's ranks and
+nothing else's (one rank's when a node runs one, as in the comparisons): an instrument outside the
+project's own accounting, set beside its modelled bytes.
 """
 
 from __future__ import annotations
