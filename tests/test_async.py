@@ -19,7 +19,7 @@ BATCHES = 4  # minibatches per worker per "epoch": the run is 2 * 4 = 8 server u
 WORKERS = 2
 
 
-def grad_fn(cfg):
+def grad_fn(cfg, uneven: bool = True):
     """The simulator's gradient: worker k's ``index``-th minibatch (0-based) at parameters w, as a
     worker computes it (the loss's mean over the minibatch's utterances)."""
     from asr_parallel.train.loss import ctc_loss
@@ -29,7 +29,7 @@ def grad_fn(cfg):
     def grad(k, index, w):
         load_flat(model, w)
         model.zero_grad(set_to_none=True)
-        b = batch(index + 1, k, uneven=True)
+        b = batch(index + 1, k, uneven=uneven)
         logits, out_lens = model(b.feats, b.feat_lens)
         (ctc_loss(logits, out_lens, b.tokens) / len(b.tokens)).backward()
         return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -251,3 +251,124 @@ def test_a_dead_or_hung_rank_stops_the_others_with_an_error_naming_it(tmp_path, 
         elapsed, message = (tmp_path / "message-0").read_text().split("\n", 1)
         assert "worker 1 (rank 2) has sent nothing for" in message and "timeout 3 s" in message, message
         assert float(elapsed) < 40
+
+
+# ---------------------------------------------------------------- AD-PSGD on 2 ranks
+
+GOSSIP = {
+    "sync": {"section": {"name": "ad_psgd", "gossip": "sync"}, "lr": LR, "seed_by_rank": False},
+    "async": {"section": {"name": "ad_psgd"}, "lr": LR, "seed_by_rank": False},
+    # no updates, different initial models: every exchange is a pairwise average, so both ranks end
+    # with the mean of the two initial models, exactly (the sum is kept)
+    "async_average": {"section": {"name": "ad_psgd"}, "lr": 0.0, "seed_by_rank": True},
+}
+GOSSIP_STEPS = 4
+
+
+def drive_gossip(spec: dict, dist) -> dict:
+    from asr_parallel.strategies import build_strategy
+    from asr_parallel.train.step import StepContext
+
+    cfg = config(spec["section"])
+    seq0 = _sequence_numbers_default()
+    model = build(cfg, seed=dist.rank if spec["seed_by_rank"] else 0)
+    initial = flat(model)
+    st = build_strategy(cfg.strategy, dist)
+    part = st.wrap_model(model)
+    ctx = StepContext(cfg.train, torch.device("cpu"), torch.optim.SGD(part.parameters(), lr=spec["lr"]))
+    for i in range(1, GOSSIP_STEPS + 1):
+        st.train_step(batch(i, dist.rank), ctx)
+    st.finish(ctx)
+    evaluated = st.eval_model(part)
+    return {"final": flat(model), "initial": initial, "eval": flat(evaluated), "summary": st.summary_figures(),
+            "calls": (st.comm.calls, _sequence_numbers(st) - seq0)}
+
+
+@pytest.fixture(scope="module")
+def gossip_ranks(tmp_path_factory):
+    return gloo_ranks(2, drive_gossip, GOSSIP, tmp_path_factory.mktemp("gossip"))
+
+
+def test_synchronous_gossip_equals_the_simulator(gossip_ranks):
+    from asr_parallel.strategies import delay_sim
+
+    cfg = config({"name": "single"})
+    xs = delay_sim.gossip(flat(build(cfg)), grad_fn(cfg, uneven=False), 2, GOSSIP_STEPS, LR)
+    for rank in range(2):
+        assert torch.allclose(gossip_ranks[rank]["sync"]["final"], xs[rank], atol=1e-6)
+        # evaluated: the average of the ranks' models
+        assert torch.allclose(gossip_ranks[rank]["sync"]["eval"], (xs[0] + xs[1]) / 2, atol=1e-6)
+
+
+def test_asynchronous_gossip_averages_pairwise_and_atomically(gossip_ranks):
+    a, b = gossip_ranks[0]["async_average"], gossip_ranks[1]["async_average"]
+    mean = (a["initial"] + b["initial"]) / 2
+    assert not torch.allclose(a["initial"], b["initial"])
+    assert torch.allclose(a["final"], mean, atol=1e-6) and torch.allclose(b["final"], mean, atol=1e-6)
+    # the active rank 0 averaged once per step; the passive rank 1 answered each request
+    assert a["summary"]["exchanges"] == GOSSIP_STEPS and b["summary"]["served"] == GOSSIP_STEPS
+    trained = [gossip_ranks[r]["async"]["final"] for r in range(2)]
+    assert all(torch.isfinite(t).all() for t in trained) and not torch.allclose(trained[0], gossip_ranks[0]["async"]["initial"])
+
+
+@pytest.mark.parametrize("name", list(GOSSIP))
+def test_gossip_calls_are_counted(gossip_ranks, name):
+    for rank in range(2):
+        counted, sequence = gossip_ranks[rank][name]["calls"]
+        assert counted == sequence, (rank, counted, sequence)
+
+
+# ---------------------------------------------------------------- Hogwild on 2 ranks
+
+HOGWILD_STEPS = 3
+
+
+def drive_hogwild(spec: dict, dist) -> dict:
+    """Hogwild through the trainer's step, the ranks' steps taken in turn (a barrier of the test's own
+    between turns), so the shared vector sees rank 0's update, then rank 1's, step after step."""
+    import torch.distributed as tdist
+
+    from asr_parallel.train.trainer import Trainer
+
+    cfg = config({"name": "hogwild"})
+    trainer = Trainer.for_benchmark(cfg, dist, build(cfg, seed=dist.rank))  # rank 0's model is shared
+    calls_after_setup = trainer.strategy.comm.calls
+    for s in range(1, HOGWILD_STEPS + 1):
+        for r in range(dist.world_size):
+            if dist.rank == r:
+                trainer.train_step(batch(s, r))
+            tdist.barrier()
+    calls_in_steps = trainer.strategy.comm.calls - calls_after_setup
+    setup = list(trainer.strategy.comm.by_label.get("hogwild"))
+    trainer.strategy.finish(trainer.ctx)  # a barrier, and rank 0 removes the shared file
+    return {"final": flat(trainer.model), "calls_in_steps": calls_in_steps, "setup": setup}
+
+
+@pytest.fixture(scope="module")
+def hogwild_ranks(tmp_path_factory):
+    return gloo_ranks(2, drive_hogwild, {"serial": {}}, tmp_path_factory.mktemp("hogwild"))
+
+
+def test_hogwild_shares_one_vector_and_serial_turns_equal_sgd(hogwild_ranks):
+    cfg = config({"name": "single"})
+    grad = grad_fn(cfg, uneven=False)
+    w = flat(build(cfg, seed=0))
+    for s in range(HOGWILD_STEPS):
+        for r in range(2):
+            w = w - LR * grad(r, s, w)
+    a, b = hogwild_ranks[0]["serial"], hogwild_ranks[1]["serial"]
+    assert torch.equal(a["final"], b["final"])  # one shared vector
+    assert torch.allclose(a["final"], w, atol=1e-6)
+    # no call at all in the steps; two barriers at the set-up (file written, file mapped)
+    assert a["calls_in_steps"] == 0 and b["calls_in_steps"] == 0 and a["setup"] == [0, 2]
+
+
+def test_hogwild_refuses_gpus_and_several_nodes(monkeypatch):
+    from asr_parallel.strategies import build_strategy
+    from asr_parallel.strategies.base import DistContext
+
+    with pytest.raises(ValueError, match="set train.device cpu"):
+        build_strategy({"name": "hogwild"}, DistContext(rank=0, world_size=2, device=torch.device("cuda", 0)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="every rank on one machine"):
+        build_strategy({"name": "hogwild"}, DistContext(rank=0, world_size=2))

@@ -181,3 +181,24 @@ def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path):
     b_model = torch.load(b / run.name / "final.pt", weights_only=True)["model"]
     for key, value in a_model.items():
         assert torch.equal(value, b_model[key]), key
+
+
+@pytest.mark.parametrize("strategy", ["ad_psgd", "hogwild"])
+def test_decentralized_and_lock_free_strategies_under_torchrun(prepared, tmp_path, strategy):
+    """AD-PSGD (a passive thread answering the active rank's averages) and Hogwild (one shared vector)
+    through the trainer: checkpoints every 3 steps, epoch ends, the end; every call counted."""
+    r = run_sh(prepared, tmp_path / "exp", "train.world_size=2", f"strategy.name={strategy}",
+               "train.checkpoint_every_steps=3", stop_stage=5)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "exp" / f"mlp_{strategy}_w2" / "train_summary.json").read_text())
+    assert summary["steps"] == 8 and summary["bad_batches"] == 0
+    assert summary["calls_this_process"]["counted"] == summary["calls_this_process"]["process_group"]
+    figures = summary["strategy_figures"]
+    if strategy == "ad_psgd":
+        assert figures["exchanges"] == 8  # rank 0 (active) averaged once per step
+        assert summary["bytes_by_label"]["gossip"][1] == 8 * 3 + 1  # header, model out, model back; done
+        assert summary["predicted"]["by_label"] == {k: v for k, v in summary["bytes_by_label"].items()
+                                                    if k not in ("trainer", "hogwild")}
+    else:
+        assert figures["shared_bytes"] == 4 * summary["params"]
+        assert not list(Path("/dev/shm").glob("asr_parallel_hogwild_*"))  # removed at the end

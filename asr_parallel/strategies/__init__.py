@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import get_type_hints
 
+from asr_parallel.strategies.ad_psgd import ADPSGD
 from asr_parallel.strategies.async_ps import AsyncPS
 from asr_parallel.strategies.base import Strategy
 from asr_parallel.strategies.bmuf import BMUF
 from asr_parallel.strategies.dc_asgd import DCASGD
 from asr_parallel.strategies.easgd import EASGD
 from asr_parallel.strategies.hierarchical import Hierarchical
+from asr_parallel.strategies.hogwild import Hogwild
 from asr_parallel.strategies.gpipe import GPipe
 from asr_parallel.strategies.model_averaging import ModelAveraging
 from asr_parallel.strategies.one_f_one_b import OneFOneB
@@ -26,7 +28,7 @@ from asr_parallel.typed import coerce
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (SingleProcess, SyncSGD, ModelAveraging, BMUF,
                                                                    EASGD, Hierarchical, PipelinedBP, GPipe,
-                                                                   OneFOneB, AsyncPS, DCASGD)}
+                                                                   OneFOneB, AsyncPS, DCASGD, ADPSGD, Hogwild)}
 
 
 def parse_strategy(section: dict):

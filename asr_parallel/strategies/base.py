@@ -275,6 +275,14 @@ class Strategy:
         (pipelines drain); returns the figures of any further steps."""
         return []
 
+    def finish(self, ctx) -> None:
+        """Training is over, before the final evaluation and figures (threads stop here)."""
+
+    def state_lock(self):
+        """A context held while the trainer copies the state to save (strategies with a thread that
+        changes the model concurrently hold its lock; the state is then copied, not referenced)."""
+        return nullcontext()
+
     def predicted_comm(self) -> dict | None:
         """The cost model's bytes for what this strategy did, where it depends on more than the step
         count (pipelines: the batch shapes); None: the trainer asks :func:`cost.predict`."""

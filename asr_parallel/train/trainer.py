@@ -25,11 +25,13 @@ to resume exactly; on CPU with a fixed seed the losses after a resume equal an u
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -273,7 +275,9 @@ class Trainer:
         whose ranks count steps differently pass a number they share)."""
         self._drain()
         step = self.step if step is None else step
-        state = self.state_dict()
+        lock = self.strategy.state_lock()
+        with lock:
+            state = self.state_dict() if isinstance(lock, nullcontext) else copy.deepcopy(self.state_dict())
         from asr_parallel.strategies.base import CommCounter, group_size
 
         if self.dist.distributed and group_size() > 1:  # the save's own 3 barriers, counted as they happen
@@ -669,6 +673,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         summary = {}
+        self.strategy.finish(self.ctx)
         current = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         peak = self._peak_memory_mb()
         ranks = self._gather_rank_figures()
