@@ -158,3 +158,25 @@ def test_delay_probe_applies_the_gradient_of_delay_steps_ago():
         assert float(b) == -15.0
         assert float(a) == -sum(range(1, 6 - delay))
         assert len(ctx.queue) == delay
+
+
+def test_a_slow_rank_waits_its_step_time_again_per_factor(monkeypatch):
+    """train.slow_ranks {rank: f}: after each step the rank sleeps (f - 1) times the step's own time."""
+    from types import SimpleNamespace
+
+    from asr_parallel.train import trainer as trainer_module
+
+    slept = []
+    monkeypatch.setattr(trainer_module.time, "sleep", slept.append)
+    monkeypatch.setattr(trainer_module.time, "time", lambda: 100.5)
+    fake = SimpleNamespace(slow=3.0, device=torch.device("cpu"), slow_seconds=0.0)
+    trainer_module.Trainer._straggle(fake, 100.0)  # a step of 0.5 s
+    assert slept == [1.0] and fake.slow_seconds == 1.0
+    fake.slow = 1.0
+    trainer_module.Trainer._straggle(fake, 100.0)
+    assert slept == [1.0]  # a rank at normal speed does not wait
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", ["train.world_size=2", "train.slow_ranks={1: 2.0}"])
+    assert cfg.train.slow_ranks == {1: 2.0}
+    for bad, message in (("{-1: 2.0}", "keys must be ranks"), ("{1: 0.5}", "factors >= 1.0")):
+        with pytest.raises(Exception, match=message):
+            load_config(REPO / "recipes/chime6_sim.yaml", ["train.world_size=2", f"train.slow_ranks={bad}"])

@@ -154,8 +154,6 @@ class Trainer:
                                                         self.tc.checkpoint_every_steps)
         if self.strategy.owns_loop and self.tc.max_steps:
             self.strategy.stop_at = min(self.strategy.stop_at, self.tc.max_steps)
-        self.slow = float(self.tc.slow_ranks.get(dist.rank, 1.0))  # straggler emulation (train.slow_ranks)
-        self.slow_seconds = 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tc, self.total_steps))
         self.ctx.scheduler = self.scheduler
         self._init_counters()
@@ -201,6 +199,12 @@ class Trainer:
         self.ctx.step = value
 
     def _init_counters(self) -> None:
+        beyond = [r for r in self.tc.slow_ranks if r >= self.dist.world_size]
+        if beyond:
+            raise TrainingError(f"train.slow_ranks names rank {beyond[0]}, but the run has {self.dist.world_size} "
+                                f"rank(s) (0..{self.dist.world_size - 1})")
+        self.slow = float(self.tc.slow_ranks.get(self.dist.rank, 1.0))  # straggler emulation (train.slow_ranks)
+        self.slow_seconds = 0.0
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
