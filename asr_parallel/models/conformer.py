@@ -12,8 +12,9 @@ The normalisation inside each layer's convolution module (after the depthwise co
   its batch: neither the other utterances nor how far the batch is padded. This is what makes the
   micro-batch pipelines (``gpipe``, ``one_f_one_b``) compute the same update as one process.
 * ``batch``: torchaudio's default BatchNorm1d, statistics over all utterances and frames of the
-  batch (padding included) in training, running statistics in evaluation. Configs written before
-  this option meant this; a micro-batch pipeline then normalises every micro-batch on its own.
+  batch (padding included) in training, running statistics in evaluation. The conformer
+  of configs written before this option had it; such a config now gets ``layer`` unless it sets
+  ``conv_norm: batch``. A micro-batch pipeline then normalises every micro-batch on its own.
 * ``group``: torchaudio's GroupNorm with one group, statistics per utterance over its channels and
   all frames of the padded batch (padding included).
 """
