@@ -191,7 +191,7 @@ class TrainConfig:
     # > 1: spread the ranks over this many emulated nodes on this machine (local/emulate_cluster.sh:
     # network namespaces, links limited to link_rate; needs root, else one node with a warning)
     emulate_nodes: int = 0
-    link_rate: str = "100mbit"  # tc syntax
+    link_rate: str = "100mbit"  # tc syntax; or one per node, comma-separated (e.g. 500mbit,100mbit: a slow node)
     average_last_checkpoints: int = 1  # average the model over the last N epoch checkpoints for decoding
     # Stragglers: {rank: factor} makes each named rank take ``factor`` times its own time per step
     # (it waits factor - 1 times the step's time after each step), e.g. {1: 2.0}
@@ -399,6 +399,9 @@ def validate(cfg: RecipeConfig) -> None:
     need(len(td.kernels) == len(td.dilations), "model.tdnn.dilations", "must have one entry per kernel")
     need(0 <= td.subsample_layer < len(td.kernels), "model.tdnn.subsample_layer", "must index a layer")
     tc = cfg.train
+    rates = tc.link_rate.split(",")
+    need(all(r.strip() for r in rates) and (len(rates) == 1 or len(rates) == max(1, tc.emulate_nodes)),
+         "train.link_rate", f"must be one tc rate, or one per emulated node ({tc.emulate_nodes}), got '{tc.link_rate}'")
     for rank, factor in tc.slow_ranks.items():
         need(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "train.slow_ranks",
              f"keys must be ranks (integers >= 0), got {rank!r}")

@@ -4,6 +4,7 @@
 # a command in every node at once and remove everything again on exit. Needs root (ip netns, tc).
 #
 #   local/emulate_cluster.sh --nodes 2 --rate 100mbit -- COMMAND [ARGS...]
+#   local/emulate_cluster.sh --nodes 2 --rate 500mbit,100mbit -- ...   (one rate per node: a slow node)
 #
 # COMMAND runs in node i with NODE_RANK=i, NNODES=N, NODE_ADDR (this node's address), MASTER_ADDR
 # (node 0's address) and GLOO_SOCKET_IFNAME=eth0 in its environment, so gloo traffic between nodes
@@ -28,6 +29,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+IFS=, read -ra rates <<< "$rate"
+if [ "${#rates[@]}" -ne 1 ] && [ "${#rates[@]}" -ne "$nodes" ]; then
+  echo "ERROR: --rate $rate: give one rate, or one per node ($nodes)" >&2
+  exit 2
+fi
 if [ "$(id -u)" != 0 ]; then
   echo "ERROR: emulate_cluster.sh needs root (network namespaces and tc); run without emulation instead" >&2
   exit 3
@@ -61,10 +67,12 @@ for i in $(seq 0 $((nodes - 1))); do
   ip -n "$ns" addr add "${subnet}.$((i + 1))/24" dev eth0
   ip -n "$ns" link set eth0 up
   ip -n "$ns" link set lo up
-  tc qdisc add dev "${ns}h" root tbf rate "$rate" burst 64kb latency 400ms           # to the node
-  ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "$rate" burst 64kb latency 400ms  # from it
+  r=${rates[0]}
+  [ "${#rates[@]}" -gt 1 ] && r=${rates[$i]}
+  tc qdisc add dev "${ns}h" root tbf rate "$r" burst 64kb latency 400ms           # to the node
+  ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "$r" burst 64kb latency 400ms  # from it
 done
-echo "emulate_cluster: $nodes nodes ${subnet}.1-${subnet}.$nodes, links limited to $rate each way" >&2
+echo "emulate_cluster: $nodes nodes ${subnet}.1-${subnet}.$nodes, links limited to $rate each way (node order)" >&2
 
 pids=()
 for i in $(seq 0 $((nodes - 1))); do

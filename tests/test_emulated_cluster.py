@@ -49,6 +49,21 @@ def test_transfer_runs_at_the_link_rate(tmp_path):
     assert "apt0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+def test_one_rate_per_node_makes_a_slow_node(tmp_path):
+    """--rate 20mbit,10mbit: node 0's link is limited to 20 Mbit/s, node 1's to 10 Mbit/s (read back from
+    tc in each namespace); a list of the wrong length is refused."""
+    show = "echo node $NODE_RANK $(tc qdisc show dev eth0)"
+    r = subprocess.run(["bash", str(REPO / "local/emulate_cluster.sh"), "--nodes", "2", "--rate", "20mbit,10mbit",
+                        "--prefix", "apr", "--", "bash", "-c", show], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("node ")}
+    assert "rate 20Mbit" in lines["0"] and "rate 10Mbit" in lines["1"], r.stdout
+    r = subprocess.run(["bash", str(REPO / "local/emulate_cluster.sh"), "--nodes", "2", "--rate", "1mbit,2mbit,3mbit",
+                        "--prefix", "apr", "--", "true"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "give one rate, or one per node (2)" in r.stderr
+
+
 @pytest.mark.parametrize("strategy", ["sync_sgd", "model_averaging"])
 def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy):
     """Two emulated nodes: the bytes the link's counters saw (headers, acknowledgements and torchrun's

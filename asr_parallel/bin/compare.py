@@ -121,7 +121,7 @@ def baseline_label(base: RecipeConfig) -> str:
 def comparison_name(cfg) -> str:
     """``compare``, or ``compare_{N}nodes_{rate}`` for a comparison on N emulated nodes."""
     if cfg.train.emulate_nodes > 1:
-        return f"compare_{cfg.train.emulate_nodes}nodes_{cfg.train.link_rate}"
+        return f"compare_{cfg.train.emulate_nodes}nodes_{cfg.train.link_rate.replace(',', '-')}"
     return "compare"
 
 

@@ -23,7 +23,7 @@ def experiment_dir(cfg) -> Path:
 
     name = f"{cfg.model.name}_{run_name(cfg.strategy)}_w{cfg.train.world_size}"
     if cfg.train.emulate_nodes > 1:
-        name += f"_{cfg.train.emulate_nodes}nodes_{cfg.train.link_rate}"
+        name += f"_{cfg.train.emulate_nodes}nodes_{cfg.train.link_rate.replace(',', '-')}"
     return Path(cfg.exp_dir) / name
 
 

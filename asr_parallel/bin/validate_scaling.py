@@ -129,7 +129,8 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float) -> dict:
     work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps, upd)
     work.bucket_mb = strategy.get("bucket_cap_mb") or work.bucket_mb
     work.buckets = (summary.get("strategy_figures") or {}).get("ddp_bucket_bytes")  # what DDP really built
-    inter = parse_rate_gbps(summary["link_rate"]) if nodes > 1 else intra_gbps
+    # per-node rates: the slowest link paces every collective
+    inter = min(parse_rate_gbps(r) for r in summary["link_rate"].split(",")) if nodes > 1 else intra_gbps
     cluster = Cluster(workers_per_node=max(1, k // nodes), nodes=nodes, intra_gbps=intra_gbps, inter_gbps=inter)
     pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd")
     measured = summary["train_seconds"] / steps
