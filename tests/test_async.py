@@ -73,6 +73,8 @@ SCENARIOS = {
     "dca": {"name": "dc_asgd", "schedule": "round_robin", "dc_lambda": 0.1, "adaptive": True},
     "sync": {"name": "async_ps", "backup_workers": 0},
     "arrival": {"name": "async_ps"},
+    # one backup worker, worker 1 a straggler (0.3 s more per minibatch): every round uses one gradient
+    "backup": {"name": "async_ps", "backup_workers": 1, "slow_worker": 1},
 }
 
 
@@ -87,6 +89,8 @@ def drive(section: dict, dist) -> dict:
     from asr_parallel.strategies import build_strategy
     from asr_parallel.train.step import StepContext
 
+    section = dict(section)
+    slow = section.pop("slow_worker", None)
     cfg = config(section)
     seq0 = _sequence_numbers_default()
     model = build(cfg)
@@ -107,6 +111,8 @@ def drive(section: dict, dist) -> dict:
         while True:
             i += 1
             out = st.train_step(batch(i, st.worker_index, uneven=True), ctx)
+            if st.worker_index == slow:
+                time.sleep(0.3)
             if out["control"] is not None:
                 events.append(out["control"])
             if out["control"] == "stop":
@@ -169,6 +175,36 @@ def test_synchronous_rounds_without_backups_equal_synchronous_sgd(three_ranks):
     w, used = delay_sim.backup_rounds(w0, grad_fn(cfg), WORKERS, [[0, 1]] * BATCHES, LR, 0, weights=utts)
     assert torch.allclose(three_ranks[0]["sync"]["eval"], w, atol=1e-6)
     assert three_ranks[0]["sync"]["summary"]["staleness_max"] == 0
+
+
+def test_backup_worker_drops_the_stragglers_gradients(three_ranks):
+    """K = 2 workers, b = 1: each of the 4 rounds applies the first gradient to arrive; the
+    straggler's, computed at the round before, are dropped."""
+    s = three_ranks[0]["backup"]["summary"]
+    assert s["updates"] == BATCHES and s["staleness_histogram"][0] == BATCHES  # one gradient per round
+    assert s["dropped"] >= 1 and sum(s["staleness_histogram"]) == BATCHES
+    assert s["pushes_per_worker"][0] > s["pushes_per_worker"][1]  # the fast worker was heard more often
+
+
+def test_momentum_correction_lowers_the_explicit_momentum():
+    """Mitliagkas et al.: K asynchronous workers add about 1 - 1/K of momentum; the server's optimiser
+    gets its momentum lowered by that (Adam's beta1, SGD's momentum), not below 0."""
+    from asr_parallel.strategies import build_strategy
+    from asr_parallel.strategies.base import DistContext
+
+    for world, beta1 in ((3, 0.9 - 0.5), (5, 0.9 - 0.75)):
+        st = build_strategy({"name": "async_ps", "momentum_correction": True}, DistContext(rank=0, world_size=world))
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=(0.9, 0.98))
+        st.setup_optimizer(opt)
+        assert opt.param_groups[0]["betas"] == pytest.approx((beta1, 0.98))
+    st = build_strategy({"name": "async_ps", "momentum_correction": True}, DistContext(rank=0, world_size=11))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.5)
+    st.setup_optimizer(opt)
+    assert opt.param_groups[0]["momentum"] == 0.0  # 0.5 - 0.9, clipped at 0
+    worker = build_strategy({"name": "async_ps", "momentum_correction": True}, DistContext(rank=1, world_size=3))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.5)
+    worker.setup_optimizer(opt)
+    assert opt.param_groups[0]["momentum"] == 0.5  # workers apply no update: unchanged
 
 
 def test_arrival_order_trains_and_records_staleness(three_ranks):

@@ -628,10 +628,15 @@ class AsyncPS(Strategy):
         if self.recent_staleness:
             out["async/staleness_mean"] = sum(self.recent_staleness) / len(self.recent_staleness)
             out["async/staleness_max"] = max(self.recent_staleness)
-            self.recent_staleness = []
         out["async/dropped"] = self.dropped
         for k, n in enumerate(self.pushes):
             out[f"async/pushes_worker{k}"] = n
+        return out
+
+    def log_histograms(self) -> dict[str, list]:
+        """The staleness of every push applied since the last log (TensorBoard's histogram)."""
+        out = {"async/staleness": self.recent_staleness} if self.recent_staleness else {}
+        self.recent_staleness = []
         return out
 
     def take_losses(self) -> list[float]:

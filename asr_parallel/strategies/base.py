@@ -300,6 +300,10 @@ class Strategy:
         """Strategy-specific figures for TensorBoard (rank 0), e.g. per pipeline stage."""
         return {}
 
+    def log_histograms(self) -> dict[str, list]:
+        """Values for TensorBoard histograms since the last log (rank 0; called after log_scalars)."""
+        return {}
+
     # -- checkpoints
     def state_dict(self) -> dict:
         return {"comm": self.comm.state_dict()}

@@ -596,6 +596,8 @@ class Trainer:
         self.comm_logged = (self.step, comm.bytes_sent)
         for name, value in self.strategy.log_scalars().items():
             w.add_scalar(name, value, self.step)
+        for name, values in self.strategy.log_histograms().items():
+            w.add_histogram(name, torch.tensor(values, dtype=torch.float32), self.step)
         w.add_scalar("train/bad_batches", self.bad_total, self.step)
 
     def _end_of_epoch(self, step: int | None = None) -> None:
