@@ -310,7 +310,7 @@ def test_strategy_parameter_errors():
 
     with pytest.raises(ConfigError, match="valid parameters: beta, sync_period"):
         load_config("recipes/chime6_sim.yaml", ["strategy.name=easgd", "strategy.alpha=0.1"])
-    with pytest.raises(ConfigError, match="valid strategies: bmuf, easgd, gpipe, hierarchical, model_averaging, one_f_one_b, pipelined_bp"):
+    with pytest.raises(ConfigError, match="valid strategies: ad_psgd, async_ps, bmuf, dc_asgd, easgd, gpipe, hierarchical, hogwild, model_averaging, one_f_one_b, pipelined_bp, single, sync_sgd"):
         load_config("recipes/chime6_sim.yaml", ["strategy.name=bmfu"])
     with pytest.raises(ConfigError, match="block_momentum must be in"):
         load_config("recipes/chime6_sim.yaml", ["strategy.name=bmuf", "strategy.block_momentum=1.0"])
