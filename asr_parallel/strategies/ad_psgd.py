@@ -97,16 +97,16 @@ class ADPSGD(Strategy):
             self.group = tdist.new_group(backend="gloo")
         if self.params.gossip == "async" and self.dist.world_size > 1:
             self.compute = copy.deepcopy(model)  # x_hat: the snapshot the gradient is computed at
-            if not self.active:
-                self.thread = threading.Thread(target=self._serve, name="ad_psgd-passive", daemon=True)
-                self.thread.start()
+            # a passive rank's serving thread starts with its first step, after any resume has loaded
+            # the model (no average may touch it while the checkpoint is read in)
+            self.serving = not self.active
         else:
             self.compute = model
         return model
 
     def state_lock(self):
         """Held while the trainer reads the state to save (a passive thread may average meanwhile)."""
-        return self.lock if self.thread is not None else nullcontext()
+        return self.lock if getattr(self, "serving", False) else nullcontext()
 
     # -- one step
     def train_step(self, batch, ctx) -> dict:
@@ -114,6 +114,9 @@ class ADPSGD(Strategy):
 
         if self.thread_error:
             raise RuntimeError(self.thread_error)
+        if getattr(self, "serving", False) and self.thread is None:
+            self.thread = threading.Thread(target=self._serve, name="ad_psgd-passive", daemon=True)
+            self.thread.start()
         self.steps += 1
         batch = batch.to(ctx.device)
         n = len(batch.tokens)
@@ -276,6 +279,10 @@ class ADPSGD(Strategy):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
+        counter = CommCounter()  # the thread's calls so far belong to the run's counts
+        counter.merge(self.comm.state_dict())
+        counter.merge(self.thread_comm.state_dict())
+        state["comm"] = counter.state_dict()
         state["ad_psgd"] = {"steps": self.steps, "exchanges": self.exchanges, "served": self.served,
                             "evals": self.evals,
                             "rng": repr(self.rng.getstate())}
@@ -283,6 +290,7 @@ class ADPSGD(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self.thread_comm = CommCounter()
         a = state["ad_psgd"]
         self.steps, self.exchanges, self.served, self.evals = a["steps"], a["exchanges"], a["served"], a["evals"]
         import ast

@@ -14,8 +14,9 @@ parameters every ``fetch_every`` minibatches. A server applies each push as it a
 
 clipped by the norm of the whole push (the worker sends its squared norm, so that every server
 shard scales alike). The staleness of an applied push is the server's version (updates applied so
-far) minus the version the worker's copy had when it computed it; with K equal workers it is about
-K - 1. Every staleness is recorded (mean, max and histogram in the run summary and TensorBoard).
+far) minus the version of that server's shard in the worker's copy when it computed the push (with
+``push_every > fetch_every`` a push spans several copies and the newest counts: a lower bound); with
+K equal workers it is about K - 1. Every staleness is recorded (mean, max and histogram in the run summary and TensorBoard).
 
 Synchronous mode, ``backup_workers: b >= 0`` (Chen, Pan, Monga, Bengio, Jozefowicz, "Revisiting
 distributed synchronous SGD", 2016; TF1's ``SyncReplicasOptimizer``): the server runs rounds; in
@@ -152,7 +153,8 @@ class AsyncPS(Strategy):
         self.worker_index = dist.rank - p.servers
         self.timeout = datetime.timedelta(seconds=p.timeout)
         self.group = None
-        self.version = 0  # server: updates applied; worker: the version of its copy
+        self.version = 0  # server: updates applied; worker: the version of its copy from the first server
+        self.versions = [0] * p.servers  # worker: the version of each server's shard it holds
         # server bookkeeping
         self.held_version = [0] * max(1, self.workers)
         self.last_contact = [0.0] * max(1, self.workers)
@@ -338,7 +340,7 @@ class AsyncPS(Strategy):
         for s in range(self.servers):
             header = torch.zeros(HEADER, dtype=torch.float64)
             sq = float(sum(a.double().pow(2).sum() for a in self.acc)) if self.acc is not None else 0.0
-            header[H_FLAGS], header[H_VERSION], header[H_UTTS] = flags, self.version, self.acc_utts
+            header[H_FLAGS], header[H_VERSION], header[H_UTTS] = flags, self.versions[s], self.acc_utts
             header[H_LOSS], header[H_SQNORM], header[H_MINIBATCHES] = self.acc_loss, sq, self.acc_minibatches
             header[H_FRAMES] = self.acc_frames
             sends.append((self._send(header, s, TAG_HEADER, "push", "send of a header to"), header))
@@ -353,6 +355,7 @@ class AsyncPS(Strategy):
                 flat = torch.empty(self.shard_numel[s], dtype=torch.float32)
                 self._recv(flat, s, TAG_PARAMS, "pull", "parameters")
                 self._load_shard(s, flat)
+                self.versions[s] = int(reply[R_VERSION])
                 if s == 0:
                     self.version = int(reply[R_VERSION])
             if s == 0:
@@ -450,17 +453,26 @@ class AsyncPS(Strategy):
             self.next_worker = (k + 1) % self.workers
             self._recv(header, self.servers + k, TAG_HEADER, "push", "header")
         else:
-            src = self._recv(header, None, TAG_HEADER, "push", "message")
+            try:
+                src = self._recv(header, None, TAG_HEADER, "push", "message")
+            except RuntimeError as e:  # nothing from anyone, or a connection broke: name the silent one
+                raise self._silent(active, e) from e
             k = src - self.servers
         now = time.time()
         self.last_contact[k] = now
         silent = [j for j in active if j != k and self.last_contact[j] and now - self.last_contact[j] > self.params.timeout]
         if silent:
-            j = min(silent, key=lambda i: self.last_contact[i])
-            raise RuntimeError(f"async_ps server (rank {self.dist.rank}): worker {j} (rank {self.servers + j}) has sent "
-                               f"nothing for {now - self.last_contact[j]:.0f} s (timeout {self.params.timeout:.0f} s) "
-                               "while the others kept pushing; has it died or hung?")
+            raise self._silent(silent)
         return k, header
+
+    def _silent(self, workers: list[int], cause: Exception | None = None) -> RuntimeError:
+        """The error naming the worker of ``workers`` silent longest."""
+        now = time.time()
+        j = min(workers, key=lambda i: self.last_contact[i] or 0.0)
+        since = f"for {now - self.last_contact[j]:.0f} s" if self.last_contact[j] else "since the start"
+        return RuntimeError(f"async_ps server (rank {self.dist.rank}): worker {j} (rank {self.servers + j}) has sent "
+                            f"nothing {since} (timeout {self.params.timeout:.0f} s), or its connection broke; has it "
+                            f"died or hung?" + (f" ({cause})" if cause else ""))
 
     def _arrive(self, k: int, header: torch.Tensor, grad: torch.Tensor, ctx) -> int | None:
         """A worker's push: applied at once (asynchronous), or kept for the round (synchronous)."""
@@ -651,7 +663,7 @@ class AsyncPS(Strategy):
             "version": self.version, "held_version": list(self.held_version), "pushes": list(self.pushes),
             "dropped": self.dropped, "staleness_hist": list(self.staleness_hist),
             "staleness_sum": self.staleness_sum, "staleness_max": self.staleness_max,
-            "next_worker": self.next_worker, "epochs_done": self.epochs_done,
+            "next_worker": self.next_worker, "epochs_done": self.epochs_done, "versions": list(self.versions),
             "checkpoints_done": self.checkpoints_done, "local_steps": self.local_steps,
             "acc": self.acc, "acc_utts": self.acc_utts, "acc_loss": self.acc_loss,
             "acc_minibatches": self.acc_minibatches, "acc_frames": self.acc_frames,
@@ -667,6 +679,7 @@ class AsyncPS(Strategy):
         self.dropped, self.staleness_hist = a["dropped"], list(a["staleness_hist"])
         self.staleness_sum, self.staleness_max = a["staleness_sum"], a["staleness_max"]
         self.next_worker, self.epochs_done = a["next_worker"], a["epochs_done"]
+        self.versions = list(a.get("versions", [self.version] * self.servers))
         self.checkpoints_done, self.local_steps = a["checkpoints_done"], a["local_steps"]
         self.acc, self.acc_utts, self.acc_loss = a["acc"], a["acc_utts"], a["acc_loss"]
         self.acc_minibatches, self.idle = a["acc_minibatches"], a["idle"]

@@ -8,7 +8,9 @@ approximation, scaled by lambda), gives the gradient the server applies:
 
     g_dc = g + lambda * g * g * (w - w_bak[k])          (elementwise)
 
-then hands g_dc to the recipe's optimiser as ``async_ps`` does with g, and records w_bak[k] <- the
+then hands g_dc to the recipe's optimiser as ``async_ps`` does with g (with ``train.optimizer: sgd``
+this is the paper's update; AdamW rescales the corrected gradient, so lambda's scale is then not
+the paper's, and clipping uses the norm of the uncorrected push), and records w_bak[k] <- the
 parameters k fetches next. ``dc_lambda`` = 0.04 is MXNet's default (``optimizer/dcasgd.py``, which
 keeps one backup per weight; the paper one per worker, as here: the servers keep K copies of their
 shard). Adaptive DC-ASGD-a: lambda_t = lambda / sqrt(MS_t + eps), elementwise, with the mean square
@@ -42,6 +44,9 @@ class DCASGD(AsyncPS):
                 raise ValueError(f"strategy.dc_lambda must be >= 0, got {self.dc_lambda}")
             if not 0 <= self.mean_square_decay < 1:
                 raise ValueError(f"strategy.mean_square_decay must be in [0, 1), got {self.mean_square_decay}")
+            if self.push_every != self.fetch_every:
+                raise ValueError("strategy dc_asgd needs push_every == fetch_every: a push must be computed at the one "
+                                 "copy w_bak[k] the worker fetched")
             if self.backup_workers >= 0:
                 raise ValueError("strategy dc_asgd is asynchronous: backup_workers must stay -1 (synchronous rounds "
                                  "apply gradients of the current parameters, which need no compensation)")

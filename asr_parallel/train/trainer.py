@@ -509,7 +509,9 @@ class Trainer:
 
     def _straggle(self, t_step: float) -> None:
         """A slow rank (``train.slow_ranks``): wait (factor - 1) times the step's own time, so the rank
-        takes ``factor`` times as long per step as it would."""
+        takes ``factor`` times as long per step as it would. The step's time includes any wait inside
+        it (for a server's reply, or an all-reduce), so a rank that waits is slowed by more than its
+        computation's factor."""
         if self.slow > 1.0:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
