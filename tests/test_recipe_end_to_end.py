@@ -162,7 +162,10 @@ def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path):
     summary = json.loads((run / "train_summary.json").read_text())
     figures = summary["strategy_figures"]
     assert summary["steps"] == 8 and figures["updates"] == 8
-    assert figures["staleness_max"] == 1 and sum(figures["staleness_histogram"]) == 8  # K - 1 = 1
+    # staleness K - 1 = 1, or 2 for the push of a worker whose gradient was held over a pause (it
+    # fetched the parameters of the pause, without its own push)
+    hist = figures["staleness_histogram"]
+    assert figures["staleness_max"] <= 2 and sum(hist[:3]) == 8 and hist[1] >= 4, hist
     assert summary["calls_this_process"]["counted"] == summary["calls_this_process"]["process_group"]
     assert summary["predicted"]["by_label"] == {k: v for k, v in summary["bytes_by_label"].items() if k != "trainer"}
     # checkpoints after updates 3 and 6, and one at every end of an epoch of updates (2 workers x their

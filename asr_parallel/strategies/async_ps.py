@@ -47,7 +47,10 @@ Run length: ``train.epochs`` times the updates of one epoch of all workers (K * 
 push_every pushes; rounds in synchronous mode), counted on the server, whatever worker makes them,
 so a fast worker makes more of them than a slow one. Every such "epoch" of updates and every
 ``train.checkpoint_every_steps`` updates all ranks pause together once: the first server tells each
-worker at its next contact (control word), the worker passes it on to the other servers, and then
+worker at its next contact (control word; a push that arrives after the pause was called is kept
+and applied right after the pause, so the pause falls exactly at its update count, and that
+worker's next push is one update staler than usual), the worker
+passes it on to the other servers, and then
 all ranks evaluate (rank 0, the master model) or write a checkpoint (per rank: the server's master
 copy, optimiser, version and per-worker bookkeeping; the worker's copy, accumulator and data
 position), so a resumed run continues from a consistent state. Exact resume holds for the
@@ -177,6 +180,7 @@ class AsyncPS(Strategy):
         self.checkpoint_every = 0
         self.epochs_done = 0
         self.round: list = []  # synchronous mode: (worker, gradient, utterances) of this round
+        self.deferred: list = []  # (worker, header, gradient) of pushes that arrived while a pause was called
         self.waiting_fetch: list[int] = []  # synchronous mode: workers waiting for the round's end
         # worker state
         self.acc: list[torch.Tensor] | None = None
@@ -400,6 +404,11 @@ class AsyncPS(Strategy):
         worker has been told (the first server) or has passed it on (the others). ``on_update()`` is
         called after every update (the trainer's logging)."""
         coordinator = self.dist.rank == 0
+        deferred, self.deferred = self.deferred, []
+        for k, header, grad in deferred:  # pushes that arrived after the last pause was called
+            self._apply_push(k, header, grad, ctx)
+            if on_update is not None:
+                on_update()
         while True:
             if self.pending is not None and all(self.notified):
                 event, self.pending = self.pending, None
@@ -490,7 +499,13 @@ class AsyncPS(Strategy):
             return None
         if utts == 0:
             return None
-        staleness = self.version - version
+        if self.pending in ("epoch", "checkpoint"):  # after the pause: the pause is at its own step
+            self.deferred.append((k, header.clone(), grad))
+            return None
+        return self._apply_push(k, header, grad, ctx)
+
+    def _apply_push(self, k: int, header: torch.Tensor, grad: torch.Tensor, ctx) -> int:
+        staleness = self.version - int(header[H_VERSION])
         grad = self.correct(k, grad)
         self._apply(ctx, grad, float(header[H_SQNORM]) ** 0.5)
         self._record(staleness)
@@ -669,6 +684,7 @@ class AsyncPS(Strategy):
             "acc_minibatches": self.acc_minibatches, "acc_frames": self.acc_frames,
             "frames_pushed": self.frames_pushed, "idle": self.idle, "events": dict(self.events),
             "pause_step": self.pause_step,
+            "deferred": [{"worker": k, "header": h, "grad": g} for k, h, g in self.deferred],
         }
         return state
 
@@ -685,3 +701,4 @@ class AsyncPS(Strategy):
         self.acc_minibatches, self.idle = a["acc_minibatches"], a["idle"]
         self.acc_frames, self.frames_pushed = a["acc_frames"], a["frames_pushed"]
         self.events, self.pause_step = dict(a["events"]), a["pause_step"]
+        self.deferred = [(d["worker"], d["header"], d["grad"]) for d in a.get("deferred", [])]
