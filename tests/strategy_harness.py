@@ -143,6 +143,19 @@ def _gloo_worker(rank, world, store, out, drive, scenarios):
     tdist.destroy_process_group()
 
 
+def spawn_and_reap(fn, args: tuple, nprocs: int, timeout: float = 60) -> None:
+    """Start ``fn(rank, *args)`` in ``nprocs`` processes that may die or hang (fault tests): wait up
+    to ``timeout`` seconds for each, then kill what is left."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    for p in ctx.processes:
+        p.join(timeout)
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+
+
 def gloo_ranks(world: int, drive, scenarios: dict, tmp_path) -> list[dict]:
     """``drive(spec, dist)`` for every scenario on ``world`` gloo ranks (one thread each); every rank's
     results (name -> what drive returned)."""

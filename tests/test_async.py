@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from strategy_harness import LR, batch, build, config, flat, gloo_ranks, load_flat
+from strategy_harness import LR, batch, build, config, flat, gloo_ranks, load_flat, spawn_and_reap
 
 BATCHES = 4  # minibatches per worker per "epoch": the run is 2 * 4 = 8 server updates
 WORKERS = 2
@@ -269,15 +269,8 @@ def _failing_rank(rank, store, out, mode):
 
 @pytest.mark.parametrize("mode", ["worker_dies", "worker_hangs", "server_dies"])
 def test_a_dead_or_hung_rank_stops_the_others_with_an_error_naming_it(tmp_path, mode):
-    import torch.multiprocessing as mp
-
     out = tmp_path / "message"
-    ctx = mp.spawn(_failing_rank, args=(str(tmp_path / "store"), str(out), mode), nprocs=3, join=False)
-    for p in ctx.processes:
-        p.join(60)
-    for p in ctx.processes:
-        if p.is_alive():
-            p.kill()
+    spawn_and_reap(_failing_rank, (str(tmp_path / "store"), str(out), mode), 3)
     if mode == "server_dies":
         for rank in (1, 2):  # every worker: no reply from the server within the timeout
             elapsed, message = (tmp_path / f"message-{rank}").read_text().split("\n", 1)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from strategy_harness import (CONFORMER, CONFORMER_BN, LR, MLP, SGD, batch, build, config, flat, flat_state,
-                              reference_pipelined_bp)
+                              reference_pipelined_bp, spawn_and_reap)
 
 STEPS = 6
 CLIP = 0.05
@@ -421,15 +421,8 @@ def _dying_worker(rank, store, out, mode):
 
 @pytest.mark.parametrize("mode", ["dies", "silent"])
 def test_dead_or_silent_stage_stops_the_others_with_an_error(tmp_path, mode):
-    import torch.multiprocessing as mp
-
     out = tmp_path / "message.txt"
-    ctx = mp.spawn(_dying_worker, args=(str(tmp_path / "store"), str(out), mode), nprocs=2, join=False)
-    for p in ctx.processes:
-        p.join(60)
-    for p in ctx.processes:
-        if p.is_alive():
-            p.kill()
+    spawn_and_reap(_dying_worker, (str(tmp_path / "store"), str(out), mode), 2)
     elapsed, message = out.read_text().split("\n", 1)
     assert "pipeline stage" in message and "has a stage died?" in message, message
     assert float(elapsed) < 30

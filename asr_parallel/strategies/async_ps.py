@@ -159,10 +159,8 @@ class AsyncPS(Strategy):
         self.version = 0  # server: updates applied; worker: the version of its copy from the first server
         self.versions = [0] * p.servers  # worker: the version of each server's shard it holds
         # server bookkeeping
-        self.held_version = [0] * max(1, self.workers)
         self.last_contact = [0.0] * max(1, self.workers)
         self.notified = [False] * max(1, self.workers)  # told about the pending pause (or passed it on)
-        self.stopped = [False] * max(1, self.workers)
         self.pending: str | None = None  # "epoch" | "checkpoint" | "stop" awaiting every worker
         self.pause_step = 0  # the server's version when the current pause was called (names checkpoints)
         self.checkpoints_done = 0
@@ -413,8 +411,6 @@ class AsyncPS(Strategy):
             if self.pending is not None and all(self.notified):
                 event, self.pending = self.pending, None
                 self.notified = [False] * self.workers
-                if event == "stop":
-                    self.stopped = [True] * self.workers
                 return event
             if coordinator:
                 self._maybe_pause()
@@ -576,7 +572,6 @@ class AsyncPS(Strategy):
             self.events["params"] += 1
             flat = self._shard_flat()
             works.append((self._send(flat, dst, TAG_PARAMS, "pull", "send of the parameters to"), flat))
-            self.held_version[k] = self.version
             self.on_fetch(k, flat)
         for work, _ in works:
             self._wait(work, "acknowledgement of a send to", dst)
@@ -675,7 +670,7 @@ class AsyncPS(Strategy):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["async_ps"] = {
-            "version": self.version, "held_version": list(self.held_version), "pushes": list(self.pushes),
+            "version": self.version, "pushes": list(self.pushes),
             "dropped": self.dropped, "staleness_hist": list(self.staleness_hist),
             "staleness_sum": self.staleness_sum, "staleness_max": self.staleness_max,
             "next_worker": self.next_worker, "epochs_done": self.epochs_done, "versions": list(self.versions),
@@ -691,7 +686,7 @@ class AsyncPS(Strategy):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         a = state["async_ps"]
-        self.version, self.held_version, self.pushes = a["version"], list(a["held_version"]), list(a["pushes"])
+        self.version, self.pushes = a["version"], list(a["pushes"])
         self.dropped, self.staleness_hist = a["dropped"], list(a["staleness_hist"])
         self.staleness_sum, self.staleness_max = a["staleness_sum"], a["staleness_max"]
         self.next_worker, self.epochs_done = a["next_worker"], a["epochs_done"]
