@@ -22,7 +22,9 @@ Model of one step of a worker (weak scaling: every worker keeps its own batch of
 * ``pipelined_bp``: the model cut into S = K balanced parts, one minibatch per clock tick: B(2 t_f + t_b)/K
   (+ update_s / K) per tick (the parts before the last recompute their forward pass in the backward pass, as
   ``strategies/pipelined_bp.py`` does, and the slowest part sets the clock) plus the activation and its
-  gradient crossing a boundary (``activation_values_per_frame`` values per input frame, each way);
+  gradient crossing a boundary (``activation_values_per_frame`` values per input frame, each way). With
+  the parts measured one by one for the run's own cut (``Workload.part_s_per_frame``,
+  ``part_update_s``) the clock is the slowest part's measured tick instead of the balanced estimate;
 * ``gpipe``/``one_f_one_b``: M micro-batches over S = K parts: (M + S - 1) slots of B(t_f+t_b)/(K M)
   (+ update_s / K) plus the micro-batch transfers; the same minibatch as one worker, so no data-parallel gain.
 
@@ -65,6 +67,10 @@ class Workload:
     update_s: float = 0.0  # per step: gradient clipping and optimiser step of the whole model
     bucket_mb: float = 25.0  # DDP's gradient bucket size (after a first bucket of 1 MiB)
     buckets: list | None = None  # the buckets DDP built, bytes, in all-reduce order (a run's ddp_bucket_bytes)
+    # pipelined_bp with the cut into len(part_s_per_frame) parts, measured part by part
+    # (predict_scaling.measure_parts): a clock tick's compute per input frame, and the update, of each part
+    part_s_per_frame: list | None = None
+    part_update_s: list | None = None
 
 
 PERIODIC = ("model_averaging", "bmuf", "easgd")  # one all-reduce of the model every tau steps
@@ -122,7 +128,9 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
         frames = work.frames_per_step
         act = work.frames_per_step * work.activation_values_per_frame * b * 8 / (link * 1e9)  # one way
         if name == "pipelined_bp":
-            if k > 1:
+            if work.part_s_per_frame and len(work.part_s_per_frame) == k:  # the parts as measured
+                compute = max(work.frames_per_step * t + u for t, u in zip(work.part_s_per_frame, work.part_update_s))
+            elif k > 1:
                 compute = (work.frames_per_step * (2 * work.forward_s_per_frame + work.backward_s_per_frame)
                            + work.update_s) / k
             comm = 2 * act if k > 1 else 0.0

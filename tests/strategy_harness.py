@@ -70,6 +70,8 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
     pipeline = trainer.strategy.owns_step  # one data stream for all ranks
     calls = []
     resume_setup = None
+    averaged: list = []  # (step, float buffers as the averaging found them, as the step left them)
+    watch_buffer_averaging(trainer, averaged)
 
     def record():
         groups = [None] + list(trainer.strategy.process_groups())
@@ -83,7 +85,11 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
             trainer = Trainer.for_benchmark(cfg, dist, build(cfg, seed=99))
             resume_setup = trainer.strategy.comm.state_dict()  # the new process's own start (broadcast)
             trainer.load_state_dict(torch.load(path, weights_only=True))
+            watch_buffer_averaging(trainer, averaged)
+        n_before = len(averaged)
         trainer.train_step(batch(s, 0 if pipeline else dist.rank, uneven))
+        if len(averaged) > n_before:
+            averaged[n_before:] = [(s, averaged[n_before][1], _float_buffers(trainer))]
         record()
     trainer.strategy.end_of_epoch(trainer.ctx)
     from asr_parallel.strategies.cost import ModelSize
@@ -101,7 +107,34 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
             "resume_setup": resume_setup,
             "optimizer_steps": max((int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s),
                                    default=0),
-            "buckets": trainer.strategy.summary_figures().get("ddp_bucket_bytes")}
+            "buckets": trainer.strategy.summary_figures().get("ddp_bucket_bytes"), "averaged_buffers": averaged,
+            "lr": trainer.optimizer.param_groups[0]["lr"]}
+
+
+def _float_buffers(trainer) -> list:
+    from asr_parallel.strategies.periodic import float_buffers
+
+    return [b.detach().clone() for b in float_buffers(trainer.model)]
+
+
+def watch_buffer_averaging(trainer, out: list) -> None:
+    """Record the float buffers each time the strategy starts averaging them (a periodic strategy's
+    synchronisation, the end of a synchronous warm-up; hierarchical's outer strategy, entered before
+    its average inside the group), so that a test can check the result is their mean over ranks."""
+    st = trainer.strategy
+    for obj in (st, getattr(st, "outer", None)):
+        if obj is None:
+            continue
+        for name in ("synchronize", "average_buffers_after_warmup"):
+            f = getattr(obj, name, None)
+            if f is None:
+                continue
+
+            def run(*args, _f=f, **kwargs):
+                out.append((None, _float_buffers(trainer), None))
+                return _f(*args, **kwargs)
+
+            setattr(obj, name, run)
 
 
 def spawn_worker(rank, world, store, out, scenarios, tmp):

@@ -67,7 +67,8 @@ def test_one_rate_per_node_makes_a_slow_node(tmp_path):
 @pytest.mark.parametrize("strategy", ["sync_sgd", "model_averaging"])
 def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy):
     """Two emulated nodes: the bytes the link's counters saw (headers, acknowledgements and torchrun's
-    own traffic included) are within 15% of the bytes modelled for every counted call, and every call
+    own traffic included) are at least the bytes modelled for every counted call and within 15% above
+    them, and every call
     the ranks made (the trainer's own included) is counted."""
     from test_recipe_end_to_end import run_sh
 
@@ -85,7 +86,8 @@ def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy
     wire, modelled = summary["wire"]["bytes_sent_per_rank"][0], summary["bytes_sent_per_rank"]
     print(strategy, "wire", summary["wire"], "modelled", modelled, summary["bytes_by_label"])
     assert modelled > 4_000_000  # the training traffic dominates: parameters or gradients of 0.5 M values
-    assert abs(wire - modelled) <= 0.15 * modelled, (wire, modelled)
+    # headers and acknowledgements only add to what the counted calls carry; 15% bounds them
+    assert modelled <= wire <= 1.15 * modelled, (wire, modelled)
     # The trainer's own calls, exactly: the epoch length at start-up and at every epoch begun, 3
     # barriers per checkpoint and 1 after every epoch's evaluation, the checkpoint at max_steps, and
     # the final figures (peak memory, then the gathered wire bytes and call counts).

@@ -136,6 +136,9 @@ def test_validation_predicts_a_recorded_run(tmp_path):
     # (K = 2: P * 4 bytes each way)
     assert row["predicted_comm_s"] == pytest.approx(params * 4 * 8 / 1e8 * 11 / 100, rel=1e-3)
     assert row["error_percent"] == pytest.approx(100 * (row["predicted_step_s"] - 0.5) / 0.5, abs=0.1)
+    measured_link = predict_run(tmp_path, compute, intra_gbps=10.0, link_gbps={"100mbit": 0.05})
+    assert measured_link["predicted_comm_s"] == pytest.approx(2 * row["predicted_comm_s"], rel=1e-6)  # half the rate
+    assert "measured" in measured_link["link"] and "nominal" in row["link"]
     summary.update(nodes=1, link_rate=None)
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
     inside = predict_run(tmp_path, compute, intra_gbps=10.0)  # one node: the measured local link
@@ -165,3 +168,51 @@ def test_update_time_is_paid_per_step_and_split_over_pipeline_parts():
     assert step_time({"name": "pipelined_bp"}, 2, CLUSTER, work)["compute_s"] == pytest.approx(0.2 + 0.005)
     gpipe = step_time({"name": "gpipe", "microbatches": 4}, 2, CLUSTER, work)
     assert gpipe["compute_s"] == pytest.approx(5 * 0.3 / 8 + 0.005)
+
+
+def test_measured_parts_set_the_pipeline_clock():
+    """With the run's cut measured part by part, pipelined BP's tick is the slowest part's measured
+    work plus its update, not the balanced estimate; other part counts keep the estimate."""
+    work = Workload(**{**WORK.__dict__, "part_s_per_frame": [3e-4, 1e-4], "part_update_s": [0.01, 0.02]})
+    assert step_time({"name": "pipelined_bp"}, 2, CLUSTER, work)["compute_s"] == pytest.approx(1000 * 3e-4 + 0.01)
+    assert step_time({"name": "pipelined_bp"}, 4, CLUSTER, work)["compute_s"] == pytest.approx(1000 * 4e-4 / 4)
+
+
+def test_parts_are_measured_as_the_pipeline_cuts_them():
+    """measure_parts gives one tick time and one update time per part of the strategy's cut, and
+    refuses boundaries the model does not have."""
+    import torch
+
+    from asr_parallel.bin.predict_scaling import measure_parts
+    from asr_parallel.config import load_config
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["model.name=mlp", "model.mlp.num_layers=4", "model.mlp.hidden_dim=64",
+                             "train.max_duration=8"])
+    work, update = measure_parts(cfg, 2, boundaries=[3], steps=2)
+    assert len(work) == len(update) == 2 and all(w > 0 for w in work) and all(u > 0 for u in update)
+    with pytest.raises(ValueError, match="boundaries"):
+        measure_parts(cfg, 2, boundaries=[99], steps=1)
+
+
+def test_pace_windows_hold_whole_synchronisation_periods(tmp_path):
+    """Per-window step times come from the logged losses at multiples of the window only (a window of
+    tau steps holds one synchronisation, however the log interval falls); their spread reports the
+    median and the 10th / 90th percentiles."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from asr_parallel.bin.validate_scaling import spread, window_step_seconds
+
+    w = SummaryWriter(str(tmp_path / "tensorboard"))
+    t = 1000.0
+    for step in range(10, 210, 10):  # 0.3 s per step, and 2 s more in every step 20k+1..20k+10 (a sync)
+        t += 3.0 + (2.0 if step % 20 == 10 else 0.0)
+        w.add_scalar("train/loss", 1.0, global_step=step, walltime=t)
+    w.close()
+    per10 = window_step_seconds(tmp_path, 10)
+    assert sorted({round(x, 6) for x in per10}) == [0.3, 0.5]
+    per20 = window_step_seconds(tmp_path, 20)
+    assert len(per20) == 9 and all(x == pytest.approx(0.4) for x in per20)
+    assert spread(per20) == {"windows": 9, "median": pytest.approx(0.4), "p10": pytest.approx(0.4),
+                             "p90": pytest.approx(0.4)}
+    assert spread([1.0, 2.0]) is None and window_step_seconds(tmp_path / "missing", 10) == []

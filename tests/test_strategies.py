@@ -136,6 +136,7 @@ def test_easgd_matches_formulas(two_ranks):
 def test_resume_mid_block_restores_strategy_state(two_ranks, name):
     for rank in (0, 1):
         a, b = two_ranks[rank][name], two_ranks[rank][name + "_resumed"]
+        assert a["buckets"] == b["buckets"]  # a warm-up's DDP buckets as it used them, resumed or not
         for key, value in a["local"].items():
             assert torch.equal(value, b["local"][key]), key
         for key, value in a["eval"].items():
@@ -152,12 +153,27 @@ def test_resume_mid_block_restores_strategy_state(two_ranks, name):
         assert b["comm"] == expected.state_dict()
 
 
-def test_batch_norm_statistics_agree_after_a_synchronous_warm_up(two_ranks):
-    """DDP keeps the parameters of the warm-up equal but not the batch-norm statistics; after the
-    warm-up (step 2) they are averaged, so the global model is the same on both ranks."""
+def assert_buffers_averaged(results: list[dict], name: str, steps: list[int]) -> None:
+    """At each of ``steps`` every rank's float buffers (batch-norm statistics) ended the step as the
+    mean over all ranks of what the averaging found on them, and the ranks had found different ones
+    (so agreement alone, e.g. rank 0's copy, would not pass)."""
+    recs = [r[name]["averaged_buffers"] for r in results]
+    assert [s for s, _, _ in recs[0]] == steps
+    for i in range(len(steps)):
+        found = [rec[i][1] for rec in recs]
+        assert found[0] and any(not torch.equal(a, b) for a, b in zip(found[0], found[1]))
+        for j in range(len(found[0])):
+            mean = sum(f[j] for f in found) / len(found)
+            for rank, rec in enumerate(recs):
+                assert torch.allclose(rec[i][2][j], mean, atol=1e-6), (steps[i], rank, j)
+
+
+def test_batch_norm_statistics_are_averaged_after_a_synchronous_warm_up(two_ranks):
+    """DDP keeps the parameters of the warm-up equal but not the batch-norm statistics; at the end of
+    the warm-up (step 2) they become their mean over the ranks, so the global model is the same on both."""
+    assert_buffers_averaged(two_ranks, "bmuf_bn_sync_warmup", [2])
     e0, e1 = two_ranks[0]["bmuf_bn_sync_warmup"]["eval"], two_ranks[1]["bmuf_bn_sync_warmup"]["eval"]
-    keys = [k for k in e0 if "running_mean" in k]
-    assert keys
+    assert [k for k in e0 if "running_mean" in k]
     for k in e0:
         assert torch.allclose(e0[k].float(), e1[k].float(), atol=1e-6), k
 
@@ -172,6 +188,7 @@ def test_fairseq_warm_up_restarts_the_optimiser_state(two_ranks):
 
 def test_buffers_and_optimizer_state_are_averaged(two_ranks):
     # After step 4 (an averaging step) both ranks hold the same parameters and batch-norm statistics.
+    assert_buffers_averaged(two_ranks, "ma_state", [2, 4])
     r0, r1 = two_ranks[0]["ma_state"]["local"], two_ranks[1]["ma_state"]["local"]
     assert any("running_mean" in k for k in r0)
     for key in r0:
@@ -224,6 +241,7 @@ HIER = {
                 MLP, SGD),
     "hier_bn": ({"name": "hierarchical", "group_size": 2, "outer": "model_averaging", "sync_period": 2}, 4, None,
                 CONFORMER_BN, SGD),
+    "hier_scale_lr": ({"name": "hierarchical", "group_size": 2, "sync_period": 2, "scale_lr": True}, 1, None, MLP, SGD),
     "hier_bmuf": ({"name": "hierarchical", "group_size": 2, "outer": "bmuf", "sync_period": 2,
                    "block_momentum": 0.5, "block_lr": 1.2, "warmup_steps": 1}, 6, 3, MLP, SGD),
 }
@@ -257,8 +275,10 @@ def test_hierarchical_matches_definition(four_ranks):
 
 
 def test_hierarchical_averages_batch_norm_statistics_over_all_ranks(four_ranks):
-    """After an outer synchronisation (step 4) all 4 ranks hold the same batch-norm statistics,
-    although DDP inside a group leaves them to differ; every call is counted, subgroups included."""
+    """At each outer synchronisation (steps 2 and 4) every rank's batch-norm statistics become their
+    mean over all 4 ranks, although DDP inside a group leaves them to differ; every call is counted,
+    subgroups included."""
+    assert_buffers_averaged(four_ranks, "hier_bn", [2, 4])
     states = [four_ranks[r]["hier_bn"]["local"] for r in range(4)]
     keys = [k for k in states[0] if "running_mean" in k or "running_var" in k]
     assert keys
@@ -316,3 +336,10 @@ def test_strategy_parameter_errors():
         load_config("recipes/chime6_sim.yaml", ["strategy.name=bmuf", "strategy.block_momentum=1.0"])
     with pytest.raises(ConfigError, match="sync_period must be >= 1"):
         load_config("recipes/chime6_sim.yaml", ["strategy.name=model_averaging", "strategy.sync_period=0"])
+
+
+def test_hierarchical_scale_lr_multiplies_by_all_ranks(four_ranks):
+    """scale_lr multiplies the learning rate by K, the ranks (4), not by the groups (2)."""
+    for r in range(4):
+        assert four_ranks[r]["hier_scale_lr"]["lr"] == pytest.approx(4 * LR)
+        assert four_ranks[r]["hier_ma"]["lr"] == pytest.approx(LR)

@@ -31,11 +31,7 @@ def measure(cfg, steps: int = 3) -> tuple[float, float, float]:
 
     model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
     optimizer = make_optimizer(cfg.train, model.parameters())
-    frames = 800
-    utts = max(1, int(cfg.train.max_duration * 100 // frames))
-    feats = torch.randn(utts, frames, cfg.features.num_mel_bins)
-    lens = torch.full((utts,), frames)
-    tokens = [[1 + i % (cfg.tokenizer.vocab_size - 1) for i in range(20)]] * utts
+    feats, lens, tokens = synthetic_batch(cfg)
     fwd = bwd = upd = 0.0
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -50,8 +46,65 @@ def measure(cfg, steps: int = 3) -> tuple[float, float, float]:
         t3 = time.perf_counter()
         if i:  # the first step warms up
             fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
-    n = steps * utts * frames
+    n = steps * int(lens.sum())
     return fwd / n, bwd / n, upd / steps
+
+
+def synthetic_batch(cfg, frames: int = 800):
+    """A batch of the recipe's size (``train.max_duration`` seconds) of ``frames``-frame random
+    utterances with 20-token targets: features, lengths, tokens."""
+    utts = max(1, int(cfg.train.max_duration * 100 // frames))
+    feats = torch.randn(utts, frames, cfg.features.num_mel_bins)
+    lens = torch.full((utts,), frames)
+    tokens = [[1 + i % (cfg.tokenizer.vocab_size - 1) for i in range(20)]] * utts
+    return feats, lens, tokens
+
+
+def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int] | None = None,
+                  steps: int = 3) -> tuple[list[float], list[float]]:
+    """Per part of the model cut as ``pipelined_bp`` cuts it into ``parts``: seconds per input frame of
+    the work one clock tick gives that part (parts before the last: a forward pass without a graph,
+    the forward pass again with one, and the backward pass from the output gradient; the last: the
+    forward pass, the CTC loss and the backward pass), and seconds of the part's update (clipping
+    and optimiser step of its parameters). Timed on the synthetic batch of :func:`measure`, each part
+    on its own as its rank runs it."""
+    from asr_parallel.models import build_model
+    from asr_parallel.strategies.pipeline import Part, model_cut
+    from asr_parallel.train.loss import ctc_loss
+    from asr_parallel.train.trainer import make_optimizer
+
+    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
+    starts = model_cut(model, parts, balance, boundaries) + [len(model.stages)]
+    modules = [Part(model, a, b) for a, b in zip(starts, starts[1:])]
+    optimizers = [make_optimizer(cfg.train, m.parameters()) for m in modules]
+    feats, lens, tokens = synthetic_batch(cfg)
+    work = [0.0] * parts
+    update = [0.0] * parts
+    for i in range(steps + 1):
+        x, lengths = feats, lens
+        for s, (m, opt) in enumerate(zip(modules, optimizers)):
+            x_in = x.detach().requires_grad_(s > 0)
+            t0 = time.perf_counter()
+            if s < parts - 1:
+                with torch.no_grad():
+                    m(x_in, lengths)
+                y, out_lens = m(x_in, lengths)
+                y.backward(torch.ones_like(y) / y.numel())
+            else:
+                logits, out_lens = m(x_in, lengths)
+                ctc_loss(logits, out_lens, tokens).backward()
+                y = logits
+            t1 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+            if i:  # the first step warms up
+                work[s] += t1 - t0
+                update[s] += t2 - t1
+            x, lengths = y.detach(), out_lens
+    n = steps * int(lens.sum())
+    return [w / n for w in work], [u / steps for u in update]
 
 
 def workload(cfg, forward_s: float, backward_s: float, frames_per_step: float, update_s: float = 0.0):

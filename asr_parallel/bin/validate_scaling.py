@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,21 +54,29 @@ def cases(rates: list[str]) -> list[tuple[str, list[str], dict]]:
     return runs
 
 
-def _gloo_worker(rank: int, port: int, nbytes: int, repeats: int, out) -> None:
+def _timed_allreduces(init_method: str, rank: int, nbytes: int, repeats: int) -> float:
+    """Seconds of ``repeats`` plain gloo all-reduces of ``nbytes`` between 2 processes (after one to
+    connect and warm up), as this process saw them."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     t = torch.ones(nbytes // 4)
-    dist.all_reduce(t)  # connect and warm up
+    dist.all_reduce(t)
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(repeats):
         dist.all_reduce(t)
     dist.barrier()
-    if rank == 0:
-        out.put(time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
     dist.destroy_process_group()
+    return seconds
+
+
+def _gloo_worker(rank: int, port: int, nbytes: int, repeats: int, out) -> None:
+    seconds = _timed_allreduces(f"tcp://127.0.0.1:{port}", rank, nbytes, repeats)
+    if rank == 0:
+        out.put(seconds)
 
 
 def gloo_gbps(nbytes: int, repeats: int = 10) -> float:
@@ -88,6 +98,66 @@ def gloo_gbps(nbytes: int, repeats: int = 10) -> float:
     return repeats * nbytes * 8 / seconds / 1e9
 
 
+def gloo_node(nbytes: int, repeats: int, out: str) -> None:
+    """One node of the emulated-link benchmark (run by ``local/emulate_cluster.sh`` in each node, which
+    sets NODE_RANK and MASTER_ADDR): plain gloo all-reduces of ``nbytes`` across the limited link;
+    node 0 writes the seconds they took to ``out``."""
+    rank = int(os.environ["NODE_RANK"])
+    seconds = _timed_allreduces(f"tcp://{os.environ['MASTER_ADDR']}:29533", rank, nbytes, repeats)
+    if rank == 0:
+        Path(out).write_text(f"{seconds}\n")
+
+
+def emulated_gloo_gbps(rate: str, nbytes: int, repeats: int = 5) -> float:
+    """Gbit/s of a plain 2-process gloo all-reduce between two emulated nodes whose links tc limits to
+    ``rate``, measured (TCP/IP and Ethernet headers, tbf's shaping and gloo's own pauses included):
+    each node sends the tensor once per all-reduce, as in :func:`gloo_gbps`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "seconds"
+        cmd = ["bash", str(REPO / "local" / "emulate_cluster.sh"), "--nodes", "2", "--rate", rate, "--prefix", "apv",
+               "--", sys.executable, "-m", "asr_parallel.bin.validate_scaling", "--gloo-node", str(nbytes),
+               str(repeats), str(out)]
+        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if r.returncode != 0 or not out.is_file():
+            raise SystemExit(f"ERROR: scaling validation: the gloo benchmark across emulated nodes at {rate} failed "
+                             "(see above)")
+        seconds = float(out.read_text())
+    return repeats * nbytes * 8 / seconds / 1e9
+
+
+def window_step_seconds(exp: Path, window: int) -> list[float]:
+    """Seconds per step in successive windows of ``window`` steps of a finished run: wall time between
+    the ``train/loss`` points of its TensorBoard log at multiples of ``window`` (choose it a multiple
+    of the logging interval and of the strategy's synchronisation period, so every window holds the
+    same share of synchronisations). Empty without such a log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = exp / "tensorboard"
+    if not tb.is_dir():
+        return []
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/loss" not in acc.Tags()["scalars"]:
+        return []
+    points = sorted((e.step, e.wall_time) for e in acc.Scalars("train/loss") if e.step % window == 0)
+    return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if s1 > s0]
+
+
+def spread(values: list[float]) -> dict | None:
+    """Median and 10th / 90th percentiles (nearest rank) of per-window step times: how much this shared
+    machine's own pace moved during a run, against which a prediction's error can be read."""
+    if len(values) < 3:
+        return None
+    v = sorted(values)
+
+    def q(f):
+        return v[min(len(v) - 1, max(0, round(f * (len(v) - 1))))]
+
+    return {"windows": len(v), "median": q(0.5), "p10": q(0.1), "p90": q(0.9)}
+
+
 def train_short(config: str, base_overrides: list[str], out: Path, label: str, overrides: list[str], env: dict,
                 steps: int) -> Path:
     """Train one validation run with run.sh's stage 5 (reused when finished); its experiment directory."""
@@ -105,9 +175,11 @@ def train_short(config: str, base_overrides: list[str], out: Path, label: str, o
     return exp
 
 
-def predict_run(exp: Path, compute: dict, intra_gbps: float) -> dict:
-    """Measured and predicted mean step time of one finished run."""
-    from asr_parallel.bin.predict_scaling import measure, workload
+def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> dict:
+    """Measured and predicted mean step time of one finished run. ``link_gbps``: the measured gloo
+    all-reduce rate across emulated nodes per tc rate (:func:`emulated_gloo_gbps`); a rate without a
+    measurement is taken at its nominal value."""
+    from asr_parallel.bin.predict_scaling import measure, measure_parts, workload
     from asr_parallel.config import load_config
     from asr_parallel.scaling import Cluster, mean_step_time, parse_rate_gbps
     from asr_parallel.strategies import parse_strategy
@@ -129,31 +201,55 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float) -> dict:
     work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps, upd)
     work.bucket_mb = strategy.get("bucket_cap_mb") or work.bucket_mb
     work.buckets = (summary.get("strategy_figures") or {}).get("ddp_bucket_bytes")  # what DDP really built
-    # per-node rates: the slowest link paces every collective
-    inter = min(parse_rate_gbps(r) for r in summary["link_rate"].split(",")) if nodes > 1 else intra_gbps
+    if strategy["name"] == "pipelined_bp" and k > 1:  # the run's own cut, part by part
+        pkey = (cfg.model.name, threads, k, strategy.get("balance", "flops"), tuple(strategy.get("boundaries") or ()))
+        if pkey not in compute:
+            torch.set_num_threads(threads)
+            compute[pkey] = measure_parts(cfg, k, pkey[3], list(pkey[4]) or None)
+        work.part_s_per_frame, work.part_update_s = compute[pkey]
+    # per-node rates: the slowest link paces every collective; each at its measured gloo rate if known
+    link_gbps = link_gbps or {}
+    rates = summary["link_rate"].split(",") if nodes > 1 else []
+    inter = min(link_gbps.get(r, parse_rate_gbps(r)) for r in rates) if rates else intra_gbps
+    measured_link = bool(rates) and all(r in link_gbps for r in rates)
     cluster = Cluster(workers_per_node=max(1, k // nodes), nodes=nodes, intra_gbps=intra_gbps, inter_gbps=inter)
     pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd")
     measured = summary["train_seconds"] / steps
+    window = math.lcm(cfg.train.log_every_steps, int(strategy.get("sync_period", 1) or 1))
+    windows = spread(window_step_seconds(exp, window))
     return {"run": exp.name, "exp_dir": str(exp), "strategy": strategy["name"], "ranks": k, "nodes": nodes,
-            "link": summary["link_rate"] if nodes > 1 else f"{intra_gbps:.2f}gbit (gloo, one machine)",
+            "link": (f"{summary['link_rate']} ({inter:.3f}gbit {'gloo, measured' if measured_link else 'nominal'})"
+                     if nodes > 1 else f"{intra_gbps:.2f}gbit (gloo, one machine)"),
             "threads_per_rank": threads, "steps": steps, "frames_per_step": round(work.frames_per_step, 1),
             "bytes_sent_per_rank": summary["bytes_sent_per_rank"], "measured_step_s": measured,
             "predicted_step_s": pred["step_s"], "predicted_compute_s": pred["compute_s"],
             "predicted_comm_s": pred["comm_s"],
-            "error_percent": round(100 * (pred["step_s"] - measured) / measured, 1)}
+            "error_percent": round(100 * (pred["step_s"] - measured) / measured, 1),
+            "window_steps": window, "window_step_s": windows}
 
 
-def markdown(rows: list[dict], compute: dict, intra_gbps: float) -> str:
-    lines = ["Inputs measured here: " + "; ".join(f"{m} at {t} thread(s): {f * 1e6:.1f} + {b * 1e6:.1f} us per frame "
-                                                  f"(forward + backward), {u * 1e3:.1f} ms per update"
-                                                  for (m, t), (f, b, u) in sorted(compute.items()))
-             + f"; gloo all-reduce between 2 processes of this machine: {intra_gbps:.2f} Gbit/s.", "",
-             "| run | strategy | ranks | nodes | link | steps | frames/step | measured s/step | predicted s/step "
-             "(compute + comm) | error |", "|" + "---|" * 10]
+def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> str:
+    whole = {k: v for k, v in compute.items() if len(k) == 2}
+    parts = {k: v for k, v in compute.items() if len(k) > 2}
+    inputs = ["; ".join(f"{m} at {t} thread(s): {f * 1e6:.1f} + {b * 1e6:.1f} us per frame (forward + backward), "
+                        f"{u * 1e3:.1f} ms per update" for (m, t), (f, b, u) in sorted(whole.items()))]
+    inputs += [f"{m} at {t} thread(s) cut into {k} parts ({bal}): a pipelined-BP tick "
+               + " / ".join(f"{w * 1e6:.1f} us per frame + {u * 1e3:.1f} ms" for w, u in zip(*v)) + " per part"
+               for (m, t, k, bal, _), v in sorted(parts.items())]
+    inputs.append(f"gloo all-reduce between 2 processes of this machine: {intra_gbps:.2f} Gbit/s")
+    inputs += [f"between 2 emulated nodes limited to {r}: {g:.3f} Gbit/s" for r, g in sorted((link_gbps or {}).items())]
+    lines = ["Inputs measured here: " + "; ".join(inputs) + ".", "",
+             "| run | strategy | ranks | nodes | link | steps | frames/step | measured s/step (train_seconds / steps) "
+             "| predicted s/step (compute + comm) | error | machine's pace within the run: s/step per window, "
+             "median (p10-p90) |", "|" + "---|" * 11]
     for r in rows:
+        w = r.get("window_step_s")
+        pace = (f"{w['median']:.3f} ({w['p10']:.3f}-{w['p90']:.3f}), {w['windows']} windows of {r['window_steps']} steps"
+                if w else "-")
         lines.append(f"| {r['run']} | {r['strategy']} | {r['ranks']} | {r['nodes']} | {r['link']} | {r['steps']} "
-                     f"| {r['frames_per_step']:.0f} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} "
-                     f"({r['predicted_compute_s']:.3f} + {r['predicted_comm_s']:.3f}) | {r['error_percent']:+.1f}% |")
+                     f"| {r['frames_per_step']:.0f} | {r['measured_step_s']:.3f} "
+                     f"| {r['predicted_step_s']:.3f} ({r['predicted_compute_s']:.3f} + {r['predicted_comm_s']:.3f}) "
+                     f"| {r['error_percent']:+.1f}% | {pace} |")
     errs = [abs(r["error_percent"]) for r in rows]
     if errs:
         lines += ["", f"Mean absolute error {sum(errs) / len(errs):.1f}%, largest {max(errs):.1f}% ({len(rows)} runs)."]
@@ -171,7 +267,13 @@ def main(argv=None):
     p.add_argument("--rates", default="100mbit,500mbit", help="link rates of the 2-node runs (tc syntax)")
     p.add_argument("--runs", nargs="*", default=[], help="finished experiment directories to check as well")
     p.add_argument("--no-train", action="store_true", help="only check finished runs")
+    p.add_argument("--no-link-benchmark", action="store_true",
+                   help="take emulated links at their nominal tc rate instead of measuring a gloo all-reduce across them")
+    p.add_argument("--gloo-node", nargs=3, metavar=("NBYTES", "REPEATS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.gloo_node:  # one node of emulated_gloo_gbps's benchmark
+        gloo_node(int(args.gloo_node[0]), int(args.gloo_node[1]), args.gloo_node[2])
+        return
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg.exp_dir) / "scaling_validation"
     dirs, skipped = [], []
@@ -183,21 +285,37 @@ def main(argv=None):
             dirs.append(train_short(args.config, args.overrides, out, label, overrides, env, args.steps))
     dirs += [Path(d) for d in args.runs]
     intra = gloo_gbps(16 * 2**20)
+    link_gbps: dict = {}
+    if os.geteuid() == 0 and not args.no_link_benchmark:
+        for d in dirs:
+            try:
+                summary = json.loads((d / "train_summary.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if summary.get("nodes", 1) > 1:
+                for r in summary["link_rate"].split(","):
+                    if r not in link_gbps:
+                        link_gbps[r] = emulated_gloo_gbps(r, 16 * 2**20)
     compute: dict = {}
     rows = []
     for d in dirs:
         try:
-            rows.append(predict_run(d, compute, intra))
+            rows.append(predict_run(d, compute, intra, link_gbps))
         except (OSError, ValueError, KeyError) as e:
             skipped.append(f"{d}: {e}")
-    table = markdown(rows, compute, intra)
+    table = markdown(rows, compute, intra, link_gbps)
     if skipped:
         table += "\n\nLeft out: " + "; ".join(skipped) + "."
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "validation.md", table + "\n")
-    atomic_write_json(out / "validation.json", {"intra_gbps": intra, "compute_s_per_frame": {
-        f"{m}@{t}": {"forward": f, "backward": b, "update_per_step": u} for (m, t), (f, b, u) in compute.items()}, "runs": rows,
-        "left_out": skipped})
+    atomic_write_json(out / "validation.json", {
+        "intra_gbps": intra, "emulated_link_gloo_gbps": link_gbps,
+        "compute_s_per_frame": {f"{m}@{t}": {"forward": f, "backward": b, "update_per_step": u}
+                                for (m, t), (f, b, u) in ((k, v) for k, v in compute.items() if len(k) == 2)},
+        "pipelined_bp_parts": [{"model": k[0], "threads": k[1], "parts": k[2], "balance": k[3],
+                                "boundaries": list(k[4]), "tick_s_per_frame": v[0], "update_s": v[1]}
+                               for k, v in compute.items() if len(k) > 2],
+        "runs": rows, "left_out": skipped})
     print(table)
     print(f"written: {out}/validation.md, validation.json")
 

@@ -16,7 +16,7 @@ and a non-finite loss on any rank makes the gradients NaN on every rank, so ever
 skip that step from the same numbers, without a collective of its own.
 
 Counted (label ``ddp_setup``): DDP's construction (a shape check and the broadcast of rank 0's
-parameters and buffers; the calls read from the process group's sequence number around it) and the
+parameters, not its buffers, ``broadcast_buffers`` being off; the calls read from the process group's sequence number around it) and the
 two broadcasts of its bucket rebuild; (label given by the caller) every bucket's all-reduce.
 """
 
@@ -53,8 +53,9 @@ def ddp_wrap(model: nn.Module, dist, comm: CommCounter, group=None, label: str =
               process_group=group, bucket_cap_mb=bucket_cap_mb or None, broadcast_buffers=False,
               find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
     calls = process_group_calls([group]) - before
-    states = [t for t in list(model.parameters()) + list(model.buffers())]
-    nbytes = sum(t.numel() * t.element_size() for t in states)
+    # DDP's construction broadcasts the parameters only: with broadcast_buffers off, torch's
+    # _sync_module_states leaves the buffers out
+    nbytes = sum(t.numel() * t.element_size() for t in model.parameters())
     is_root = tdist.get_rank() == (tdist.get_global_rank(group, 0) if group is not None else 0)
     comm.add(nbytes * (world - 1) if is_root else 0, calls, "ddp_setup")
     if not is_root:
@@ -66,7 +67,12 @@ def ddp_wrap(model: nn.Module, dist, comm: CommCounter, group=None, label: str =
 
 def bucket_bytes(ddp) -> list[int]:
     """The gradient buckets DDP built, in bytes, in the order they are all-reduced (after its rebuild
-    at the second step; before it, the single bucket of the first step)."""
+    at the second step; before it, the layout of the first step), read from DDP's reducer. (DDP's
+    logging data records the rebuilt layout only at the next synchronised forward pass, which a
+    synchronous warm-up followed by ``no_sync`` steps never has.)"""
+    reducer = getattr(ddp, "reducer", None)
+    if reducer is not None and hasattr(reducer, "_get_zeros_like_grad_buckets"):
+        return [b.buffer().numel() * b.buffer().element_size() for b in reducer._get_zeros_like_grad_buckets()]
     data = ddp._get_ddp_logging_data()
     sizes = data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes") or ""
     return [int(s) for s in str(sizes).split(",") if s.strip()]
@@ -97,11 +103,10 @@ def _hook(state: HookState, bucket):
     state.comm.all_reduce(flat.numel(), flat.element_size(), state.world, state.label)
     fut = tdist.all_reduce(flat, group=state.group, async_op=True).get_future()
 
-    def done(f):
+    def done(f):  # one pass into the bucket: no temporary of the bucket's size
         v = f.value()[0]
-        grads = v[:-2] / v[-2]
-        grads.masked_fill_(v[-1] > 0, float("nan"))
-        buf.copy_(grads)
+        torch.div(v[:-2], v[-2], out=buf)
+        buf.masked_fill_(v[-1] > 0, float("nan"))  # a tensor condition: no wait for the device
         return buf
 
     return fut.then(done)

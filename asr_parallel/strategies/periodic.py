@@ -90,6 +90,7 @@ class PeriodicSync(Strategy):
         self.module: nn.Module | None = None
         self.global_model: nn.Module | None = None
         self.ddp = None  # DDP for a synchronous warm-up
+        self.saved_buckets = None  # its buckets as a checkpoint recorded them (warmup_buckets)
         self.hook = None
         self.step = 0  # the last optimiser step seen
         self.bad_since_sync = torch.zeros(())  # this rank's skipped steps since the last synchronisation
@@ -126,7 +127,10 @@ class PeriodicSync(Strategy):
                 from asr_parallel.strategies.ddp import ddp_wrap
 
                 self.ddp, self.hook = ddp_wrap(model, self.dist, self.comm, self.group, "gradients")
-                model = self.ddp  # DDP's construction broadcast rank 0's model
+                # DDP's construction broadcast rank 0's parameters (not its buffers: broadcast_buffers is
+                # off); the buffers start equal (every rank builds the model alike) and are averaged
+                # at the warm-up's end
+                model = self.ddp
             else:
                 self.broadcast_model()
         self.global_model = copy.deepcopy(self.module).requires_grad_(False)
@@ -237,21 +241,34 @@ class PeriodicSync(Strategy):
     def log_scalars(self) -> dict[str, float]:
         return {"train/bad_batches_all_ranks": float(self.bad_all_ranks)}
 
+    def warmup_buckets(self) -> list[int] | None:
+        """The synchronous warm-up's DDP buckets, in bytes: as DDP rebuilt them in this process, else as
+        a resumed run's checkpoint recorded them (a run resumed after its warm-up never runs DDP again,
+        and DDP's unrebuilt layout is not the one the warm-up used)."""
+        if self.ddp is None:
+            return None
+        from asr_parallel.strategies.ddp import bucket_bytes
+
+        if self.hook.rebuilt or not self.saved_buckets:
+            return bucket_bytes(self.ddp)
+        return list(self.saved_buckets)
+
     def summary_figures(self) -> dict:
         out = {"bad_batches_all_ranks": self.bad_all_ranks}
-        if self.ddp is not None:  # the synchronous warm-up's buckets
-            from asr_parallel.strategies.ddp import bucket_bytes
-
-            out["ddp_bucket_bytes"] = bucket_bytes(self.ddp)
+        buckets = self.warmup_buckets()
+        if buckets is not None:
+            out["ddp_bucket_bytes"] = buckets
         return out
 
     # -- checkpoints
     def state_dict(self) -> dict:
         return {**super().state_dict(), "step": self.step, "global_model": self.global_model.state_dict(),
-                "bad_since_sync": self.bad_since_sync.cpu(), "bad_all_ranks": self.bad_all_ranks}
+                "bad_since_sync": self.bad_since_sync.cpu(), "bad_all_ranks": self.bad_all_ranks,
+                "ddp_bucket_bytes": self.warmup_buckets()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self.saved_buckets = state.get("ddp_bucket_bytes")
         self.step = state["step"]
         self.global_model.load_state_dict(state["global_model"])
         self.bad_since_sync = state.get("bad_since_sync", torch.zeros(()))

@@ -482,9 +482,11 @@ class Trainer:
                         self._log_step(last, fps)
                         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                         t_log, frames_log = now, 0
+                checkpoint = self.step % self.tc.checkpoint_every_steps == 0
+                if checkpoint:  # pipelines drain: training work, timed as the epoch end's drain is
+                    self.pending += self.strategy.prepare_checkpoint(self.ctx)
                 self.train_seconds += time.time() - t_iter
-                if self.step % self.tc.checkpoint_every_steps == 0:
-                    self.pending += self.strategy.prepare_checkpoint(self.ctx)  # pipelines drain
+                if checkpoint:
                     self.save_checkpoint()
                 t_iter = time.time()
                 if self.tc.max_steps and self.step >= self.tc.max_steps:
