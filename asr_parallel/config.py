@@ -402,6 +402,8 @@ def validate(cfg: RecipeConfig) -> None:
     rates = tc.link_rate.split(",")
     need(all(r.strip() for r in rates) and (len(rates) == 1 or len(rates) == max(1, tc.emulate_nodes)),
          "train.link_rate", f"must be one tc rate, or one per emulated node ({tc.emulate_nodes}), got '{tc.link_rate}'")
+    # a dumped config (JSON-safe, as dump_config writes it) holds the ranks as strings: read them back
+    tc.slow_ranks = {int(k) if isinstance(k, str) and k.strip().isdigit() else k: v for k, v in tc.slow_ranks.items()}
     for rank, factor in tc.slow_ranks.items():
         need(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "train.slow_ranks",
              f"keys must be ranks (integers >= 0), got {rank!r}")

@@ -160,7 +160,7 @@ def test_delay_probe_applies_the_gradient_of_delay_steps_ago():
         assert len(ctx.queue) == delay
 
 
-def test_a_slow_rank_waits_its_step_time_again_per_factor(monkeypatch):
+def test_a_slow_rank_waits_its_step_time_again_per_factor(monkeypatch, tmp_path):
     """train.slow_ranks {rank: f}: after each step the rank sleeps (f - 1) times the step's own time."""
     from types import SimpleNamespace
 
@@ -177,6 +177,11 @@ def test_a_slow_rank_waits_its_step_time_again_per_factor(monkeypatch):
     assert slept == [1.0]  # a rank at normal speed does not wait
     cfg = load_config(REPO / "recipes/chime6_sim.yaml", ["train.world_size=2", "train.slow_ranks={1: 2.0}"])
     assert cfg.train.slow_ranks == {1: 2.0}
+    # a dumped config (as stage 8 writes one per run) reads back the same
+    from asr_parallel.config import dump_config
+
+    dump_config(cfg, tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml").train.slow_ranks == {1: 2.0}
     for bad, message in (("{-1: 2.0}", "keys must be ranks"), ("{1: 0.5}", "factors >= 1.0")):
         with pytest.raises(Exception, match=message):
             load_config(REPO / "recipes/chime6_sim.yaml", ["train.world_size=2", f"train.slow_ranks={bad}"])
