@@ -5,7 +5,8 @@ formulas of ALGORITHMS.md (K workers, P parameters, b bytes per value, tau steps
 Model of one step of a worker (weak scaling: every worker keeps its own batch of B frames):
 
 * compute: B * (t_forward + t_backward) seconds (measured per frame on the target device) plus the
-  update ``update_s``: gradient clipping and the optimiser step, per step, measured too;
+  update ``update_s``: gradient clipping and the optimiser step, per step, measured too, plus
+  ``load_s``, the time to make the step's batch where the training thread makes it (measured);
 * a ring all-reduce of n values over K workers sends 2(K-1)/K * n * b bytes per worker; it runs at
   the slowest link the ring crosses: ``intra_gbps`` inside a node, ``inter_gbps`` once the K workers
   span several nodes (workers fill nodes of ``workers_per_node``), plus ``latency_us`` per message
@@ -65,6 +66,7 @@ class Workload:
     activation_values_per_frame: float = 0.0  # at a pipeline cut, per input frame (width x frame-rate ratio)
     max_stages: int = 1_000_000  # pipelines cannot cut the model into more parts than it has stages
     update_s: float = 0.0  # per step: gradient clipping and optimiser step of the whole model
+    load_s: float = 0.0  # per step and rank: making the batch (reading, decoding, collating features)
     bucket_mb: float = 25.0  # DDP's gradient bucket size (after a first bucket of 1 MiB)
     buckets: list | None = None  # the buckets DDP built, bytes, in all-reduce order (a run's ddp_bucket_bytes)
     # pipelined_bp with the cut into len(part_s_per_frame) parts, measured part by part
@@ -103,7 +105,8 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
     """Seconds of one step for ``k`` workers: compute, communication and total, and frames per step."""
     name = strategy["name"]
     b = work.bytes_per_value
-    compute = work.frames_per_step * (work.forward_s_per_frame + work.backward_s_per_frame) + work.update_s
+    compute = work.frames_per_step * (work.forward_s_per_frame + work.backward_s_per_frame) + work.update_s \
+        + work.load_s
     nodes = math.ceil(k / cluster.workers_per_node)
     link = cluster.inter_gbps if nodes > 1 else cluster.intra_gbps
     tau = strategy.get("sync_period", 1)
@@ -128,16 +131,18 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
         frames = work.frames_per_step
         act = work.frames_per_step * work.activation_values_per_frame * b * 8 / (link * 1e9)  # one way
         if name == "pipelined_bp":
+            # every part reads every batch (one data stream): each pays the loading
             if work.part_s_per_frame and len(work.part_s_per_frame) == k:  # the parts as measured
-                compute = max(work.frames_per_step * t + u for t, u in zip(work.part_s_per_frame, work.part_update_s))
+                compute = max(work.frames_per_step * t + u for t, u in zip(work.part_s_per_frame, work.part_update_s)) \
+                    + work.load_s
             elif k > 1:
                 compute = (work.frames_per_step * (2 * work.forward_s_per_frame + work.backward_s_per_frame)
-                           + work.update_s) / k
+                           + work.update_s) / k + work.load_s
             comm = 2 * act if k > 1 else 0.0
         else:
             m = strategy.get("microbatches", 4)
             slots = m + k - 1
-            compute = slots * (compute - work.update_s) / (k * m) + work.update_s / k
+            compute = slots * (compute - work.update_s - work.load_s) / (k * m) + work.update_s / k + work.load_s
             comm = slots * 2 * act / m if k > 1 else 0.0
     else:
         raise ValueError(f"no scaling model for strategy '{name}'")

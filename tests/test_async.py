@@ -401,3 +401,16 @@ def test_hogwild_refuses_gpus_and_several_nodes(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     with pytest.raises(ValueError, match="every rank on one machine"):
         build_strategy({"name": "hogwild"}, DistContext(rank=0, world_size=2))
+
+
+def test_async_ps_refuses_contradictory_settings():
+    """Settings that cannot work together stop with an error naming them."""
+    from asr_parallel.strategies import parse_strategy
+
+    for strategy, message in (
+            ({"backup_workers": 0, "schedule": "round_robin"}, "use schedule arrival"),
+            ({"backup_workers": 0, "push_every": 2}, "needs push_every 1"),
+            ({"backup_workers": -2}, "must be -1"),
+            ({"servers": 0}, "servers must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            parse_strategy({"name": "async_ps", **strategy})

@@ -121,7 +121,8 @@ def test_validation_predicts_a_recorded_run(tmp_path):
     from asr_parallel.config import dump_config, load_config
     from asr_parallel.models import build_model
 
-    cfg = load_config(None, ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64"])
+    cfg = load_config(None, ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64",
+                             f"data_dir={tmp_path / 'no_data'}"])  # no prepared batches: no loading time
     dump_config(cfg, tmp_path / "config.yaml")
     params = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size).num_params()
     summary = {"strategy": {"name": "model_averaging", "sync_period": 10}, "world_size": 2, "nodes": 2,
@@ -160,6 +161,19 @@ def test_ddp_overlap_leaves_the_last_bucket_exposed():
     small = Workload(**{**WORK.__dict__, "bucket_mb": 0.1})
     t = step_time({"name": "sync_sgd"}, 8, CLUSTER, small, overlap=True)
     assert t["comm_s"] == pytest.approx(ring * last_bucket_bytes(4e6, 0.1) / 4e6)
+
+
+def test_loading_time_is_paid_per_step_by_every_rank():
+    """A batch made on the training thread costs its time at every step: once per data-parallel rank,
+    and on every pipeline part (each reads every batch)."""
+    work = Workload(**{**WORK.__dict__, "load_s": 0.02})
+    assert step_time({"name": "sync_sgd"}, 1, CLUSTER, work)["compute_s"] == pytest.approx(0.32)
+    assert step_time({"name": "model_averaging"}, 4, CLUSTER, work)["compute_s"] == pytest.approx(0.32)
+    assert step_time({"name": "pipelined_bp"}, 2, CLUSTER, work)["compute_s"] == pytest.approx(0.2 + 0.02)
+    parts = Workload(**{**work.__dict__, "part_s_per_frame": [3e-4, 1e-4], "part_update_s": [0.0, 0.0]})
+    assert step_time({"name": "pipelined_bp"}, 2, CLUSTER, parts)["compute_s"] == pytest.approx(0.3 + 0.02)
+    gpipe = step_time({"name": "gpipe", "microbatches": 4}, 2, CLUSTER, work)
+    assert gpipe["compute_s"] == pytest.approx(5 * 0.3 / 8 + 0.02)
 
 
 def test_update_time_is_paid_per_step_and_split_over_pipeline_parts():
@@ -216,3 +230,27 @@ def test_pace_windows_hold_whole_synchronisation_periods(tmp_path):
     assert spread(per20) == {"windows": 9, "median": pytest.approx(0.4), "p10": pytest.approx(0.4),
                              "p90": pytest.approx(0.4)}
     assert spread([1.0, 2.0]) is None and window_step_seconds(tmp_path / "missing", 10) == []
+
+
+def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path):
+    """recipe_batches draws the training batches as training does (utterances of different lengths,
+    padded, within train.max_duration) and times their making; measure and measure_parts time them
+    per real frame. Without prepared data there are none."""
+    from asr_parallel.bin.predict_scaling import measure, measure_parts, recipe_batches
+    from asr_parallel.config import load_config
+    from chime6_fixture import TINY_SIMULATION
+
+    cfg = load_config("recipes/chime6_sim.yaml", TINY_SIMULATION + [
+        f"data_dir={prepared}", "train.max_duration=20", "model.name=mlp", "model.mlp.num_layers=2",
+        "model.mlp.hidden_dim=32"])
+    batches, load_s = recipe_batches(cfg, count=3)
+    assert len(batches) == 3 and load_s > 0
+    for feats, lens, tokens in batches:
+        assert feats.shape[0] == len(lens) == len(tokens) and feats.shape[1] == int(lens.max())
+        assert int(lens.sum()) <= cfg.train.max_duration * 100 + 1 and all(tokens)
+    assert any(len(set(lens.tolist())) > 1 for _, lens, _ in batches)  # real lengths: padding
+    fwd, bwd, upd = measure(cfg, batches=batches)
+    assert fwd > 0 and bwd > 0 and upd > 0
+    work, update = measure_parts(cfg, 2, batches=batches)
+    assert len(work) == 2 and all(w > 0 for w in work)
+    assert recipe_batches(load_config("recipes/chime6_sim.yaml", [f"data_dir={tmp_path}"])) is None

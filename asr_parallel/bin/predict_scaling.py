@@ -22,18 +22,20 @@ STRATEGIES = [{"name": "sync_sgd"}, {"name": "model_averaging", "sync_period": 5
               {"name": "pipelined_bp"}, {"name": "gpipe", "microbatches": 4}]
 
 
-def measure(cfg, steps: int = 3) -> tuple[float, float, float]:
+def measure(cfg, steps: int = 3, batches: list | None = None) -> tuple[float, float, float]:
     """(forward, backward) seconds per input frame of the recipe's model, on CPU here, and seconds of
-    its update per step (gradient clipping and the configured optimiser's step)."""
+    its update per step (gradient clipping and the configured optimiser's step). Timed on ``batches``
+    ((features, lengths, tokens) each; the first only warms up), by default ``steps`` + 1 synthetic
+    batches of the recipe's size; per frame means per real (unpadded) frame."""
     from asr_parallel.models import build_model
     from asr_parallel.train.loss import ctc_loss
     from asr_parallel.train.trainer import make_optimizer
 
     model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
     optimizer = make_optimizer(cfg.train, model.parameters())
-    feats, lens, tokens = synthetic_batch(cfg)
+    batches = batches or [synthetic_batch(cfg)] * (steps + 1)
     fwd = bwd = upd = 0.0
-    for i in range(steps + 1):
+    for i, (feats, lens, tokens) in enumerate(batches):
         t0 = time.perf_counter()
         logits, out_lens = model(feats, lens)
         loss = ctc_loss(logits, out_lens, tokens)
@@ -46,8 +48,8 @@ def measure(cfg, steps: int = 3) -> tuple[float, float, float]:
         t3 = time.perf_counter()
         if i:  # the first step warms up
             fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
-    n = steps * int(lens.sum())
-    return fwd / n, bwd / n, upd / steps
+    n = sum(int(lens.sum()) for _, lens, _ in batches[1:])
+    return fwd / n, bwd / n, upd / (len(batches) - 1)
 
 
 def synthetic_batch(cfg, frames: int = 800):
@@ -60,14 +62,46 @@ def synthetic_batch(cfg, frames: int = 800):
     return feats, lens, tokens
 
 
+def recipe_batches(cfg, count: int = 9) -> tuple[list, float] | None:
+    """The recipe's own first ``count`` training batches as one process draws them (the features of
+    stage 2, the BPE targets of stage 3, the sampler and batch size of training): real utterance
+    lengths, padding and batch sizes, which synthetic batches of equal lengths do not have; and the
+    mean seconds the training data path took to make one (reading and decompressing the features,
+    collating: the trainer's loader does this on the training thread, ``train.num_workers`` 0).
+    None when the data stages have not run."""
+    import sentencepiece as spm
+    from lhotse import load_manifest
+
+    from asr_parallel.tokenizer import lang_dir_name
+    from asr_parallel.train.data import CutDataset, make_sampler
+
+    data = Path(cfg.data_dir)
+    cuts_path, bpe = data / "fbank/chime6-ihm_cuts_train.jsonl.gz", data / lang_dir_name(cfg.tokenizer) / "bpe.model"
+    if not cuts_path.is_file() or not bpe.is_file():
+        return None
+    dataset = CutDataset(spm.SentencePieceProcessor(model_file=str(bpe)))
+    sampler = make_sampler(load_manifest(cuts_path), cfg.train.max_duration, cfg.train.num_buckets, True, 0, 1,
+                           cfg.train.seed)
+    sampler.set_epoch(0)
+    out, seconds = [], 0.0
+    for cuts in sampler:
+        t0 = time.perf_counter()
+        b = dataset[cuts]
+        seconds += time.perf_counter() - t0
+        out.append((b.feats, b.feat_lens, b.tokens))
+        if len(out) == count:
+            break
+    return out, seconds / max(1, len(out))
+
+
 def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int] | None = None,
-                  steps: int = 3) -> tuple[list[float], list[float]]:
+                  steps: int = 3, batches: list | None = None) -> tuple[list[float], list[float]]:
     """Per part of the model cut as ``pipelined_bp`` cuts it into ``parts``: seconds per input frame of
     the work one clock tick gives that part (parts before the last: a forward pass without a graph,
     the forward pass again with one, and the backward pass from the output gradient; the last: the
     forward pass, the CTC loss and the backward pass), and seconds of the part's update (clipping
-    and optimiser step of its parameters). Timed on the synthetic batch of :func:`measure`, each part
-    on its own as its rank runs it."""
+    and optimiser step of its parameters). Timed on the batches of :func:`measure`, each part on its
+    own as its rank runs it."""
     from asr_parallel.models import build_model
     from asr_parallel.strategies.pipeline import Part, model_cut
     from asr_parallel.train.loss import ctc_loss
@@ -77,10 +111,10 @@ def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int]
     starts = model_cut(model, parts, balance, boundaries) + [len(model.stages)]
     modules = [Part(model, a, b) for a, b in zip(starts, starts[1:])]
     optimizers = [make_optimizer(cfg.train, m.parameters()) for m in modules]
-    feats, lens, tokens = synthetic_batch(cfg)
+    batches = batches or [synthetic_batch(cfg)] * (steps + 1)
     work = [0.0] * parts
     update = [0.0] * parts
-    for i in range(steps + 1):
+    for i, (feats, lens, tokens) in enumerate(batches):
         x, lengths = feats, lens
         for s, (m, opt) in enumerate(zip(modules, optimizers)):
             x_in = x.detach().requires_grad_(s > 0)
@@ -103,8 +137,8 @@ def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int]
                 work[s] += t1 - t0
                 update[s] += t2 - t1
             x, lengths = y.detach(), out_lens
-    n = steps * int(lens.sum())
-    return [w / n for w in work], [u / steps for u in update]
+    n = sum(int(lens.sum()) for _, lens, _ in batches[1:])
+    return [w / n for w in work], [u / (len(batches) - 1) for u in update]
 
 
 def workload(cfg, forward_s: float, backward_s: float, frames_per_step: float, update_s: float = 0.0):

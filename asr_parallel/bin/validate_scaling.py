@@ -5,17 +5,25 @@
    pipelined BP on 2 ranks of one node; sync SGD on 2 emulated nodes at each of ``--rates`` and
    pipelined BP at the first (``local/emulate_cluster.sh``; needs root, else those runs are left out
    and the report says so). Finished runs are reused.
-2. Measures what the predictor takes as input, here: the model's forward and backward time per frame
-   and its update time per step at each thread count the runs used (``predict_scaling.measure``),
-   and the bandwidth of a gloo
-   all-reduce between two processes of this machine (the "link" inside one node).
+2. Measures what the predictor takes as input, here:
+   * the model's forward and backward time per frame and its update time per step, at each thread
+     count the runs used, on the recipe's own first training batches (``predict_scaling.measure``
+     with ``recipe_batches``: real lengths and padding; synthetic batches without prepared data);
+   * for pipelined BP, each part of the run's own cut timed as its rank runs it in a clock tick
+     (``predict_scaling.measure_parts``);
+   * the rate of a plain gloo all-reduce between two processes of this machine (the link inside one
+     node) and, as root, between two emulated nodes at every tc rate a run used
+     (:func:`emulated_gloo_gbps`: TCP/IP headers, tbf's shaping and gloo's own pauses included;
+     ``--no-link-benchmark`` takes the nominal rate instead).
 3. For every run (those of step 1 plus finished experiment directories given with ``--runs``, e.g.
    the comparison's) predicts the mean step time from the measured inputs, the run's own frames per
-   step and number of steps, its ranks, nodes and link rate, and sets it against the measured one
+   step and number of steps, its ranks, nodes and link, and sets it against the measured one
    (``train_seconds / steps`` of ``train_summary.json``: the training loop without the per-epoch
    evaluation and checkpoint writes). Sync SGD is predicted with DDP's bucketed overlap of the
    all-reduce behind the backward pass; the periodic strategies with their warm-up
-   (:func:`asr_parallel.scaling.mean_step_time`).
+   (:func:`asr_parallel.scaling.mean_step_time`). Beside it, the machine's own pace during the run:
+   seconds per step in windows of whole synchronisation periods (median, 10th and 90th percentiles,
+   from the TensorBoard log), which shows how far a shared machine moved under the run.
 
 Writes ``validation.md`` and ``validation.json`` in ``exp_dir/scaling_validation/``.
 """
@@ -175,11 +183,14 @@ def train_short(config: str, base_overrides: list[str], out: Path, label: str, o
     return exp
 
 
+_BATCHES: dict = {}  # the recipe's first training batches, per data directory and batch settings
+
+
 def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> dict:
     """Measured and predicted mean step time of one finished run. ``link_gbps``: the measured gloo
     all-reduce rate across emulated nodes per tc rate (:func:`emulated_gloo_gbps`); a rate without a
     measurement is taken at its nominal value."""
-    from asr_parallel.bin.predict_scaling import measure, measure_parts, workload
+    from asr_parallel.bin.predict_scaling import measure, measure_parts, recipe_batches, workload
     from asr_parallel.config import load_config
     from asr_parallel.scaling import Cluster, mean_step_time, parse_rate_gbps
     from asr_parallel.strategies import parse_strategy
@@ -192,20 +203,30 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     if not threads:
         raise ValueError(f"{exp}: not a CPU run (no threads_per_rank); the compute inputs are measured on this CPU")
     key = (cfg.model.name, threads)
+
+    def batches():  # the compute inputs are timed on the recipe's own batches, read once
+        bkey = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
+        if bkey not in _BATCHES:
+            _BATCHES[bkey] = recipe_batches(cfg)
+        return _BATCHES[bkey]
+
     if key not in compute:
         torch.set_num_threads(threads)
-        compute[key] = measure(cfg, steps=5)
+        compute[key] = measure(cfg, steps=5, batches=batches()[0] if batches() else None)
     fwd, bwd, upd = compute[key]
     steps, k, nodes = summary["steps"], summary["world_size"], summary.get("nodes", 1)
     strategy = {"name": summary["strategy"]["name"], **dataclasses.asdict(parse_strategy(summary["strategy"]))}
     work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps, upd)
+    if cfg.train.num_workers == 0 and batches():  # the training thread makes its own batches
+        work.load_s = batches()[1]
     work.bucket_mb = strategy.get("bucket_cap_mb") or work.bucket_mb
     work.buckets = (summary.get("strategy_figures") or {}).get("ddp_bucket_bytes")  # what DDP really built
     if strategy["name"] == "pipelined_bp" and k > 1:  # the run's own cut, part by part
         pkey = (cfg.model.name, threads, k, strategy.get("balance", "flops"), tuple(strategy.get("boundaries") or ()))
         if pkey not in compute:
             torch.set_num_threads(threads)
-            compute[pkey] = measure_parts(cfg, k, pkey[3], list(pkey[4]) or None)
+            compute[pkey] = measure_parts(cfg, k, pkey[3], list(pkey[4]) or None,
+                                          batches=batches()[0] if batches() else None)
         work.part_s_per_frame, work.part_update_s = compute[pkey]
     # per-node rates: the slowest link paces every collective; each at its measured gloo rate if known
     link_gbps = link_gbps or {}
@@ -236,6 +257,11 @@ def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict
     inputs += [f"{m} at {t} thread(s) cut into {k} parts ({bal}): a pipelined-BP tick "
                + " / ".join(f"{w * 1e6:.1f} us per frame + {u * 1e3:.1f} ms" for w, u in zip(*v)) + " per part"
                for (m, t, k, bal, _), v in sorted(parts.items())]
+    timed_on = [f"{len(b) - 1} batches of {d}, seed {seed} ({sum(int(x[1].sum()) for x in b[1:]) / (len(b) - 1):.0f} "
+                f"frames each on average; making one took {load * 1e3:.1f} ms)" for (d, _, _, seed), (b, load) in
+                ((k, v) for k, v in _BATCHES.items() if v)]
+    inputs.append("compute timed on the recipe's first training batches after one to warm up: " + ", ".join(timed_on)
+                  if timed_on else "compute timed on synthetic batches (no prepared data)")
     inputs.append(f"gloo all-reduce between 2 processes of this machine: {intra_gbps:.2f} Gbit/s")
     inputs += [f"between 2 emulated nodes limited to {r}: {g:.3f} Gbit/s" for r, g in sorted((link_gbps or {}).items())]
     lines = ["Inputs measured here: " + "; ".join(inputs) + ".", "",

@@ -139,6 +139,9 @@ class AsyncPS(Strategy):
             if self.backup_workers >= 0 and (self.push_every != 1 or self.fetch_every != 1 or self.servers != 1):
                 raise ValueError("strategy.backup_workers >= 0 (synchronous rounds) needs push_every 1, fetch_every 1 "
                                  "and one server")
+            if self.backup_workers >= 0 and self.schedule == "round_robin":
+                raise ValueError("strategy.backup_workers >= 0 takes the first gradients to arrive; schedule "
+                                 "round_robin waits for each worker in turn: use schedule arrival")
             if self.timeout <= 0:
                 raise ValueError(f"strategy.timeout must be > 0, got {self.timeout}")
 
