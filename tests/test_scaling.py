@@ -129,7 +129,8 @@ def test_validation_predicts_a_recorded_run(tmp_path):
                "link_rate": "100mbit", "threads_per_rank": 1, "steps": 100, "frames_per_rank": 300_000,
                "train_seconds": 50.0, "bytes_sent_per_rank": 0}
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
-    compute = {("mlp", 1): (1e-5, 2e-5, 0.0)}  # given, not measured
+    batch_set = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
+    compute = {("whole", "mlp", 1, batch_set): (1e-5, 2e-5, 0.0)}  # given, not measured
     row = predict_run(tmp_path, compute, intra_gbps=10.0)
     assert row["frames_per_step"] == 3000 and row["measured_step_s"] == pytest.approx(0.5)
     assert row["predicted_compute_s"] == pytest.approx(3000 * 3e-5, rel=1e-3)
@@ -230,6 +231,9 @@ def test_pace_windows_hold_whole_synchronisation_periods(tmp_path):
     assert spread(per20) == {"windows": 9, "median": pytest.approx(0.4), "p10": pytest.approx(0.4),
                              "p90": pytest.approx(0.4)}
     assert spread([1.0, 2.0]) is None and window_step_seconds(tmp_path / "missing", 10) == []
+    # a pause after step 40 (an evaluation, a checkpoint) falls in the window from 40: left out
+    assert len(window_step_seconds(tmp_path, 20, pauses=[40])) == 8
+    assert len(window_step_seconds(tmp_path, 20, pauses=[50])) == 8  # inside the window 40-60
 
 
 def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path):
@@ -254,3 +258,21 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path):
     work, update = measure_parts(cfg, 2, batches=batches)
     assert len(work) == 2 and all(w > 0 for w in work)
     assert recipe_batches(load_config("recipes/chime6_sim.yaml", [f"data_dir={tmp_path}"])) is None
+    # validate_scaling predicts a run with compute timed on those batches and their making added
+    import json
+
+    from asr_parallel.bin import validate_scaling
+    from asr_parallel.config import dump_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    (run / "train_summary.json").write_text(json.dumps({
+        "strategy": {"name": "single"}, "world_size": 1, "nodes": 1, "link_rate": None, "threads_per_rank": 1,
+        "steps": 10, "frames_per_rank": 20_000, "train_seconds": 5.0, "bytes_sent_per_rank": 0}))
+    compute: dict = {}
+    row = validate_scaling.predict_run(run, compute, intra_gbps=10.0)
+    batch_set = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
+    f, b, u = compute[("whole", "mlp", 1, batch_set)]
+    load_s = validate_scaling._BATCHES[batch_set][1]
+    assert load_s > 0 and row["predicted_compute_s"] == pytest.approx(2000 * (f + b) + u + load_s)

@@ -135,11 +135,14 @@ def emulated_gloo_gbps(rate: str, nbytes: int, repeats: int = 5) -> float:
     return repeats * nbytes * 8 / seconds / 1e9
 
 
-def window_step_seconds(exp: Path, window: int) -> list[float]:
+def window_step_seconds(exp: Path, window: int, pauses: list[int] | tuple = ()) -> list[float]:
     """Seconds per step in successive windows of ``window`` steps of a finished run: wall time between
     the ``train/loss`` points of its TensorBoard log at multiples of ``window`` (choose it a multiple
     of the logging interval and of the strategy's synchronisation period, so every window holds the
-    same share of synchronisations). Empty without such a log."""
+    same share of synchronisations). A window in which the run paused after a step of ``pauses``
+    (evaluation at an epoch's end, a checkpoint: after the step's point is logged, so in the window
+    that starts at or runs over it) is left out: ``train_seconds`` leaves those pauses out too.
+    Empty without such a log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = exp / "tensorboard"
@@ -150,7 +153,8 @@ def window_step_seconds(exp: Path, window: int) -> list[float]:
     if "train/loss" not in acc.Tags()["scalars"]:
         return []
     points = sorted((e.step, e.wall_time) for e in acc.Scalars("train/loss") if e.step % window == 0)
-    return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:]) if s1 > s0]
+    return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points, points[1:])
+            if s1 > s0 and not any(s0 <= p < s1 for p in pauses)]
 
 
 def spread(values: list[float]) -> dict | None:
@@ -202,10 +206,10 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     threads = summary.get("threads_per_rank")
     if not threads:
         raise ValueError(f"{exp}: not a CPU run (no threads_per_rank); the compute inputs are measured on this CPU")
-    key = (cfg.model.name, threads)
+    bkey = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
+    key = ("whole", cfg.model.name, threads, bkey)  # compute inputs per model, threads and batch set
 
     def batches():  # the compute inputs are timed on the recipe's own batches, read once
-        bkey = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
         if bkey not in _BATCHES:
             _BATCHES[bkey] = recipe_batches(cfg)
         return _BATCHES[bkey]
@@ -222,10 +226,11 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     work.bucket_mb = strategy.get("bucket_cap_mb") or work.bucket_mb
     work.buckets = (summary.get("strategy_figures") or {}).get("ddp_bucket_bytes")  # what DDP really built
     if strategy["name"] == "pipelined_bp" and k > 1:  # the run's own cut, part by part
-        pkey = (cfg.model.name, threads, k, strategy.get("balance", "flops"), tuple(strategy.get("boundaries") or ()))
+        balance, bounds = strategy.get("balance", "flops"), tuple(strategy.get("boundaries") or ())
+        pkey = ("parts", cfg.model.name, threads, bkey, k, balance, bounds)
         if pkey not in compute:
             torch.set_num_threads(threads)
-            compute[pkey] = measure_parts(cfg, k, pkey[3], list(pkey[4]) or None,
+            compute[pkey] = measure_parts(cfg, k, balance, list(bounds) or None,
                                           batches=batches()[0] if batches() else None)
         work.part_s_per_frame, work.part_update_s = compute[pkey]
     # per-node rates: the slowest link paces every collective; each at its measured gloo rate if known
@@ -237,7 +242,10 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd")
     measured = summary["train_seconds"] / steps
     window = math.lcm(cfg.train.log_every_steps, int(strategy.get("sync_period", 1) or 1))
-    windows = spread(window_step_seconds(exp, window))
+    every = cfg.train.checkpoint_every_steps
+    pauses = [h["step"] for h in summary.get("history", []) if "step" in h] + \
+        (list(range(every, steps + 1, every)) if every else [])
+    windows = spread(window_step_seconds(exp, window, pauses))
     return {"run": exp.name, "exp_dir": str(exp), "strategy": strategy["name"], "ranks": k, "nodes": nodes,
             "link": (f"{summary['link_rate']} ({inter:.3f}gbit {'gloo, measured' if measured_link else 'nominal'})"
                      if nodes > 1 else f"{intra_gbps:.2f}gbit (gloo, one machine)"),
@@ -250,13 +258,14 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
 
 
 def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> str:
-    whole = {k: v for k, v in compute.items() if len(k) == 2}
-    parts = {k: v for k, v in compute.items() if len(k) > 2}
-    inputs = ["; ".join(f"{m} at {t} thread(s): {f * 1e6:.1f} + {b * 1e6:.1f} us per frame (forward + backward), "
-                        f"{u * 1e3:.1f} ms per update" for (m, t), (f, b, u) in sorted(whole.items()))]
-    inputs += [f"{m} at {t} thread(s) cut into {k} parts ({bal}): a pipelined-BP tick "
+    whole = {k: v for k, v in compute.items() if k[0] == "whole"}
+    parts = {k: v for k, v in compute.items() if k[0] == "parts"}
+    inputs = ["; ".join(f"{m} at {t} thread(s), seed {b[3]}'s batches: {f * 1e6:.1f} + {bw * 1e6:.1f} us per frame "
+                        f"(forward + backward), {u * 1e3:.1f} ms per update"
+                        for (_, m, t, b), (f, bw, u) in sorted(whole.items(), key=str))]
+    inputs += [f"{m} at {t} thread(s), seed {b[3]}'s batches, cut into {k} parts ({bal}): a pipelined-BP tick "
                + " / ".join(f"{w * 1e6:.1f} us per frame + {u * 1e3:.1f} ms" for w, u in zip(*v)) + " per part"
-               for (m, t, k, bal, _), v in sorted(parts.items())]
+               for (_, m, t, b, k, bal, _), v in sorted(parts.items(), key=str)]
     timed_on = [f"{len(b) - 1} batches of {d}, seed {seed} ({sum(int(x[1].sum()) for x in b[1:]) / (len(b) - 1):.0f} "
                 f"frames each on average; making one took {load * 1e3:.1f} ms)" for (d, _, _, seed), (b, load) in
                 ((k, v) for k, v in _BATCHES.items() if v)]
@@ -336,11 +345,12 @@ def main(argv=None):
     atomic_write_text(out / "validation.md", table + "\n")
     atomic_write_json(out / "validation.json", {
         "intra_gbps": intra, "emulated_link_gloo_gbps": link_gbps,
-        "compute_s_per_frame": {f"{m}@{t}": {"forward": f, "backward": b, "update_per_step": u}
-                                for (m, t), (f, b, u) in ((k, v) for k, v in compute.items() if len(k) == 2)},
-        "pipelined_bp_parts": [{"model": k[0], "threads": k[1], "parts": k[2], "balance": k[3],
-                                "boundaries": list(k[4]), "tick_s_per_frame": v[0], "update_s": v[1]}
-                               for k, v in compute.items() if len(k) > 2],
+        "compute_s_per_frame": [{"model": m, "threads": t, "batches_seed": b[3], "forward": f, "backward": bw,
+                                 "update_per_step": u}
+                                for (kind, m, t, b), (f, bw, u) in ((k, v) for k, v in compute.items() if k[0] == "whole")],
+        "pipelined_bp_parts": [{"model": k[1], "threads": k[2], "batches_seed": k[3][3], "parts": k[4], "balance": k[5],
+                                "boundaries": list(k[6]), "tick_s_per_frame": v[0], "update_s": v[1]}
+                               for k, v in compute.items() if k[0] == "parts"],
         "runs": rows, "left_out": skipped})
     print(table)
     print(f"written: {out}/validation.md, validation.json")
