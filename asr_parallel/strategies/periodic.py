@@ -90,7 +90,8 @@ class PeriodicSync(Strategy):
         self.module: nn.Module | None = None
         self.global_model: nn.Module | None = None
         self.ddp = None  # DDP for a synchronous warm-up
-        self.saved_buckets = None  # its buckets as a checkpoint recorded them (warmup_buckets)
+        self.saved_buckets = None  # its buckets as a checkpoint recorded them, or as read once rebuilt
+        self.buckets_read = False  # saved_buckets read from this process's rebuilt DDP
         self.hook = None
         self.step = 0  # the last optimiser step seen
         self.bad_since_sync = torch.zeros(())  # this rank's skipped steps since the last synchronisation
@@ -249,7 +250,11 @@ class PeriodicSync(Strategy):
             return None
         from asr_parallel.strategies.ddp import bucket_bytes
 
-        if self.hook.rebuilt or not self.saved_buckets:
+        if self.hook.rebuilt:  # final after the rebuild: read once (reading allocates each bucket)
+            if self.saved_buckets is None or not self.buckets_read:
+                self.saved_buckets, self.buckets_read = bucket_bytes(self.ddp), True
+            return list(self.saved_buckets)
+        if not self.saved_buckets:
             return bucket_bytes(self.ddp)
         return list(self.saved_buckets)
 
