@@ -250,13 +250,9 @@ class PeriodicSync(Strategy):
             return None
         from asr_parallel.strategies.ddp import bucket_bytes
 
-        if self.hook.rebuilt:  # final after the rebuild: read once (reading allocates each bucket)
-            if self.saved_buckets is None or not self.buckets_read:
-                self.saved_buckets, self.buckets_read = bucket_bytes(self.ddp), True
-            return list(self.saved_buckets)
-        if not self.saved_buckets:
-            return bucket_bytes(self.ddp)
-        return list(self.saved_buckets)
+        if self.hook.rebuilt and not self.buckets_read:  # final once rebuilt: read once (reading allocates)
+            self.saved_buckets, self.buckets_read = bucket_bytes(self.ddp), True
+        return list(self.saved_buckets) if self.saved_buckets else bucket_bytes(self.ddp)
 
     def summary_figures(self) -> dict:
         out = {"bad_batches_all_ranks": self.bad_all_ranks}
