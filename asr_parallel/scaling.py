@@ -11,7 +11,8 @@ Model of one step of a worker (weak scaling: every worker keeps its own batch of
   the slowest link the ring crosses: ``intra_gbps`` inside a node, ``inter_gbps`` once the K workers
   span several nodes (workers fill nodes of ``workers_per_node``), plus ``latency_us`` per message
   (2(K-1) messages per ring);
-* ``sync_sgd``: compute + one all-reduce of P per step. With ``overlap``, as torch DDP does, the
+* ``sync_sgd``: compute + one all-reduce of P per step; the ranks wait for each other every step, so
+  the compute is the slowest rank's (``Workload.lockstep``: measured on the ranks' own batches). With ``overlap``, as torch DDP does, the
   gradients go in buckets each all-reduced once its gradients are ready: everything but the last
   bucket (the first layers, ready at the end of the backward pass) can hide behind the backward
   pass, so max(ring(last bucket), ring(P) - B t_backward) is left exposed. The buckets are those DDP
@@ -23,7 +24,9 @@ Model of one step of a worker (weak scaling: every worker keeps its own batch of
 * ``pipelined_bp``: the model cut into S = K balanced parts, one minibatch per clock tick: B(2 t_f + t_b)/K
   (+ update_s / K) per tick (the parts before the last recompute their forward pass in the backward pass, as
   ``strategies/pipelined_bp.py`` does, and the slowest part sets the clock) plus the activation and its
-  gradient crossing a boundary (``activation_values_per_frame`` values per input frame, each way). With
+  gradient crossing a boundary (``activation_values_per_frame`` values per input frame, each way; the
+  two go in opposite directions in the same tick, as non-blocking sends, so on full-duplex links one
+  way's time is paid). With
   the parts measured one by one for the run's own cut (``Workload.part_s_per_frame``,
   ``part_update_s``) the clock is the slowest part's measured tick instead of the balanced estimate;
 * ``gpipe``/``one_f_one_b``: M micro-batches over S = K parts: (M + S - 1) slots of B(t_f+t_b)/(K M)
@@ -73,6 +76,9 @@ class Workload:
     # (predict_scaling.measure_parts): a clock tick's compute per input frame, and the update, of each part
     part_s_per_frame: list | None = None
     part_update_s: list | None = None
+    # ranks in lock-step (synchronous SGD) take the slowest rank's step: the mean over steps of the
+    # slowest rank's compute over the mean rank's (predict_scaling.lockstep_factor, measured)
+    lockstep: float = 1.0
 
 
 PERIODIC = ("model_averaging", "bmuf", "easgd")  # one all-reduce of the model every tau steps
@@ -115,6 +121,7 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
     if name == "single" or (k == 1 and not pipeline):
         comm = 0.0
     elif name == "sync_sgd":
+        compute = (compute - work.load_s) * work.lockstep + work.load_s
         comm = ring_seconds(work.params, k, link, b, cluster.latency_us)
         if overlap:
             last_bytes = work.buckets[-1] if work.buckets else last_bucket_bytes(work.params * b, work.bucket_mb)
@@ -134,11 +141,13 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
             # every part reads every batch (one data stream): each pays the loading
             if work.part_s_per_frame and len(work.part_s_per_frame) == k:  # the parts as measured
                 compute = max(work.frames_per_step * t + u for t, u in zip(work.part_s_per_frame, work.part_update_s)) \
-                    + work.load_s
+                    * work.lockstep + work.load_s  # lockstep: each tick lasts its slowest part's work
             elif k > 1:
                 compute = (work.frames_per_step * (2 * work.forward_s_per_frame + work.backward_s_per_frame)
                            + work.update_s) / k + work.load_s
-            comm = 2 * act if k > 1 else 0.0
+            # the activation goes down and the gradient of an earlier batch comes up in the same tick,
+            # as sends that do not block: on full-duplex links the two directions do not queue
+            comm = act if k > 1 else 0.0
         else:
             m = strategy.get("microbatches", 4)
             slots = m + k - 1
@@ -203,6 +212,8 @@ def mean_step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, ste
         ring = step_time({"name": "sync_sgd"}, k, cluster, work)["comm_s"]
         warm = step_time({"name": "sync_sgd"}, k, cluster, work, overlap=True)["comm_s"]  # warm-up: DDP
         t["comm_s"] = (e["sync_steps"] * warm + (e["allreduces"] + e["broadcasts"]) * ring) / steps
+        if k > 1:  # synchronous warm-up steps wait for the slowest rank
+            t["compute_s"] += e["sync_steps"] * (work.lockstep - 1) * (t["compute_s"] - work.load_s) / steps
         t["step_s"] = t["compute_s"] + t["comm_s"]
         t["frames_per_second"] = t["frames"] / t["step_s"]
     return t

@@ -75,6 +75,8 @@ SCENARIOS = {
     "arrival": {"name": "async_ps"},
     # one backup worker, worker 1 a straggler (0.3 s more per minibatch): every round uses one gradient
     "backup": {"name": "async_ps", "backup_workers": 1, "slow_worker": 1},
+    # the run's length in every worker's own epochs: the fast worker waits for the straggler
+    "worker_epochs": {"name": "async_ps", "run_length": "worker_epochs", "poll_seconds": 0.05, "slow_worker": 1},
 }
 
 
@@ -109,6 +111,12 @@ def drive(section: dict, dist) -> dict:
     else:
         i = 0
         while True:
+            if st.worker_finished(i // BATCHES, 1):  # run_length worker_epochs: its one pass is done
+                control = st.wait_for_control()
+                events += [control] if control is not None else []
+                if control == "stop":
+                    break
+                continue
             i += 1
             out = st.train_step(batch(i, st.worker_index, uneven=True), ctx)
             if st.worker_index == slow:
@@ -184,6 +192,21 @@ def test_backup_worker_drops_the_stragglers_gradients(three_ranks):
     assert s["updates"] == BATCHES and s["staleness_histogram"][0] == BATCHES  # one gradient per round
     assert s["dropped"] >= 1 and sum(s["staleness_histogram"]) == BATCHES
     assert s["pushes_per_worker"][0] > s["pushes_per_worker"][1]  # the fast worker was heard more often
+
+
+def test_worker_epochs_give_every_worker_its_own_share(three_ranks):
+    """run_length worker_epochs: each worker makes exactly its own epoch of pushes, the straggler's
+    too, and the fast one waits (asking for news) until the epoch's end and the stop; with the
+    default run length (updates) a fast worker makes more than its share (the arrival scenario's
+    total is the same)."""
+    s = three_ranks[0]["worker_epochs"]["summary"]
+    assert s["pushes_per_worker"] == [BATCHES, BATCHES] and s["updates"] == WORKERS * BATCHES
+    assert sum(s["staleness_histogram"]) == WORKERS * BATCHES
+    for rank in (1, 2):
+        assert three_ranks[rank]["worker_epochs"]["events"] == ["epoch", "stop"]
+    fast = three_ranks[1]["worker_epochs"]["comm"]["by_label"]["push"][1]  # header sends include its polls
+    slow = three_ranks[2]["worker_epochs"]["comm"]["by_label"]["push"][1]
+    assert fast > slow
 
 
 def test_momentum_correction_lowers_the_explicit_momentum():
@@ -362,6 +385,8 @@ def drive_hogwild(spec: dict, dist) -> dict:
     cfg = config({"name": "hogwild"})
     trainer = Trainer.for_benchmark(cfg, dist, build(cfg, seed=dist.rank))  # rank 0's model is shared
     calls_after_setup = trainer.strategy.comm.calls
+    tdist.barrier()  # (the test's own) rank 0 has removed the file's name after the set-up
+    named = trainer.strategy.path.exists()
     for s in range(1, HOGWILD_STEPS + 1):
         for r in range(dist.world_size):
             if dist.rank == r:
@@ -370,7 +395,8 @@ def drive_hogwild(spec: dict, dist) -> dict:
     calls_in_steps = trainer.strategy.comm.calls - calls_after_setup
     setup = list(trainer.strategy.comm.by_label.get("hogwild"))
     trainer.strategy.finish(trainer.ctx)  # a barrier, and rank 0 removes the shared file
-    return {"final": flat(trainer.model), "calls_in_steps": calls_in_steps, "setup": setup}
+    return {"final": flat(trainer.model), "calls_in_steps": calls_in_steps, "setup": setup, "named": named,
+            "file": trainer.strategy.path.name}
 
 
 @pytest.fixture(scope="module")
@@ -388,8 +414,11 @@ def test_hogwild_shares_one_vector_and_serial_turns_equal_sgd(hogwild_ranks):
     a, b = hogwild_ranks[0]["serial"], hogwild_ranks[1]["serial"]
     assert torch.equal(a["final"], b["final"])  # one shared vector
     assert torch.allclose(a["final"], w, atol=1e-6)
-    # no call at all in the steps; two barriers at the set-up (file written, file mapped)
-    assert a["calls_in_steps"] == 0 and b["calls_in_steps"] == 0 and a["setup"] == [0, 2]
+    # no call at all in the steps; two at the set-up: the file's random name from rank 0 (8 bytes, once
+    # the file holds rank 0's model) and a barrier once every rank has mapped it; then the name is gone
+    assert a["calls_in_steps"] == 0 and b["calls_in_steps"] == 0
+    assert a["setup"] == [8, 2] and b["setup"] == [0, 2] and a["file"] == b["file"]
+    assert not a["named"] and not b["named"]
 
 
 def test_hogwild_refuses_gpus_and_several_nodes(monkeypatch):
@@ -411,6 +440,9 @@ def test_async_ps_refuses_contradictory_settings():
             ({"backup_workers": 0, "schedule": "round_robin"}, "use schedule arrival"),
             ({"backup_workers": 0, "push_every": 2}, "needs push_every 1"),
             ({"backup_workers": -2}, "must be -1"),
-            ({"servers": 0}, "servers must be >= 1")):
+            ({"servers": 0}, "servers must be >= 1"),
+            ({"run_length": "worker_epochs", "backup_workers": 0}, "use updates"),
+            ({"run_length": "worker_epochs", "schedule": "round_robin"}, "hold up the round robin"),
+            ({"poll_seconds": 0}, "poll_seconds must be > 0")):
         with pytest.raises(ValueError, match=message):
             parse_strategy({"name": "async_ps", **strategy})

@@ -188,6 +188,33 @@ def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path):
         assert torch.equal(value, b_model[key]), key
 
 
+def test_async_ps_run_length_in_every_workers_own_epochs(prepared, tmp_path):
+    """run_length worker_epochs through the trainer: every worker makes exactly its own passes over
+    its shard (its pushes: its batches times the epochs), the one done first waits for the last
+    epoch's end and the stop; every call counted and predicted."""
+    from lhotse import load_manifest
+
+    from asr_parallel.config import load_config
+    from asr_parallel.train.data import make_sampler
+
+    r = run_sh(prepared, tmp_path / "exp", "train.world_size=3", "strategy.name=async_ps", "train.max_steps=0",
+               "train.epochs=2", "strategy.run_length=worker_epochs", "strategy.poll_seconds=0.05", stop_stage=5)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = next((tmp_path / "exp").glob("mlp_async_ps_*_w3"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    figures = summary["strategy_figures"]
+    tc = load_config(run / "config.yaml").train
+    cuts = load_manifest(prepared / "fbank/chime6-ihm_cuts_train.jsonl.gz")
+    own = []
+    for worker in range(2):
+        sampler = make_sampler(cuts, tc.max_duration, tc.num_buckets, True, worker, 2, tc.seed)
+        own.append(sum(sum(1 for _ in sampler) for e in range(2) if sampler.set_epoch(e) is None))
+    assert figures["pushes_per_worker"] == own and figures["updates"] == sum(own) == summary["steps"]
+    assert summary["epochs"] == 2 and [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["calls_this_process"]["counted"] == summary["calls_this_process"]["process_group"]
+    assert summary["predicted"]["by_label"] == {k: v for k, v in summary["bytes_by_label"].items() if k != "trainer"}
+
+
 @pytest.mark.parametrize("strategy", ["ad_psgd", "hogwild"])
 def test_decentralized_and_lock_free_strategies_under_torchrun(prepared, tmp_path, strategy):
     """AD-PSGD (a passive thread answering the active rank's averages) and Hogwild (one shared vector)

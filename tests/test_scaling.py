@@ -39,8 +39,38 @@ def test_pipeline_step_times():
     assert gpipe["comm_s"] == pytest.approx(5 * 2 * act / 4)
     pbp = step_time({"name": "pipelined_bp"}, 2, CLUSTER, WORK)
     # part 0 recomputes its forward pass in the backward pass: 1000 * (2 * 1e-4 + 2e-4) / 2
-    assert pbp["compute_s"] == pytest.approx(0.2) and pbp["comm_s"] == pytest.approx(2 * act)
+    # the activation goes down while an earlier batch's gradient comes up: one way's time per tick
+    assert pbp["compute_s"] == pytest.approx(0.2) and pbp["comm_s"] == pytest.approx(act)
     assert step_time({"name": "pipelined_bp"}, 1, CLUSTER, WORK)["compute_s"] == pytest.approx(0.3)
+
+
+def test_lockstep_ranks_take_the_slowest_ranks_step():
+    """Synchronous SGD's ranks wait for each other every step: the compute of a step is the slowest
+    rank's, the measured lock-step factor times the mean rank's (the batch's making apart); model
+    averaging's ranks do not wait, and a synchronous warm-up pays the factor for its steps only."""
+    import dataclasses
+
+    from asr_parallel.bin.predict_scaling import lockstep_factor
+    from asr_parallel.scaling import mean_step_time
+
+    # step 0: ranks take 1 and 3 s (slowest 3), step 1: 2 and 2 (slowest 2): mean of slowest 2.5, mean 2
+    assert lockstep_factor([[1.0, 2.0], [3.0, 2.0]]) == pytest.approx(1.25)
+    assert lockstep_factor([[1.0, 2.0]]) == 1.0 and lockstep_factor([[1.0, 2.0, 9.0], [1.0, 2.0]]) == 1.0
+    work = dataclasses.replace(WORK, lockstep=1.2, load_s=0.01)
+    assert step_time({"name": "sync_sgd"}, 4, CLUSTER, work)["compute_s"] == pytest.approx(0.3 * 1.2 + 0.01)
+    ma = {"name": "model_averaging", "sync_period": 10}
+    assert step_time(ma, 4, CLUSTER, work)["compute_s"] == pytest.approx(0.31)
+    bmuf = {"name": "bmuf", "sync_period": 50, "warmup_steps": 500, "warmup": "sync"}
+    assert mean_step_time(bmuf, 4, CLUSTER, work, 1000)["compute_s"] == pytest.approx(0.31 + 0.5 * 0.3 * 0.2)
+    assert mean_step_time(bmuf, 1, CLUSTER, work, 1000)["compute_s"] == pytest.approx(0.31)
+    # pipelined BP: in tick t part s works on batch t - s; each tick lasts its slowest part's work
+    from asr_parallel.bin.predict_scaling import pipeline_lockstep
+
+    # ticks 1, 2: max(part 0 on batch 1, part 1 on batch 0) = 3, max(1, 2) = 2; the parts' means 2 and 2
+    assert pipeline_lockstep([[1.0, 3.0, 1.0], [2.0, 2.0, 2.0]]) == pytest.approx(2.5 / 2.0)
+    assert pipeline_lockstep([[1.0, 2.0]]) == 1.0
+    parts = dataclasses.replace(WORK, part_s_per_frame=[1e-4, 2e-4], part_update_s=[0.0, 0.0], lockstep=1.25)
+    assert step_time({"name": "pipelined_bp"}, 2, CLUSTER, parts)["compute_s"] == pytest.approx(1000 * 2e-4 * 1.25)
 
 
 def test_speedups_order_strategies_by_communication():
@@ -129,8 +159,8 @@ def test_validation_predicts_a_recorded_run(tmp_path):
                "link_rate": "100mbit", "threads_per_rank": 1, "steps": 100, "frames_per_rank": 300_000,
                "train_seconds": 50.0, "bytes_sent_per_rank": 0}
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
-    batch_set = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
-    compute = {("whole", "mlp", 1, batch_set): (1e-5, 2e-5, 0.0)}  # given, not measured
+    batch_set = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed, 2, 100)  # 100 steps
+    compute = {("whole", "mlp", 1, batch_set): (1e-5, 2e-5, 0.0, 1.0)}  # given, not measured
     row = predict_run(tmp_path, compute, intra_gbps=10.0)
     assert row["frames_per_step"] == 3000 and row["measured_step_s"] == pytest.approx(0.5)
     assert row["predicted_compute_s"] == pytest.approx(3000 * 3e-5, rel=1e-3)
@@ -236,7 +266,7 @@ def test_pace_windows_hold_whole_synchronisation_periods(tmp_path):
     assert len(window_step_seconds(tmp_path, 20, pauses=[50])) == 8  # inside the window 40-60
 
 
-def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path):
+def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path, monkeypatch):
     """recipe_batches draws the training batches as training does (utterances of different lengths,
     padded, within train.max_duration) and times their making; measure and measure_parts time them
     per real frame. Without prepared data there are none."""
@@ -255,8 +285,10 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path):
     assert any(len(set(lens.tolist())) > 1 for _, lens, _ in batches)  # real lengths: padding
     fwd, bwd, upd = measure(cfg, batches=batches)
     assert fwd > 0 and bwd > 0 and upd > 0
-    work, update = measure_parts(cfg, 2, batches=batches)
+    times: list = []
+    work, update = measure_parts(cfg, 2, batches=batches, per_batch=times)
     assert len(work) == 2 and all(w > 0 for w in work)
+    assert [len(t) for t in times] == [len(batches) - 1] * 2 and all(x > 0 for t in times for x in t)
     assert recipe_batches(load_config("recipes/chime6_sim.yaml", [f"data_dir={tmp_path}"])) is None
     # validate_scaling predicts a run with compute timed on those batches and their making added
     import json
@@ -272,7 +304,31 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path):
         "steps": 10, "frames_per_rank": 20_000, "train_seconds": 5.0, "bytes_sent_per_rank": 0}))
     compute: dict = {}
     row = validate_scaling.predict_run(run, compute, intra_gbps=10.0)
-    batch_set = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
-    f, b, u = compute[("whole", "mlp", 1, batch_set)]
+    epoch = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed, 1)
+    batch_set = epoch + (min(10, validate_scaling._EPOCH_STEPS[epoch]),)  # the steps the run met
+    f, b, u, lockstep = compute[("whole", "mlp", 1, batch_set)]
     load_s = validate_scaling._BATCHES[batch_set][1]
-    assert load_s > 0 and row["predicted_compute_s"] == pytest.approx(2000 * (f + b) + u + load_s)
+    assert lockstep == 1.0 and load_s > 0 and row["predicted_compute_s"] == pytest.approx(2000 * (f + b) + u + load_s)
+    # 2 synchronous ranks: each rank's own batches at the same steps, the slowest rank's step paid
+    from asr_parallel.bin import predict_scaling
+
+    real, seen = predict_scaling.measure_ranks, []
+
+    def recording(cfg, per_rank):
+        out = real(cfg, per_rank)
+        seen.append(out[3])
+        return out
+
+    monkeypatch.setattr(predict_scaling, "measure_ranks", recording)
+    (run / "train_summary.json").write_text(json.dumps({
+        "strategy": {"name": "sync_sgd"}, "world_size": 2, "nodes": 1, "link_rate": None, "threads_per_rank": 1,
+        "steps": 10, "frames_per_rank": 20_000, "train_seconds": 5.0, "bytes_sent_per_rank": 0}))
+    row = validate_scaling.predict_run(run, compute, intra_gbps=10.0)
+    two = batch_set[:4] + (2, min(10, validate_scaling._EPOCH_STEPS[batch_set[:4] + (2,)]))
+    per_rank, load_s = validate_scaling._BATCHES[two]
+    assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1]) > 1
+    assert [x[1].tolist() for x in per_rank[0]] != [x[1].tolist() for x in per_rank[1]]  # their own shards
+    f, b, u, lockstep = compute[("whole", "mlp", 1, two)]
+    assert len(seen) == 1 and [len(t) for t in seen[0]] == [len(per_rank[0]) - 1] * 2  # every step after the first
+    assert lockstep == predict_scaling.lockstep_factor(seen[0])
+    assert row["predicted_compute_s"] == pytest.approx((2000 * (f + b) + u) * lockstep + load_s)

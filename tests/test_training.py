@@ -160,6 +160,36 @@ def test_delay_probe_applies_the_gradient_of_delay_steps_ago():
         assert len(ctx.queue) == delay
 
 
+def test_the_wait_for_the_others_at_a_pause_counts_as_training(monkeypatch, tmp_path):
+    """At a checkpoint (every epoch's end writes one) the ranks meet at the save's first barrier: a
+    rank that waits there for a slower one counts the wait in train_seconds, as a synchronous rank
+    counts its waits in all-reduces; the save's later barriers (writing, publishing) do not count."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from asr_parallel.train import trainer as trainer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(trainer_module.time, "time", lambda: clock[0])
+    waits = iter([5.0, 0.5, 0.25])  # the meeting, then the write and the publication
+
+    def barrier():
+        clock[0] += next(waits)
+
+    def save(exp_dir, step, rank, world_size, state, barrier, keep):
+        for _ in range(3):
+            barrier()
+        return exp_dir / f"checkpoint-{step:08d}"
+
+    monkeypatch.setattr(trainer_module.ckpt, "save", save)
+    fake = SimpleNamespace(_drain=lambda: None, step=7, strategy=SimpleNamespace(state_lock=nullcontext),
+                           state_dict=lambda: {}, dist=SimpleNamespace(distributed=False, rank=0, world_size=1),
+                           exp_dir=tmp_path, tc=SimpleNamespace(keep_checkpoints=3), _barrier=barrier,
+                           train_seconds=10.0)
+    assert trainer_module.Trainer.save_checkpoint(fake).name == "checkpoint-00000007"
+    assert fake.train_seconds == 15.0
+
+
 def test_a_slow_rank_waits_its_step_time_again_per_factor(monkeypatch, tmp_path):
     """train.slow_ranks {rank: f}: after each step the rank sleeps (f - 1) times the step's own time."""
     from types import SimpleNamespace

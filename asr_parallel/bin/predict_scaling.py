@@ -27,29 +27,81 @@ def measure(cfg, steps: int = 3, batches: list | None = None) -> tuple[float, fl
     its update per step (gradient clipping and the configured optimiser's step). Timed on ``batches``
     ((features, lengths, tokens) each; the first only warms up), by default ``steps`` + 1 synthetic
     batches of the recipe's size; per frame means per real (unpadded) frame."""
+    batches = batches or [synthetic_batch(cfg)] * (steps + 1)
+    fwd, bwd, upd, _ = measure_ranks(cfg, [batches])
+    return fwd, bwd, upd
+
+
+def measure_ranks(cfg, per_rank: list[list]) -> tuple[float, float, float, list[list[float]]]:
+    """:func:`measure` for the batches of several ranks (``per_rank[r]``: rank r's batches, the same
+    count for each, the first only warming up), each rank with a model and optimiser of its own, the
+    ranks' batches of one step timed one after the other (in turns that alternate which rank goes
+    first), so that a drift of the machine's speed falls on all ranks alike. Returns the per-frame
+    forward and backward seconds and the update seconds over all ranks, and each rank's seconds per
+    step (forward, loss, backward and update) after the first."""
     from asr_parallel.models import build_model
     from asr_parallel.train.loss import ctc_loss
     from asr_parallel.train.trainer import make_optimizer
 
-    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
-    optimizer = make_optimizer(cfg.train, model.parameters())
-    batches = batches or [synthetic_batch(cfg)] * (steps + 1)
+    models = [build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size) for _ in per_rank]
+    optimizers = [make_optimizer(cfg.train, m.parameters()) for m in models]
     fwd = bwd = upd = 0.0
-    for i, (feats, lens, tokens) in enumerate(batches):
-        t0 = time.perf_counter()
-        logits, out_lens = model(feats, lens)
-        loss = ctc_loss(logits, out_lens, tokens)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        if i:  # the first step warms up
-            fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
-    n = sum(int(lens.sum()) for _, lens, _ in batches[1:])
-    return fwd / n, bwd / n, upd / (len(batches) - 1)
+    times: list[list[float]] = [[] for _ in per_rank]
+    n_steps = min(len(b) for b in per_rank)
+    for i in range(n_steps):
+        order = range(len(per_rank)) if i % 2 == 0 else reversed(range(len(per_rank)))
+        for r in order:
+            feats, lens, tokens = per_rank[r][i]
+            model, optimizer = models[r], optimizers[r]
+            t0 = time.perf_counter()
+            logits, out_lens = model(feats, lens)
+            loss = ctc_loss(logits, out_lens, tokens)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            t3 = _update(model, optimizer, cfg.train.grad_clip)
+            if i:  # the first step warms up
+                fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
+                times[r].append(t3 - t0)
+    n = sum(int(b[i][1].sum()) for b in per_rank for i in range(1, n_steps))
+    timed = len(per_rank) * (n_steps - 1)
+    return fwd / n, bwd / n, upd / timed, times
+
+
+def _update(module, optimizer, clip: float) -> float:
+    """The update as the trainer makes it (gradient clipping by the global norm, the optimiser's step,
+    gradients cleared); returns the clock after it."""
+    torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter()
+
+
+def lockstep_factor(step_seconds: list[list[float]]) -> float:
+    """How much longer a synchronous step is than a rank's mean step: ``step_seconds[r][i]`` is rank
+    r's measured time for its batch of sampled step i; ranks that wait for each other every step
+    (synchronous SGD) take the slowest rank's time, mean over i of max over r, against the mean over
+    all. 1 for one rank."""
+    ranks = [s for s in step_seconds if s]
+    if len(ranks) < 2:
+        return 1.0
+    n = min(map(len, ranks))
+    slowest = sum(max(s[i] for s in ranks) for i in range(n)) / n
+    return slowest / (sum(sum(s[:n]) for s in ranks) / (n * len(ranks)))
+
+
+def pipeline_lockstep(part_seconds: list[list[float]]) -> float:
+    """How much longer pipelined BP's clock tick is than its slowest part's mean: in tick t part s
+    works on batch t - s, and the tick lasts as long as the slowest part's work in it; from
+    ``part_seconds[s][i]``, part s's measured seconds on batch i, the mean over ticks of that maximum
+    against the largest of the parts' means. 1 for one part."""
+    if len(part_seconds) < 2:
+        return 1.0
+    n, s_count = min(map(len, part_seconds)), len(part_seconds)
+    ticks = [max(part_seconds[s][t - s] for s in range(s_count)) for t in range(s_count - 1, n)]
+    if not ticks:
+        return 1.0
+    return (sum(ticks) / len(ticks)) / max(sum(p[:n]) / n for p in part_seconds)
 
 
 def synthetic_batch(cfg, frames: int = 800):
@@ -62,13 +114,17 @@ def synthetic_batch(cfg, frames: int = 800):
     return feats, lens, tokens
 
 
-def recipe_batches(cfg, count: int = 9) -> tuple[list, float] | None:
-    """The recipe's own first ``count`` training batches as one process draws them (the features of
-    stage 2, the BPE targets of stage 3, the sampler and batch size of training): real utterance
-    lengths, padding and batch sizes, which synthetic batches of equal lengths do not have; and the
-    mean seconds the training data path took to make one (reading and decompressing the features,
-    collating: the trainer's loader does this on the training thread, ``train.num_workers`` 0).
-    None when the data stages have not run."""
+def recipe_batches(cfg, count: int = 9, world_size: int = 1, rank: int = 0, spread: bool = False,
+                   within: int | None = None) -> tuple[list, float] | None:
+    """The recipe's own training batches of epoch 0 as ``rank`` of ``world_size`` draws them (the
+    features of stage 2, the BPE targets of stage 3, the sampler and batch size of training): real
+    utterance lengths, padding and batch sizes, which synthetic batches of equal lengths do not have;
+    and the mean seconds the training data path took to make one (reading and decompressing the
+    features, collating: the trainer's loader does this on the training thread, ``train.num_workers``
+    0). The first ``count`` batches, or with ``spread`` ``count`` batches at steps spread evenly over
+    the epoch, or over its first ``within`` steps (the first step, then evenly to the last): the same
+    step indices for every rank of a world size, so the ranks' batches of one step can be set side by
+    side. None when the data stages have not run."""
     import sentencepiece as spm
     from lhotse import load_manifest
 
@@ -80,28 +136,80 @@ def recipe_batches(cfg, count: int = 9) -> tuple[list, float] | None:
     if not cuts_path.is_file() or not bpe.is_file():
         return None
     dataset = CutDataset(spm.SentencePieceProcessor(model_file=str(bpe)))
-    sampler = make_sampler(load_manifest(cuts_path), cfg.train.max_duration, cfg.train.num_buckets, True, 0, 1,
-                           cfg.train.seed)
-    sampler.set_epoch(0)
+    cuts = load_manifest(cuts_path)
+
+    def epoch(r):
+        sampler = make_sampler(cuts, cfg.train.max_duration, cfg.train.num_buckets, True, r, world_size,
+                               cfg.train.seed)
+        sampler.set_epoch(0)
+        return sampler
+
+    if spread:  # every rank's epoch has the same number of steps; the shortest decides
+        n = min(sum(1 for _ in epoch(r)) for r in range(world_size))
+        n = min(n, within) if within else n
+        picks = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)}) if n else []
+    else:
+        picks = list(range(count))
     out, seconds = [], 0.0
-    for cuts in sampler:
+    for i, batch_cuts in enumerate(epoch(rank)):
+        if i not in picks:
+            continue
         t0 = time.perf_counter()
-        b = dataset[cuts]
+        b = dataset[batch_cuts]
         seconds += time.perf_counter() - t0
         out.append((b.feats, b.feat_lens, b.tokens))
-        if len(out) == count:
+        if len(out) == len(picks):
             break
     return out, seconds / max(1, len(out))
 
 
+def epoch_steps(cfg, world_size: int = 1) -> int | None:
+    """Steps of one epoch of ``world_size`` ranks (each rank's batches; the shortest rank's count), as
+    the trainer's sampler draws them; None without prepared data."""
+    from lhotse import load_manifest
+
+    from asr_parallel.train.data import make_sampler
+
+    cuts_path = Path(cfg.data_dir) / "fbank/chime6-ihm_cuts_train.jsonl.gz"
+    if not cuts_path.is_file():
+        return None
+    cuts = load_manifest(cuts_path)
+    counts = []
+    for r in range(world_size):
+        sampler = make_sampler(cuts, cfg.train.max_duration, cfg.train.num_buckets, True, r, world_size,
+                               cfg.train.seed)
+        sampler.set_epoch(0)
+        counts.append(sum(1 for _ in sampler))
+    return min(counts)
+
+
+def step_batches(cfg, world_size: int, count: int = 16, within: int | None = None
+                 ) -> tuple[list[list], float] | None:
+    """For each rank of ``world_size``, its batches at ``count`` steps spread over epoch 0 or its first
+    ``within`` steps (fewer batches when there are fewer steps), the first of them once more in front
+    to warm up a measurement, and the
+    mean seconds to make one: the input of :func:`measure` rank by rank and of
+    :func:`lockstep_factor`. None without prepared data."""
+    per_rank, loads = [], []
+    for r in range(world_size):
+        got = recipe_batches(cfg, count, world_size, r, spread=True, within=within)
+        if got is None or not got[0]:
+            return None
+        per_rank.append(got[0][:1] + got[0])
+        loads.append(got[1])
+    return per_rank, sum(loads) / len(loads)
+
+
 def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int] | None = None,
-                  steps: int = 3, batches: list | None = None) -> tuple[list[float], list[float]]:
+                  steps: int = 3, batches: list | None = None, per_batch: list | None = None
+                  ) -> tuple[list[float], list[float]]:
     """Per part of the model cut as ``pipelined_bp`` cuts it into ``parts``: seconds per input frame of
     the work one clock tick gives that part (parts before the last: a forward pass without a graph,
     the forward pass again with one, and the backward pass from the output gradient; the last: the
     forward pass, the CTC loss and the backward pass), and seconds of the part's update (clipping
     and optimiser step of its parameters). Timed on the batches of :func:`measure`, each part on its
-    own as its rank runs it."""
+    own as its rank runs it. ``per_batch``, a list, receives for every part the seconds (work and
+    update) it took on each batch after the first."""
     from asr_parallel.models import build_model
     from asr_parallel.strategies.pipeline import Part, model_cut
     from asr_parallel.train.loss import ctc_loss
@@ -114,6 +222,8 @@ def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int]
     batches = batches or [synthetic_batch(cfg)] * (steps + 1)
     work = [0.0] * parts
     update = [0.0] * parts
+    if per_batch is not None:
+        per_batch[:] = [[] for _ in range(parts)]
     for i, (feats, lens, tokens) in enumerate(batches):
         x, lengths = feats, lens
         for s, (m, opt) in enumerate(zip(modules, optimizers)):
@@ -129,13 +239,12 @@ def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int]
                 ctc_loss(logits, out_lens, tokens).backward()
                 y = logits
             t1 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t2 = time.perf_counter()
+            t2 = _update(m, opt, cfg.train.grad_clip)
             if i:  # the first step warms up
                 work[s] += t1 - t0
                 update[s] += t2 - t1
+                if per_batch is not None:
+                    per_batch[s].append(t2 - t0)
             x, lengths = y.detach(), out_lens
     n = sum(int(lens.sum()) for _, lens, _ in batches[1:])
     return [w / n for w in work], [u / (len(batches) - 1) for u in update]

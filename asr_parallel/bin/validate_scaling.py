@@ -7,8 +7,18 @@
    and the report says so). Finished runs are reused.
 2. Measures what the predictor takes as input, here:
    * the model's forward and backward time per frame and its update time per step, at each thread
-     count the runs used, on the recipe's own first training batches (``predict_scaling.measure``
-     with ``recipe_batches``: real lengths and padding; synthetic batches without prepared data);
+     count the runs used, on the recipe's own training batches (``predict_scaling.measure`` with
+     ``step_batches``: each rank's batches at 16 steps spread over the steps of the first epoch that
+     the run met (all of them, or the first ``steps`` of a shorter run), real lengths and padding;
+     synthetic batches without prepared data);
+   * for ranks in lock-step (synchronous SGD, synchronous warm-up), how much longer the slowest
+     rank's step is than the mean rank's, from the same timings set side by side step by step (the
+     ranks' batches of a step timed in turns, ``predict_scaling.measure_ranks``;
+     ``predict_scaling.lockstep_factor``). Single timings: the factor holds the machine's jitter as
+     well as the batches' differences, as a synchronous run's waits do. Periodic strategies' waits at
+     their synchronisations (the slowest rank's sum over tau steps) are not modelled; pipelined BP's
+     tick, whose parts work on different batches, is the slowest part's time in each tick
+     (``predict_scaling.pipeline_lockstep``);
    * for pipelined BP, each part of the run's own cut timed as its rank runs it in a clock tick
      (``predict_scaling.measure_parts``);
    * the rate of a plain gloo all-reduce between two processes of this machine (the link inside one
@@ -187,14 +197,16 @@ def train_short(config: str, base_overrides: list[str], out: Path, label: str, o
     return exp
 
 
-_BATCHES: dict = {}  # the recipe's first training batches, per data directory and batch settings
+_BATCHES: dict = {}  # the recipe's training batches per rank, per data directory, batch settings, ranks, steps
+_EPOCH_STEPS: dict = {}  # steps of one epoch, per data directory, batch settings and ranks
 
 
 def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> dict:
     """Measured and predicted mean step time of one finished run. ``link_gbps``: the measured gloo
     all-reduce rate across emulated nodes per tc rate (:func:`emulated_gloo_gbps`); a rate without a
     measurement is taken at its nominal value."""
-    from asr_parallel.bin.predict_scaling import measure, measure_parts, recipe_batches, workload
+    from asr_parallel.bin.predict_scaling import (epoch_steps, lockstep_factor, measure, measure_parts, measure_ranks,
+                                                  pipeline_lockstep, step_batches, workload)
     from asr_parallel.config import load_config
     from asr_parallel.scaling import Cluster, mean_step_time, parse_rate_gbps
     from asr_parallel.strategies import parse_strategy
@@ -206,21 +218,33 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     threads = summary.get("threads_per_rank")
     if not threads:
         raise ValueError(f"{exp}: not a CPU run (no threads_per_rank); the compute inputs are measured on this CPU")
-    bkey = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed)
+    steps, k, nodes = summary["steps"], summary["world_size"], summary.get("nodes", 1)
+    strategy = {"name": summary["strategy"]["name"], **dataclasses.asdict(parse_strategy(summary["strategy"]))}
+    pipeline = strategy["name"] in ("pipelined_bp", "gpipe", "one_f_one_b")
+    streams = 1 if pipeline else k  # data-parallel ranks each draw their own batches; a pipeline draws one stream
+    # the batches the run met: those of the first epoch, or of its first steps when it was shorter
+    ekey = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed, streams)
+    if ekey not in _EPOCH_STEPS:
+        _EPOCH_STEPS[ekey] = epoch_steps(cfg, streams)
+    within = min(steps, _EPOCH_STEPS[ekey] or steps)
+    bkey = ekey + (within,)
     key = ("whole", cfg.model.name, threads, bkey)  # compute inputs per model, threads and batch set
 
     def batches():  # the compute inputs are timed on the recipe's own batches, read once
         if bkey not in _BATCHES:
-            _BATCHES[bkey] = recipe_batches(cfg)
+            _BATCHES[bkey] = step_batches(cfg, streams, within=within)
         return _BATCHES[bkey]
 
     if key not in compute:
         torch.set_num_threads(threads)
-        compute[key] = measure(cfg, steps=5, batches=batches()[0] if batches() else None)
-    fwd, bwd, upd = compute[key]
-    steps, k, nodes = summary["steps"], summary["world_size"], summary.get("nodes", 1)
-    strategy = {"name": summary["strategy"]["name"], **dataclasses.asdict(parse_strategy(summary["strategy"]))}
+        if batches():  # every rank's batches at the same steps, timed in turns
+            fwd, bwd, upd, times = measure_ranks(cfg, batches()[0])
+            compute[key] = (fwd, bwd, upd, lockstep_factor(times))
+        else:
+            compute[key] = measure(cfg, steps=5) + (1.0,)
+    fwd, bwd, upd, lockstep = compute[key]
     work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps, upd)
+    work.lockstep = lockstep
     if cfg.train.num_workers == 0 and batches():  # the training thread makes its own batches
         work.load_s = batches()[1]
     work.bucket_mb = strategy.get("bucket_cap_mb") or work.bucket_mb
@@ -230,9 +254,11 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
         pkey = ("parts", cfg.model.name, threads, bkey, k, balance, bounds)
         if pkey not in compute:
             torch.set_num_threads(threads)
-            compute[pkey] = measure_parts(cfg, k, balance, list(bounds) or None,
-                                          batches=batches()[0] if batches() else None)
-        work.part_s_per_frame, work.part_update_s = compute[pkey]
+            part_times: list = []
+            got = measure_parts(cfg, k, balance, list(bounds) or None,
+                                batches=batches()[0][0] if batches() else None, per_batch=part_times)
+            compute[pkey] = got + (pipeline_lockstep(part_times),)
+        work.part_s_per_frame, work.part_update_s, work.lockstep = compute[pkey]
     # per-node rates: the slowest link paces every collective; each at its measured gloo rate if known
     link_gbps = link_gbps or {}
     rates = summary["link_rate"].split(",") if nodes > 1 else []
@@ -260,17 +286,23 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
 def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> str:
     whole = {k: v for k, v in compute.items() if k[0] == "whole"}
     parts = {k: v for k, v in compute.items() if k[0] == "parts"}
-    inputs = ["; ".join(f"{m} at {t} thread(s), seed {b[3]}'s batches: {f * 1e6:.1f} + {bw * 1e6:.1f} us per frame "
-                        f"(forward + backward), {u * 1e3:.1f} ms per update"
-                        for (_, m, t, b), (f, bw, u) in sorted(whole.items(), key=str))]
-    inputs += [f"{m} at {t} thread(s), seed {b[3]}'s batches, cut into {k} parts ({bal}): a pipelined-BP tick "
-               + " / ".join(f"{w * 1e6:.1f} us per frame + {u * 1e3:.1f} ms" for w, u in zip(*v)) + " per part"
+    inputs = ["; ".join(f"{m} at {t} thread(s), seed {b[3]}'s batches of {b[4]} rank(s), first {b[5]} steps: "
+                        f"{f * 1e6:.1f} + "
+                        f"{bw * 1e6:.1f} us per frame (forward + backward), {u * 1e3:.1f} ms per update"
+                        + (f", slowest rank's step {ls:.3f} x the mean rank's" if b[4] > 1 else "")
+                        for (_, m, t, b), (f, bw, u, ls) in sorted(whole.items(), key=str))]
+    inputs += [f"{m} at {t} thread(s), seed {b[3]}'s batches (first {b[5]} steps), cut into {k} parts ({bal}): a "
+               "pipelined-BP tick "
+               + " / ".join(f"{w * 1e6:.1f} us per frame + {u * 1e3:.1f} ms" for w, u in zip(v[0], v[1]))
+               + f" per part, a tick {v[2]:.3f} x the slowest part's mean"
                for (_, m, t, b, k, bal, _), v in sorted(parts.items(), key=str)]
-    timed_on = [f"{len(b) - 1} batches of {d}, seed {seed} ({sum(int(x[1].sum()) for x in b[1:]) / (len(b) - 1):.0f} "
-                f"frames each on average; making one took {load * 1e3:.1f} ms)" for (d, _, _, seed), (b, load) in
+    timed_on = [f"{len(b[0]) - 1} steps of {ranks} rank(s) of {d}, seed {seed}, within its first {within} "
+                f"({sum(int(x[1].sum()) for r in b for x in r[1:]) / sum(len(r) - 1 for r in b):.0f} frames per batch "
+                f"on average; making one took {load * 1e3:.1f} ms)" for (d, _, _, seed, ranks, within), (b, load) in
                 ((k, v) for k, v in _BATCHES.items() if v)]
-    inputs.append("compute timed on the recipe's first training batches after one to warm up: " + ", ".join(timed_on)
-                  if timed_on else "compute timed on synthetic batches (no prepared data)")
+    inputs.append("compute timed on the recipe's training batches at steps spread over the first epoch's steps "
+                  "that the run met, after one to warm up: " + ", ".join(timed_on) if timed_on
+                  else "compute timed on synthetic batches (no prepared data)")
     inputs.append(f"gloo all-reduce between 2 processes of this machine: {intra_gbps:.2f} Gbit/s")
     inputs += [f"between 2 emulated nodes limited to {r}: {g:.3f} Gbit/s" for r, g in sorted((link_gbps or {}).items())]
     lines = ["Inputs measured here: " + "; ".join(inputs) + ".", "",
@@ -345,11 +377,15 @@ def main(argv=None):
     atomic_write_text(out / "validation.md", table + "\n")
     atomic_write_json(out / "validation.json", {
         "intra_gbps": intra, "emulated_link_gloo_gbps": link_gbps,
-        "compute_s_per_frame": [{"model": m, "threads": t, "batches_seed": b[3], "forward": f, "backward": bw,
-                                 "update_per_step": u}
-                                for (kind, m, t, b), (f, bw, u) in ((k, v) for k, v in compute.items() if k[0] == "whole")],
-        "pipelined_bp_parts": [{"model": k[1], "threads": k[2], "batches_seed": k[3][3], "parts": k[4], "balance": k[5],
-                                "boundaries": list(k[6]), "tick_s_per_frame": v[0], "update_s": v[1]}
+        "compute_s_per_frame": [{"model": m, "threads": t, "batches_seed": b[3], "batch_ranks": b[4],
+                                 "batches_within_steps": b[5], "forward": f,
+                                 "backward": bw, "update_per_step": u, "lockstep": ls}
+                                for (kind, m, t, b), (f, bw, u, ls) in ((k, v) for k, v in compute.items()
+                                                                        if k[0] == "whole")],
+        "pipelined_bp_parts": [{"model": k[1], "threads": k[2], "batches_seed": k[3][3], "batches_within_steps": k[3][5],
+                                "parts": k[4], "balance": k[5],
+                                "boundaries": list(k[6]), "tick_s_per_frame": v[0], "update_s": v[1],
+                                "lockstep": v[2]}
                                for k, v in compute.items() if k[0] == "parts"],
         "runs": rows, "left_out": skipped})
     print(table)

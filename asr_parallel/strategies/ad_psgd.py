@@ -12,7 +12,9 @@ updates; no step waits for all workers. Deadlock-free pairing follows the paper'
 even ranks are active (they pick a peer at random, seeded, among the odd ranks and initiate the
 average), odd ranks are passive (a thread of their own answers requests as they come, while the
 main thread computes; a lock makes each average and each optimiser step atomic). With one rank it
-is SGD.
+is SGD. With an odd K there is one active rank more than passive ones (K = 3: ranks 0 and 2 both
+average with rank 1), so the passive ranks take part in more averages than the active ones; the
+pairing stays bipartite, as the paper's deadlock-free scheme needs.
 
 ``gossip: sync`` is the deterministic variant for tests and exact comparison: with K a power of 2,
 at step t every rank r averages with r XOR 2^(t mod log2 K) (both send, both average), then
@@ -232,7 +234,12 @@ class ADPSGD(Strategy):
                 w.wait()
                 self.done_sent += 1
         elif self.thread is not None:
-            self.thread.join()
+            # the thread ends when every active rank has said it is done, or when one is silent for
+            # ``timeout`` (its receive gives up): it never needs much longer than that
+            self.thread.join(timeout=self.params.timeout + 60)
+            if self.thread.is_alive():
+                raise RuntimeError(f"ad_psgd rank {self.dist.rank} (passive): its serving thread did not end "
+                                   f"within {self.params.timeout + 60:.0f} s of the training's end")
             self.thread = None
             self.comm.merge(self.thread_comm.state_dict())
             self.thread_comm = CommCounter()

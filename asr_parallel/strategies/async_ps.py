@@ -40,12 +40,16 @@ exact comparison with :mod:`asr_parallel.strategies.delay_sim`). Per contact a w
 (what it sends and wants, its version, utterances, loss, squared norm) and, when pushing, its
 gradient shard to every server; each server answers with a header (its version and a control word)
 and, when asked, its parameter shard. Every send and receive is counted (labels ``push`` and
-``pull``, server and worker side), and the cost model predicts them from the pushes and fetches
-(:func:`asr_parallel.strategies.cost.async_ps_traffic`).
+``pull``, server and worker side), and :meth:`AsyncPS.predicted_comm` predicts them from the
+events of the run (contacts, pushes, parameter receives, passes; headers, gradients, replies,
+parameter sends): how many of each a run makes depends on the machine's timing, their sizes do not.
 
 Run length: ``train.epochs`` times the updates of one epoch of all workers (K * batches per epoch /
 push_every pushes; rounds in synchronous mode), counted on the server, whatever worker makes them,
-so a fast worker makes more of them than a slow one. Every such "epoch" of updates and every
+so a fast worker makes more of them than a slow one; or, with ``run_length: worker_epochs``,
+``train.epochs`` passes of every worker over its own shard: each worker makes its own share of the
+updates (the same total), and one done early asks the server for news every ``poll_seconds`` (a
+small header each way, counted) until the slow ones have finished. Every such "epoch" of updates and every
 ``train.checkpoint_every_steps`` updates all ranks pause together once: the first server tells each
 worker at its next contact (control word; a push that arrives after the pause was called is kept
 and applied right after the pause, so the pause falls exactly at its update count, and that
@@ -77,7 +81,7 @@ from asr_parallel.strategies.base import Strategy
 # header fields (float64) worker -> server
 H_FLAGS, H_VERSION, H_UTTS, H_LOSS, H_SQNORM, H_MINIBATCHES, H_CONTROL, H_PAUSE, H_FRAMES = range(9)
 HEADER = 10
-PUSH, FETCH, PAUSED, DONE = 1, 2, 4, 8  # flags
+PUSH, FETCH, PAUSED, DONE, FINISHED = 1, 2, 4, 8, 16  # flags (FINISHED: the worker made its last minibatch)
 # reply fields server -> worker
 R_VERSION, R_CONTROL, R_STALENESS, R_PAUSE = range(4)
 CONTINUE, EPOCH, CHECKPOINT, STOP = 0, 1, 2, 3
@@ -128,6 +132,10 @@ class AsyncPS(Strategy):
         schedule: Literal["arrival", "round_robin"] = "arrival"
         backup_workers: int = -1  # -1: asynchronous; b >= 0: synchronous rounds of the first K - b gradients
         momentum_correction: bool = False  # lower the optimiser's momentum by 1 - 1/K (Mitliagkas et al.)
+        # the run's length: "updates", train.epochs epochs' worth of all workers' pushes, whoever makes them;
+        # "worker_epochs", train.epochs passes of every worker over its own shard (a worker done early waits)
+        run_length: Literal["updates", "worker_epochs"] = "updates"
+        poll_seconds: float = 0.5  # worker_epochs: a finished worker asks the server for news this often
         timeout: float = 300.0  # seconds any rank waits for a message before stopping with an error
 
         def __post_init__(self):
@@ -144,6 +152,14 @@ class AsyncPS(Strategy):
                                  "round_robin waits for each worker in turn: use schedule arrival")
             if self.timeout <= 0:
                 raise ValueError(f"strategy.timeout must be > 0, got {self.timeout}")
+            if self.run_length == "worker_epochs" and self.backup_workers >= 0:
+                raise ValueError("strategy.run_length worker_epochs is for the asynchronous server: synchronous "
+                                 "rounds (backup_workers >= 0) need every worker in every round; use updates")
+            if self.run_length == "worker_epochs" and self.schedule == "round_robin":
+                raise ValueError("strategy.run_length worker_epochs: a worker done early would hold up the round robin "
+                                 "(each turn waits for its next poll); use schedule arrival")
+            if not 0 < self.poll_seconds < self.timeout:
+                raise ValueError(f"strategy.poll_seconds must be > 0 and below timeout, got {self.poll_seconds}")
 
     def __init__(self, params, dist):
         super().__init__(params, dist)
@@ -180,6 +196,8 @@ class AsyncPS(Strategy):
         self.updates_per_epoch = 0
         self.checkpoint_every = 0
         self.epochs_done = 0
+        self.epochs = 0  # the run's epochs (train.epochs)
+        self.finished = [False] * max(1, self.workers)  # worker_epochs: workers past their last minibatch
         self.round: list = []  # synchronous mode: (worker, gradient, utterances) of this round
         self.deferred: list = []  # (worker, header, gradient) of pushes that arrived while a pause was called
         self.waiting_fetch: list[int] = []  # synchronous mode: workers waiting for the round's end
@@ -193,7 +211,7 @@ class AsyncPS(Strategy):
         self.local_steps = 0
         self.idle = 0.0  # seconds waiting on a server (worker) or for a message (server)
         # what this rank did, for the cost model (predicted_comm)
-        self.events = {"contacts": 0, "pushes": 0, "fetches": 0, "passes": 0, "headers": 0, "grads": 0,
+        self.events = {"contacts": 0, "pushes": 0, "param_recvs": 0, "passes": 0, "headers": 0, "grads": 0,
                        "replies": 0, "params": 0, "evals": 0}
 
     # -- set-up
@@ -244,6 +262,10 @@ class AsyncPS(Strategy):
             max(1, self.workers) * batches_per_epoch // self.params.push_every
         self.updates_per_epoch = max(1, per_epoch)
         self.total_updates = self.stop_at = self.updates_per_epoch * epochs
+        if self.params.run_length == "worker_epochs":  # each worker pushes its rest once it has finished
+            self.total_updates = self.stop_at = max(1, self.workers) * math.ceil(
+                batches_per_epoch * epochs / self.params.push_every)
+        self.epochs = epochs
         self.checkpoint_every = checkpoint_every
         return self.total_updates
 
@@ -332,10 +354,25 @@ class AsyncPS(Strategy):
                 "grad_norm": torch.tensor(sq ** 0.5), "frames": batch.num_frames, "cut_ids": batch.cut_ids,
                 "control": control}
 
-    def _contact(self, push: bool, fetch: bool) -> str | None:
+    def worker_finished(self, passes: int, epochs: int) -> bool:
+        """Whether a worker that has made ``passes`` passes over its shard is done training
+        (``run_length: worker_epochs``); with ``updates`` the server's count of updates ends the run."""
+        return self.params.run_length == "worker_epochs" and passes >= epochs
+
+    def wait_for_control(self) -> str | None:
+        """A worker done training (``run_length: worker_epochs``): push what it still holds, tell the
+        servers it has finished, and return the first server's word: a pause to join, the end, or None
+        (nothing yet: it asks again after ``poll_seconds``, so the servers still hear from it)."""
+        control = self._contact(push=self.acc_utts > 0, fetch=False, finished=True)
+        if control is None:
+            time.sleep(self.params.poll_seconds)
+        return control
+
+    def _contact(self, push: bool, fetch: bool, finished: bool = False) -> str | None:
         """One exchange with every server: header (+ accumulated gradient), reply (+ parameters)."""
         sync = self.params.backup_workers >= 0
         flags = (PUSH if push and self.acc_utts > 0 else 0) | (FETCH if fetch or sync else 0)
+        flags |= FINISHED if finished else 0
         if sync and push:
             flags |= PUSH  # a round counts every worker: an empty push (only bad minibatches) says so
         control = None
@@ -356,7 +393,7 @@ class AsyncPS(Strategy):
             reply = torch.zeros(HEADER, dtype=torch.float64)
             self._recv(reply, s, TAG_REPLY, "pull", "reply")
             if flags & FETCH or reply[R_CONTROL] != CONTINUE:
-                self.events["fetches"] += s == 0
+                self.events["param_recvs"] += 1  # per server: a pause's word comes from the first only
                 flat = torch.empty(self.shard_numel[s], dtype=torch.float32)
                 self._recv(flat, s, TAG_PARAMS, "pull", "parameters")
                 self._load_shard(s, flat)
@@ -429,6 +466,8 @@ class AsyncPS(Strategy):
                 continue
             staleness = None
             version = self.version
+            if flags & FINISHED:
+                self.finished[k] = True
             if flags & PUSH:
                 grad = torch.empty(self.shard_numel[self.dist.rank], dtype=torch.float32)
                 self._recv(grad, self.servers + k, TAG_GRAD, "push", "gradient")
@@ -449,7 +488,14 @@ class AsyncPS(Strategy):
                 on_update()
 
     def _ending(self) -> bool:
-        return self.pending == "stop" or self.version >= self.stop_at
+        """The stop is called, or due: at ``stop_at`` updates (the schedule's total, or
+        ``train.max_steps``), except that with ``run_length: worker_epochs`` only a max_steps stop
+        counts (that run ends when every worker has finished its epochs)."""
+        if self.pending == "stop":
+            return True
+        if self.params.run_length == "worker_epochs" and self.stop_at >= self.total_updates:
+            return False
+        return self.version >= self.stop_at
 
     def _next_header(self) -> tuple[int, torch.Tensor]:
         header = torch.zeros(HEADER, dtype=torch.float64)
@@ -587,10 +633,17 @@ class AsyncPS(Strategy):
         if self.pending is not None:
             return
         v = self.version
-        if v >= self.updates_per_epoch * (self.epochs_done + 1):  # the last epoch's end, then the stop
+        # worker_epochs: the epochs before the last end at their update counts, as with updates; the last
+        # ends, and then the run, once every worker has made its last minibatch and pushed it (a worker
+        # whose minibatches had a non-finite loss pushed fewer: the epochs not reached end together there)
+        by_workers = self.params.run_length == "worker_epochs"
+        all_done = by_workers and all(self.finished)
+        last = self.epochs_done + 1 >= self.epochs  # worker_epochs: the last epoch ends when all have finished
+        if (v >= self.updates_per_epoch * (self.epochs_done + 1) and not (by_workers and last)) or \
+                (all_done and self.epochs_done < self.epochs):
             self.pending = "epoch"
-            self.epochs_done += 1
-        elif v >= self.stop_at:
+            self.epochs_done = self.epochs if all_done else self.epochs_done + 1
+        elif all_done or (v >= self.stop_at and not (by_workers and self.stop_at >= self.total_updates)):
             self.pending = "stop"
         elif self.checkpoint_every and v // self.checkpoint_every > self.checkpoints_done:
             self.pending = "checkpoint"
@@ -616,7 +669,7 @@ class AsyncPS(Strategy):
 
     def predicted_comm(self) -> dict:
         """The cost model's calls and bytes for the messages this rank's events imply (a worker's
-        contacts, pushes, fetches and passes; a server's headers, gradients, replies, parameter sends
+        contacts, pushes, parameter receives and passes; a server's headers, gradients, replies, parameter sends
         and evaluation gathers), from the shard sizes: headers of 8 float64, float32 values."""
         e, S, h = self.events, self.servers, HEADER * 8
         numel = self.shard_numel
@@ -624,7 +677,7 @@ class AsyncPS(Strategy):
         if not self.is_server:
             by_label["push"] = [e["contacts"] * S * h + e["pushes"] * sum(numel) * 4 + e["passes"] * (S - 1) * h,
                                 e["contacts"] * S + e["pushes"] * S + e["passes"] * (S - 1)]
-            by_label["pull"] = [0, e["contacts"] * S + e["fetches"] * S]
+            by_label["pull"] = [0, e["contacts"] * S + e["param_recvs"]]
         else:
             me = self.dist.rank
             by_label["push"] = [0, e["headers"] + e["grads"]]
@@ -681,7 +734,7 @@ class AsyncPS(Strategy):
             "acc": self.acc, "acc_utts": self.acc_utts, "acc_loss": self.acc_loss,
             "acc_minibatches": self.acc_minibatches, "acc_frames": self.acc_frames,
             "frames_pushed": self.frames_pushed, "idle": self.idle, "events": dict(self.events),
-            "pause_step": self.pause_step,
+            "pause_step": self.pause_step, "finished": list(self.finished), "epochs": self.epochs,
             "deferred": [{"worker": k, "header": h, "grad": g} for k, h, g in self.deferred],
         }
         return state
@@ -699,4 +752,8 @@ class AsyncPS(Strategy):
         self.acc_minibatches, self.idle = a["acc_minibatches"], a["idle"]
         self.acc_frames, self.frames_pushed = a["acc_frames"], a["frames_pushed"]
         self.events, self.pause_step = dict(a["events"]), a["pause_step"]
+        if "param_recvs" not in self.events:  # a checkpoint of before the count per server
+            self.events["param_recvs"] = self.events.pop("fetches", 0) * self.servers
+        if a.get("epochs") == self.epochs:  # a resume with more epochs: every worker has more to do
+            self.finished = list(a.get("finished", self.finished))
         self.deferred = [(d["worker"], d["header"], d["grad"]) for d in a.get("deferred", [])]

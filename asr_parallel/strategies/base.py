@@ -265,6 +265,15 @@ class Strategy:
     def train_step(self, batch, ctx):  # only strategies that own the step implement this
         raise NotImplementedError
 
+    def worker_finished(self, passes: int, epochs: int) -> bool:
+        """``owns_loop`` strategies: whether a worker that has made ``passes`` passes over its shard is
+        done training and only waits for the end (:meth:`wait_for_control`)."""
+        return False
+
+    def wait_for_control(self) -> str | None:
+        """``owns_loop`` strategies, a worker done training: the next pause or the end, or None."""
+        raise NotImplementedError
+
     def end_of_epoch(self, ctx) -> list[dict]:
         """All batches of the epoch went in; finish the work in flight (pipelines drain). Returns the
         figures of any further steps, as :meth:`train_step` does."""

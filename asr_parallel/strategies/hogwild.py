@@ -9,9 +9,14 @@ shares a model between processes the same way.
 
 Sharing: rank 0 writes the initial parameters (and floating buffers) into a file in ``/dev/shm``
 and every rank maps it (``torch.from_file(..., shared=True)``); each parameter is then a view into
-that one buffer, so ``optimizer.step()`` of any rank changes the model of all. The optimiser's state
-(momentum, Adam's moments) stays private to each rank; batch-norm statistics are shared and race too.
-CPU ranks on one machine only (a clear error otherwise). The file is removed at the end.
+that one buffer, so ``optimizer.step()`` of any rank changes the model of all. The file's name is
+drawn at random by rank 0 and sent to the others, so runs on one machine never share one, and rank 0
+removes the name once every rank has mapped the file (the memory stays until the last rank exits, and
+a crashed run leaves nothing behind). The
+optimiser's state (momentum, Adam's moments) stays private to each rank, and each rank's step
+applies its own decoupled weight decay (AdamW) to the shared vector: one decay per minibatch, as a
+single process applies per minibatch; batch-norm statistics are shared and race too.
+CPU ranks on one machine only (a clear error otherwise).
 
 Between the trainer's common pauses (checkpoints, epoch ends) no rank waits for another and no call
 is made; before a checkpoint every rank stops at a barrier (label ``hogwild``), so the state saved
@@ -22,6 +27,7 @@ parameters, but not exactly: the interleaving of updates is the machine's.
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +61,9 @@ class Hogwild(Strategy):
             self.comm.control(1, 0, "hogwild")
             tdist.barrier()
 
+    def _file(self, token: int) -> Path:
+        return Path(self.params.shm_dir) / f"asr_parallel_hogwild_{token:016x}.bin"
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.model = model
         if self.dist.world_size == 1:
@@ -65,16 +74,19 @@ class Hogwild(Strategy):
         if any(t.dtype != torch.float32 for t in tensors):
             raise ValueError("strategy hogwild shares float32 parameters only")
         n = sum(t.numel() for t in tensors)
-        # one name per run: torchrun's run id (every rank has the same), else the rendezvous port
-        run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "0")
-        self.path = Path(self.params.shm_dir) / f"asr_parallel_hogwild_{run}_{tdist.get_world_size()}.bin"
+        # one name per run, drawn by rank 0 and sent to the others once the file holds its model (the
+        # broadcast is the set-up's first coordination call): two runs on a machine never share a file
+        token = torch.tensor([secrets.randbits(62) if self.dist.rank == 0 else 0], dtype=torch.int64)
         if self.dist.rank == 0:
+            self.path = self._file(int(token))
             try:
                 shared = torch.from_file(str(self.path), shared=True, size=n, dtype=torch.float32)
             except RuntimeError as e:
                 raise ValueError(f"strategy hogwild: cannot create {self.path} ({n * 4} bytes): {e}") from e
             torch.cat([t.detach().reshape(-1) for t in tensors], out=shared)
-        self._barrier()  # the file exists and holds rank 0's model
+        self.comm.add(8 if self.dist.rank == 0 else 0, 1, "hogwild")  # 8 bytes from rank 0
+        tdist.broadcast(token, 0)  # the file exists and holds rank 0's model
+        self.path = self._file(int(token))
         shared = torch.from_file(str(self.path), shared=True, size=n, dtype=torch.float32)
         offset = 0
         for t in tensors:
@@ -82,8 +94,16 @@ class Hogwild(Strategy):
             t.data = shared[offset:offset + k].view_as(t)
             offset += k
         self.shared = shared
-        self._barrier()  # every rank mapped it (rank 0 may remove the name at the end)
+        self._barrier()  # every rank mapped it: the name can go (the mappings stay), so a crash leaves no file
+        if self.dist.rank == 0:
+            self._remove()
         return model
+
+    def _remove(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
 
     def prepare_checkpoint(self, ctx) -> list[dict]:
         self._barrier()  # nobody writes while the state is read
@@ -95,11 +115,6 @@ class Hogwild(Strategy):
 
     def finish(self, ctx) -> None:
         self._barrier()
-        if self.dist.rank == 0 and self.path is not None:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
 
     def predicted_comm(self) -> dict:
         """Nothing travels: the ranks share memory (the barriers at the set-up, checkpoints and epoch

@@ -289,8 +289,20 @@ class Trainer:
             counter.load_state_dict(state["strategy"]["comm"])
             counter.control(3, 0, "trainer")
             state["strategy"]["comm"] = counter.state_dict()
-        return ckpt.save(self.exp_dir, step, self.dist.rank, self.dist.world_size, state, self._barrier,
+        waits: list[float] = []
+
+        def barrier():
+            t0 = time.time()
+            self._barrier()
+            waits.append(time.time() - t0)
+
+        path = ckpt.save(self.exp_dir, step, self.dist.rank, self.dist.world_size, state, barrier,
                          self.tc.keep_checkpoints)
+        # The first barrier is where the ranks meet at the pause: a rank that got there first waited for
+        # a slower one (a straggler, a strategy whose ranks do not wait for each other between pauses),
+        # and that wait belongs to the training loop, as a synchronous rank's waits in its all-reduces do.
+        self.train_seconds += waits[0] if waits else 0.0
+        return path
 
     def maybe_resume(self) -> bool:
         path = ckpt.latest(self.exp_dir, self.dist.world_size)
@@ -523,8 +535,9 @@ class Trainer:
 
     def _run_owned_loop(self) -> None:
         """Strategies without a common step (``owns_loop``): server ranks serve until the end, workers
-        train on their shards epoch after epoch (each its own count of batches, no collective); every
-        rank joins the pauses the strategy calls: an epoch's end (checkpoint, evaluation of the model
+        train on their shards epoch after epoch (each its own count of batches, no collective; a worker
+        whose run length is its own epochs waits for the end once it has made them); every rank joins
+        the pauses the strategy calls: an epoch's end (checkpoint, evaluation of the model
         the strategy names, on rank 0), a checkpoint, and the end."""
         st, ctx = self.strategy, self.ctx
         if st.is_server:
@@ -549,6 +562,15 @@ class Trainer:
                     return
                 self._pause(event)
         while True:
+            if st.worker_finished(self.epoch, self.tc.epochs):  # done with its own passes: wait for the end
+                t0 = time.time()
+                control = st.wait_for_control()
+                self.train_seconds += time.time() - t0
+                if control == "stop":
+                    return
+                if control is not None:
+                    self._pause(control)
+                continue
             self.sampler.set_epoch(self.epoch)
             batches = list(self.sampler)
             t_iter = time.time()
