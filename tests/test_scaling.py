@@ -266,6 +266,18 @@ def test_pace_windows_hold_whole_synchronisation_periods(tmp_path):
     assert len(window_step_seconds(tmp_path, 20, pauses=[50])) == 8  # inside the window 40-60
 
 
+def sampler_of(cfg, rank: int, world_size: int):
+    """Epoch 0 of the trainer's sampler for ``rank`` of ``world_size`` (the test's own count)."""
+    from lhotse import load_manifest
+
+    from asr_parallel.train.data import make_sampler
+
+    cuts = load_manifest(f"{cfg.data_dir}/fbank/chime6-ihm_cuts_train.jsonl.gz")
+    sampler = make_sampler(cuts, cfg.train.max_duration, cfg.train.num_buckets, True, rank, world_size, cfg.train.seed)
+    sampler.set_epoch(0)
+    return sampler
+
+
 def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path, monkeypatch):
     """recipe_batches draws the training batches as training does (utterances of different lengths,
     padded, within train.max_duration) and times their making; measure and measure_parts time them
@@ -290,6 +302,19 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path, monkeyp
     assert len(work) == 2 and all(w > 0 for w in work)
     assert [len(t) for t in times] == [len(batches) - 1] * 2 and all(x > 0 for t in times for x in t)
     assert recipe_batches(load_config("recipes/chime6_sim.yaml", [f"data_dir={tmp_path}"])) is None
+    # spread: the batches at steps spread evenly over the epoch's first `within` steps, the first and
+    # the last of them included, as the trainer's sampler draws them; rank by rank
+    from asr_parallel.bin.predict_scaling import epoch_steps
+
+    n = epoch_steps(cfg, 2)
+    assert n == min(sum(1 for _ in sampler_of(cfg, r, 2)) for r in range(2)) and n >= 2
+    within = min(7, n)
+    picks = sorted({round(i * (within - 1) / 3) for i in range(4)})
+    for rank in range(2):
+        first = recipe_batches(cfg, within, 2, rank)[0]
+        spread = recipe_batches(cfg, 4, 2, rank, spread=True, within=within)[0]
+        assert [b[1].tolist() for b in spread] == [first[i][1].tolist() for i in picks]
+        assert all(bool((a[0] == first[i][0]).all()) for a, i in zip(spread, picks))
     # validate_scaling predicts a run with compute timed on those batches and their making added
     import json
 
