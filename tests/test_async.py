@@ -75,6 +75,9 @@ SCENARIOS = {
     "arrival": {"name": "async_ps"},
     # one backup worker, worker 1 a straggler (0.3 s more per minibatch): every round uses one gradient
     "backup": {"name": "async_ps", "backup_workers": 1, "slow_worker": 1},
+    # 2 servers and one worker fetching every 3rd minibatch: the epoch's end (update 4) and the stop
+    # reach it without a fetch, so only the first server sends parameters with its word
+    "two_servers": {"name": "async_ps", "servers": 2, "fetch_every": 3, "schedule": "round_robin"},
     # the run's length in every worker's own epochs: the fast worker waits for the straggler
     "worker_epochs": {"name": "async_ps", "run_length": "worker_epochs", "poll_seconds": 0.05, "slow_worker": 1},
 }

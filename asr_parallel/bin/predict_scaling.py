@@ -129,7 +129,7 @@ def recipe_batches(cfg, count: int = 9, world_size: int = 1, rank: int = 0, spre
     from lhotse import load_manifest
 
     from asr_parallel.tokenizer import lang_dir_name
-    from asr_parallel.train.data import CutDataset, make_sampler
+    from asr_parallel.train.data import CutDataset
 
     data = Path(cfg.data_dir)
     cuts_path, bpe = data / "fbank/chime6-ihm_cuts_train.jsonl.gz", data / lang_dir_name(cfg.tokenizer) / "bpe.model"
@@ -137,21 +137,14 @@ def recipe_batches(cfg, count: int = 9, world_size: int = 1, rank: int = 0, spre
         return None
     dataset = CutDataset(spm.SentencePieceProcessor(model_file=str(bpe)))
     cuts = load_manifest(cuts_path)
-
-    def epoch(r):
-        sampler = make_sampler(cuts, cfg.train.max_duration, cfg.train.num_buckets, True, r, world_size,
-                               cfg.train.seed)
-        sampler.set_epoch(0)
-        return sampler
-
     if spread:  # every rank's epoch has the same number of steps; the shortest decides
-        n = min(sum(1 for _ in epoch(r)) for r in range(world_size))
+        n = epoch_steps(cfg, world_size, cuts)
         n = min(n, within) if within else n
         picks = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)}) if n else []
     else:
         picks = list(range(count))
     out, seconds = [], 0.0
-    for i, batch_cuts in enumerate(epoch(rank)):
+    for i, batch_cuts in enumerate(_epoch_sampler(cfg, cuts, rank, world_size)):
         if i not in picks:
             continue
         t0 = time.perf_counter()
@@ -163,33 +156,36 @@ def recipe_batches(cfg, count: int = 9, world_size: int = 1, rank: int = 0, spre
     return out, seconds / max(1, len(out))
 
 
-def epoch_steps(cfg, world_size: int = 1) -> int | None:
-    """Steps of one epoch of ``world_size`` ranks (each rank's batches; the shortest rank's count), as
-    the trainer's sampler draws them; None without prepared data."""
-    from lhotse import load_manifest
-
+def _epoch_sampler(cfg, cuts, rank: int, world_size: int):
+    """Epoch 0 of the trainer's sampler for ``rank`` of ``world_size``."""
     from asr_parallel.train.data import make_sampler
 
-    cuts_path = Path(cfg.data_dir) / "fbank/chime6-ihm_cuts_train.jsonl.gz"
-    if not cuts_path.is_file():
-        return None
-    cuts = load_manifest(cuts_path)
-    counts = []
-    for r in range(world_size):
-        sampler = make_sampler(cuts, cfg.train.max_duration, cfg.train.num_buckets, True, r, world_size,
-                               cfg.train.seed)
-        sampler.set_epoch(0)
-        counts.append(sum(1 for _ in sampler))
-    return min(counts)
+    sampler = make_sampler(cuts, cfg.train.max_duration, cfg.train.num_buckets, True, rank, world_size,
+                           cfg.train.seed)
+    sampler.set_epoch(0)
+    return sampler
+
+
+def epoch_steps(cfg, world_size: int = 1, cuts=None) -> int | None:
+    """Steps of one epoch of ``world_size`` ranks (each rank's batches; the shortest rank's count), as
+    the trainer's sampler draws them (over ``cuts``, by default the prepared training cuts); None
+    without prepared data."""
+    if cuts is None:
+        from lhotse import load_manifest
+
+        cuts_path = Path(cfg.data_dir) / "fbank/chime6-ihm_cuts_train.jsonl.gz"
+        if not cuts_path.is_file():
+            return None
+        cuts = load_manifest(cuts_path)
+    return min(sum(1 for _ in _epoch_sampler(cfg, cuts, r, world_size)) for r in range(world_size))
 
 
 def step_batches(cfg, world_size: int, count: int = 16, within: int | None = None
                  ) -> tuple[list[list], float] | None:
     """For each rank of ``world_size``, its batches at ``count`` steps spread over epoch 0 or its first
     ``within`` steps (fewer batches when there are fewer steps), the first of them once more in front
-    to warm up a measurement, and the
-    mean seconds to make one: the input of :func:`measure` rank by rank and of
-    :func:`lockstep_factor`. None without prepared data."""
+    to warm up a measurement, and the mean seconds to make one: the input of :func:`measure_ranks`.
+    None without prepared data."""
     per_rank, loads = [], []
     for r in range(world_size):
         got = recipe_batches(cfg, count, world_size, r, spread=True, within=within)

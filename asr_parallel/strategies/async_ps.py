@@ -48,7 +48,7 @@ Run length: ``train.epochs`` times the updates of one epoch of all workers (K * 
 push_every pushes; rounds in synchronous mode), counted on the server, whatever worker makes them,
 so a fast worker makes more of them than a slow one; or, with ``run_length: worker_epochs``,
 ``train.epochs`` passes of every worker over its own shard: each worker makes its own share of the
-updates (the same total), and one done early asks the server for news every ``poll_seconds`` (a
+updates, and one done early asks the server for news every ``poll_seconds`` (a
 small header each way, counted) until the slow ones have finished. Every such "epoch" of updates and every
 ``train.checkpoint_every_steps`` updates all ranks pause together once: the first server tells each
 worker at its next contact (control word; a push that arrives after the pause was called is kept
@@ -488,11 +488,12 @@ class AsyncPS(Strategy):
                 on_update()
 
     def _ending(self) -> bool:
-        """The stop is called, or due: at ``stop_at`` updates (the schedule's total, or
-        ``train.max_steps``), except that with ``run_length: worker_epochs`` only a max_steps stop
-        counts (that run ends when every worker has finished its epochs)."""
-        if self.pending == "stop":
-            return True
+        return self.pending == "stop" or self._stop_due()
+
+    def _stop_due(self) -> bool:
+        """The updates reached ``stop_at`` (the schedule's total, or ``train.max_steps``); with
+        ``run_length: worker_epochs`` only a max_steps stop counts (that run ends when every worker has
+        finished its epochs)."""
         if self.params.run_length == "worker_epochs" and self.stop_at >= self.total_updates:
             return False
         return self.version >= self.stop_at
@@ -643,7 +644,7 @@ class AsyncPS(Strategy):
                 (all_done and self.epochs_done < self.epochs):
             self.pending = "epoch"
             self.epochs_done = self.epochs if all_done else self.epochs_done + 1
-        elif all_done or (v >= self.stop_at and not (by_workers and self.stop_at >= self.total_updates)):
+        elif all_done or self._stop_due():
             self.pending = "stop"
         elif self.checkpoint_every and v // self.checkpoint_every > self.checkpoints_done:
             self.pending = "checkpoint"
