@@ -26,9 +26,14 @@ Model of one step of a worker (weak scaling: every worker keeps its own batch of
   ``strategies/pipelined_bp.py`` does, and the slowest part sets the clock) plus the activation and its
   gradient crossing a boundary (``activation_values_per_frame`` values per input frame, each way; the
   two go in opposite directions in the same tick, as non-blocking sends, so on full-duplex links one
-  way's time is paid). With
+  way's time is paid), plus the tick's exchange of figures (one all-reduce of a few values over the
+  parts: 2(K-1) message latencies, ``latency_us``, measured). With
   the parts measured one by one for the run's own cut (``Workload.part_s_per_frame``,
   ``part_update_s``) the clock is the slowest part's measured tick instead of the balanced estimate;
+  with a plain pipelined-BP loop's tick measured on one machine (``Workload.tick_s``: the parts at
+  once, in processes of their own, with their sends, receives and per-tick exchange, at
+  ``tick_gbps`` between them) that tick is the clock, and a slower link adds only the activation's
+  extra transfer time;
 * ``gpipe``/``one_f_one_b``: M micro-batches over S = K parts: (M + S - 1) slots of B(t_f+t_b)/(K M)
   (+ update_s / K) plus the micro-batch transfers; the same minibatch as one worker, so no data-parallel gain.
 
@@ -79,6 +84,12 @@ class Workload:
     # ranks in lock-step (synchronous SGD) take the slowest rank's step: the mean over steps of the
     # slowest rank's compute over the mean rank's (predict_scaling.lockstep_factor, measured)
     lockstep: float = 1.0
+    # pipelined_bp with len(part_s_per_frame) parts on one machine: a measured clock tick of a plain
+    # pipelined-BP loop there (predict_scaling.measure_pipeline: parts at once in processes of their
+    # own, their sends, receives and exchange over gloo included), at ``tick_gbps`` between the parts
+    tick_s: float | None = None
+    tick_frames: float | None = None  # the measured ticks' frames per batch (the tick scales to frames_per_step)
+    tick_gbps: float | None = None
 
 
 PERIODIC = ("model_averaging", "bmuf", "easgd")  # one all-reduce of the model every tau steps
@@ -105,6 +116,12 @@ def ring_seconds(values: float, k: int, gbps: float, b: int, latency_us: float =
         return 0.0
     nbytes = 2 * (k - 1) / k * values * b
     return share * nbytes * 8 / (gbps * 1e9) + 2 * (k - 1) * latency_us * 1e-6
+
+
+def exchange_values(parts: int) -> int:
+    """Values (float64) of pipelined BP's per-tick exchange of figures over ``parts`` parts (loss,
+    gradient norm and per-part counters: ``strategies/pipeline.py``'s exchange)."""
+    return 3 + 5 * parts + 2 * (parts - 1)
 
 
 def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap: bool = False) -> dict:
@@ -139,15 +156,24 @@ def step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, overlap:
         act = work.frames_per_step * work.activation_values_per_frame * b * 8 / (link * 1e9)  # one way
         if name == "pipelined_bp":
             # every part reads every batch (one data stream): each pays the loading
-            if work.part_s_per_frame and len(work.part_s_per_frame) == k:  # the parts as measured
+            measured_tick = bool(work.tick_s) and bool(work.part_s_per_frame) and len(work.part_s_per_frame) == k
+            if measured_tick:  # a plain loop's tick as measured, its transfers at tick_gbps included,
+                # in proportion to the frames of a step against those of the measured ticks
+                compute = work.tick_s * work.frames_per_step / (work.tick_frames or work.frames_per_step) + work.load_s
+            elif work.part_s_per_frame and len(work.part_s_per_frame) == k:  # the parts as measured
                 compute = max(work.frames_per_step * t + u for t, u in zip(work.part_s_per_frame, work.part_update_s)) \
                     * work.lockstep + work.load_s  # lockstep: each tick lasts its slowest part's work
             elif k > 1:
                 compute = (work.frames_per_step * (2 * work.forward_s_per_frame + work.backward_s_per_frame)
                            + work.update_s) / k + work.load_s
             # the activation goes down and the gradient of an earlier batch comes up in the same tick,
-            # as sends that do not block: on full-duplex links the two directions do not queue
-            comm = act if k > 1 else 0.0
+            # as sends that do not block: on full-duplex links the two directions do not queue; and
+            # every tick ends with the exchange of its figures, an all-reduce of a few values over
+            # the parts (latency-bound: 2(K-1) messages)
+            comm = act + ring_seconds(exchange_values(k), k, link, 8, cluster.latency_us) if k > 1 else 0.0
+            if measured_tick:  # what the measured tick holds already: the transfer at its own rate
+                comm = max(0.0, act - work.frames_per_step * work.activation_values_per_frame * b * 8
+                           / (work.tick_gbps * 1e9)) if work.tick_gbps else act
         else:
             m = strategy.get("microbatches", 4)
             slots = m + k - 1

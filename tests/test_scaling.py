@@ -1,5 +1,7 @@
 """The scaling predictor's formulas against hand-computed cases."""
 
+import dataclasses
+
 import pytest
 
 from asr_parallel.scaling import Cluster, Workload, predict, ring_seconds, step_time
@@ -40,7 +42,11 @@ def test_pipeline_step_times():
     pbp = step_time({"name": "pipelined_bp"}, 2, CLUSTER, WORK)
     # part 0 recomputes its forward pass in the backward pass: 1000 * (2 * 1e-4 + 2e-4) / 2
     # the activation goes down while an earlier batch's gradient comes up: one way's time per tick
-    assert pbp["compute_s"] == pytest.approx(0.2) and pbp["comm_s"] == pytest.approx(act)
+    # and the tick ends with an all-reduce of a few figures (float64) over the parts
+    from asr_parallel.scaling import exchange_values
+
+    exchange = ring_seconds(exchange_values(2), 2, 80.0, 8)
+    assert pbp["compute_s"] == pytest.approx(0.2) and pbp["comm_s"] == pytest.approx(act + exchange)
     assert step_time({"name": "pipelined_bp"}, 1, CLUSTER, WORK)["compute_s"] == pytest.approx(0.3)
 
 
@@ -48,7 +54,6 @@ def test_lockstep_ranks_take_the_slowest_ranks_step():
     """Synchronous SGD's ranks wait for each other every step: the compute of a step is the slowest
     rank's, the measured lock-step factor times the mean rank's (the batch's making apart); model
     averaging's ranks do not wait, and a synchronous warm-up pays the factor for its steps only."""
-    import dataclasses
 
     from asr_parallel.bin.predict_scaling import lockstep_factor
     from asr_parallel.scaling import mean_step_time
@@ -71,6 +76,60 @@ def test_lockstep_ranks_take_the_slowest_ranks_step():
     assert pipeline_lockstep([[1.0, 2.0]]) == 1.0
     parts = dataclasses.replace(WORK, part_s_per_frame=[1e-4, 2e-4], part_update_s=[0.0, 0.0], lockstep=1.25)
     assert step_time({"name": "pipelined_bp"}, 2, CLUSTER, parts)["compute_s"] == pytest.approx(1000 * 2e-4 * 1.25)
+
+
+def test_pipelined_bp_with_a_measured_tick():
+    """A measured plain-loop tick is pipelined BP's clock, in proportion to the step's frames; on one
+    machine nothing is added (its transfers are in the tick); a slower link adds only the activation's
+    extra transfer time over the rate the tick was measured at. The tick's exchange of figures is as
+    large as the strategy's."""
+    from types import SimpleNamespace
+
+    from asr_parallel.scaling import exchange_values
+    from asr_parallel.strategies.pipeline import PipelineStrategy
+
+    work = dataclasses.replace(WORK, part_s_per_frame=[1e-4, 2e-4], part_update_s=[0.0, 0.0], tick_s=0.25,
+                               tick_frames=800, tick_gbps=80.0, load_s=0.01)
+    one = step_time({"name": "pipelined_bp"}, 2, CLUSTER, work)
+    assert one["compute_s"] == pytest.approx(0.25 * 1000 / 800 + 0.01) and one["comm_s"] == 0.0
+    two_nodes = Cluster(workers_per_node=1, nodes=2, intra_gbps=80.0, inter_gbps=8.0)
+    act = 1000 * 100 * 4 * 8  # bits of one step's activation
+    assert step_time({"name": "pipelined_bp"}, 2, two_nodes, work)["comm_s"] == pytest.approx(act / 8e9 - act / 80e9)
+    # without a measured tick: the parts' work, the activation one way and the exchange's latency
+    latency = dataclasses.replace(CLUSTER, latency_us=100.0)
+    parts = dataclasses.replace(work, tick_s=None)
+    assert step_time({"name": "pipelined_bp"}, 2, latency, parts)["comm_s"] == pytest.approx(
+        act / 80e9 + ring_seconds(exchange_values(2), 2, 80.0, 8, 100.0))
+    assert ring_seconds(exchange_values(2), 2, 80.0, 8, 100.0) == pytest.approx(2 * 100e-6, rel=1e-3)
+    for s in (2, 3, 5):
+        assert exchange_values(s) == sum(PipelineStrategy._exchange_sizes(SimpleNamespace(num_parts=s)).values())
+
+
+def test_ranks_and_pipeline_parts_timed_at_once_in_processes_of_their_own():
+    """measure_ranks(concurrent) times every rank in a fresh process, all at once, step by step (each
+    rank's timings of every step after the first, of every launch); measure_pipeline runs a plain
+    pipelined-BP loop over gloo with a process per part, and its tick holds each part's work and
+    update; a failing process ends the measurement with its error."""
+    import torch
+
+    from asr_parallel.bin.predict_scaling import (lockstep_factor, measure_concurrently, measure_pipeline,
+                                                  measure_ranks, synthetic_batch)
+    from asr_parallel.config import load_config
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["model.name=mlp", "model.mlp.num_layers=4", "model.mlp.hidden_dim=32",
+                             "train.max_duration=4"])
+    batches = [synthetic_batch(cfg, frames=100 + 20 * i) for i in range(5)]
+    fwd, bwd, upd, times = measure_ranks(cfg, [batches, batches[::-1]], concurrent=True, threads=1, launches=2)
+    assert fwd > 0 and bwd > 0 and upd > 0 and [len(t) for t in times] == [2 * 4, 2 * 4]
+    assert lockstep_factor(times) >= 1.0
+    got = measure_pipeline(cfg, 2, boundaries=[2], batches=batches, threads=1, launches=1)
+    assert got["ticks"] == len(batches) - 3  # ticks 3 and 4: both parts busy, batch 0 left out
+    assert got["frames_per_tick"] == pytest.approx(sum(int(b[1].sum()) for b in batches[3:]) / 2)
+    assert all(w > 0 for w in got["work_s_per_frame"]) and all(u > 0 for u in got["update_s"])
+    assert got["tick_s"] >= got["work_s_per_frame"][0] * got["frames_per_tick"] + got["update_s"][0]
+    with pytest.raises(RuntimeError, match="measuring process 0"):
+        measure_concurrently(cfg, [{"kind": "rank", "batches": [(None, None, None)]}], threads=1)
 
 
 def test_speedups_order_strategies_by_communication():
@@ -331,7 +390,7 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path, monkeyp
         "strategy": {"name": "single"}, "world_size": 1, "nodes": 1, "link_rate": None, "threads_per_rank": 1,
         "steps": 10, "frames_per_rank": 20_000, "train_seconds": 5.0, "bytes_sent_per_rank": 0}))
     compute: dict = {}
-    row = validate_scaling.predict_run(run, compute, intra_gbps=10.0)
+    row = validate_scaling.predict_run(run, compute, intra_gbps=10.0, concurrent=False)
     epoch = (cfg.data_dir, cfg.train.max_duration, cfg.train.num_buckets, cfg.train.seed, 1)
     batch_set = epoch + (min(10, validate_scaling._EPOCH_STEPS[epoch]),)  # the steps the run met
     f, b, u, lockstep = compute[("whole", "mlp", 1, batch_set)]
@@ -342,8 +401,8 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path, monkeyp
 
     real, seen = predict_scaling.measure_ranks, []
 
-    def recording(cfg, per_rank):
-        out = real(cfg, per_rank)
+    def recording(cfg, per_rank, **kw):
+        out = real(cfg, per_rank, **kw)
         seen.append(out[3])
         return out
 
@@ -351,7 +410,7 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path, monkeyp
     (run / "train_summary.json").write_text(json.dumps({
         "strategy": {"name": "sync_sgd"}, "world_size": 2, "nodes": 1, "link_rate": None, "threads_per_rank": 1,
         "steps": 10, "frames_per_rank": 20_000, "train_seconds": 5.0, "bytes_sent_per_rank": 0}))
-    row = validate_scaling.predict_run(run, compute, intra_gbps=10.0)
+    row = validate_scaling.predict_run(run, compute, intra_gbps=10.0, concurrent=False)
     two = batch_set[:4] + (2, min(10, validate_scaling._EPOCH_STEPS[batch_set[:4] + (2,)]))
     per_rank, load_s = validate_scaling._BATCHES[two]
     assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1]) > 1

@@ -9,6 +9,7 @@ workers under exp_dir/scaling/.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -32,40 +33,246 @@ def measure(cfg, steps: int = 3, batches: list | None = None) -> tuple[float, fl
     return fwd, bwd, upd
 
 
-def measure_ranks(cfg, per_rank: list[list]) -> tuple[float, float, float, list[list[float]]]:
+def measure_ranks(cfg, per_rank: list[list], concurrent: bool = False, threads: int | None = None,
+                  launches: int = 3) -> tuple[float, float, float, list[list[float]]]:
     """:func:`measure` for the batches of several ranks (``per_rank[r]``: rank r's batches, the same
-    count for each, the first only warming up), each rank with a model and optimiser of its own, the
-    ranks' batches of one step timed one after the other (in turns that alternate which rank goes
-    first), so that a drift of the machine's speed falls on all ranks alike. Returns the per-frame
-    forward and backward seconds and the update seconds over all ranks, and each rank's seconds per
-    step (forward, loss, backward and update) after the first."""
+    count for each, the first only warming up), each rank with a model and optimiser of its own.
+    Returns the per-frame forward and backward seconds and the update seconds over all ranks, and each
+    rank's seconds per step (forward, loss, backward and update) after the first.
+
+    In one process (``concurrent`` False) the ranks' batches of one step are timed one after the other,
+    in turns that alternate which rank goes first, so that a drift of the machine's speed falls on all
+    ranks alike. With ``concurrent`` every rank is a fresh process of its own (``threads`` threads,
+    by default this process's count), as in a run, and all of them work at once, step by step, each
+    step begun together (:func:`measure_concurrently`): what they take from each other (cores, memory
+    bandwidth, caches) and a fresh process's memory state are in the timings, as they are in a run.
+    A process's pace differs from launch to launch (by some percent here: where its memory lies,
+    which core it starts on), so the processes are launched ``launches`` times and the timings of all
+    launches taken together."""
+    n_steps = min(len(b) for b in per_rank)
+    if concurrent:
+        records = [[] for _ in per_rank]  # (batch, forward, backward, update) per rank, all launches
+        for _ in range(launches):
+            got = measure_concurrently(cfg, [{"kind": "rank", "batches": b[:n_steps]} for b in per_rank], threads)
+            for mine, rank in zip(records, got):
+                mine += [r for r in rank if r[0] > 0]
+    else:
+        from asr_parallel.models import build_model
+        from asr_parallel.train.trainer import make_optimizer
+
+        models = [build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size) for _ in per_rank]
+        optimizers = [make_optimizer(cfg.train, m.parameters()) for m in models]
+        records = [[] for _ in per_rank]
+        for i in range(n_steps):
+            order = range(len(per_rank)) if i % 2 == 0 else reversed(range(len(per_rank)))
+            for r in order:
+                took = _rank_step(models[r], optimizers[r], per_rank[r][i], cfg.train.grad_clip)
+                if i:  # the first step warms up
+                    records[r].append((i,) + took)
+    fwd = sum(x[1] for rank in records for x in rank)
+    bwd = sum(x[2] for rank in records for x in rank)
+    upd = sum(x[3] for rank in records for x in rank)
+    times = [[x[1] + x[2] + x[3] for x in rank] for rank in records]
+    n = sum(int(b[i][1].sum()) for b in per_rank for i in range(1, n_steps)) * (launches if concurrent else 1)
+    timed = len(per_rank) * (n_steps - 1) * (launches if concurrent else 1)
+    return fwd / n, bwd / n, upd / timed, times
+
+
+def _rank_step(model, optimizer, batch, clip: float) -> tuple[float, float, float]:
+    """One training step of the whole model on ``batch`` (features, lengths, tokens): seconds of the
+    forward pass with the CTC loss, of the backward pass and of the update."""
+    from asr_parallel.train.loss import ctc_loss
+
+    feats, lens, tokens = batch
+    t0 = time.perf_counter()
+    logits, out_lens = model(feats, lens)
+    loss = ctc_loss(logits, out_lens, tokens)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    t3 = _update(model, optimizer, clip)
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+def _part_step(module, optimizer, x, lengths, tokens, first: bool, last: bool, clip: float):
+    """The work one pipelined-BP clock tick gives a part, on one batch (``x``: its input): parts
+    before the last, a forward pass without a graph, the forward pass again with one and the backward
+    pass from an output gradient; the last, the forward pass, the CTC loss and the backward pass. Then
+    its update. Returns the seconds of the work and of the update, and the part's output (detached)
+    with its lengths."""
+    from asr_parallel.train.loss import ctc_loss
+
+    x_in = x.detach().requires_grad_(not first)
+    t0 = time.perf_counter()
+    if not last:
+        with torch.no_grad():
+            module(x_in, lengths)
+        y, out_lens = module(x_in, lengths)
+        y.backward(torch.ones_like(y) / y.numel())
+    else:
+        y, out_lens = module(x_in, lengths)
+        ctc_loss(y, out_lens, tokens).backward()
+    t1 = time.perf_counter()
+    t2 = _update(module, optimizer, clip)
+    return t1 - t0, t2 - t1, y.detach(), out_lens
+
+
+def _build_parts(cfg, parts: int, balance: str, boundaries: list[int] | None):
+    """The recipe's model cut into ``parts`` as ``pipelined_bp`` cuts it: a module per part."""
     from asr_parallel.models import build_model
+    from asr_parallel.strategies.pipeline import Part, model_cut
+
+    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
+    starts = model_cut(model, parts, balance, boundaries) + [len(model.stages)]
+    return [Part(model, a, b) for a, b in zip(starts, starts[1:])]
+
+
+def _concurrent_worker(index: int, cfg, job: dict, threads: int, barrier, queue) -> None:
+    """One process of :func:`measure_concurrently`: builds its model (or its part of the model, and
+    that part's inputs, untimed), then does its work of every step when all processes have begun it,
+    and puts (index, records, error) on ``queue``."""
+    import traceback
+
+    try:
+        torch.set_num_threads(threads)
+        torch.manual_seed(cfg.train.seed)
+        if job["kind"] == "rank":
+            from asr_parallel.models import build_model
+            from asr_parallel.train.trainer import make_optimizer
+
+            module = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
+            optimizer = make_optimizer(cfg.train, module.parameters())
+            records = []
+            barrier.wait()
+            for i, batch in enumerate(job["batches"]):
+                records.append((i,) + _rank_step(module, optimizer, batch, cfg.train.grad_clip))
+                barrier.wait()
+        else:
+            records = _bare_pipeline(cfg, job, index, barrier)
+        queue.put((index, records, None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        barrier.abort()
+        queue.put((index, None, traceback.format_exc()))
+
+
+def _bare_pipeline(cfg, job: dict, s: int, barrier) -> list:
+    """Part ``s`` of a plain pipelined-BP loop (torch and torch.distributed calls only, none of
+    ``strategies/``): the schedule of ``strategies/pipelined_bp.py`` (Chen et al. 2012), part s in
+    tick t running the forward pass of batch t - s (without a graph; part 0 reads it, the others
+    receive it from s - 1) and sending it on, then the backward pass of batch t - 2(S-1) + s (the
+    output gradient received from s + 1, the forward pass recomputed; the last part: the batch whose
+    forward pass it just ran, through the CTC loss) and sending the input gradient back; waiting for
+    the previous tick's sends; an all-reduce of the tick's few figures over the parts; and the update.
+    Returns, per tick, (tick, forward batch, backward batch, seconds of work, of the update, of the
+    whole tick)."""
+    import torch.distributed as dist
+
+    from asr_parallel.scaling import exchange_values
     from asr_parallel.train.loss import ctc_loss
     from asr_parallel.train.trainer import make_optimizer
 
-    models = [build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size) for _ in per_rank]
-    optimizers = [make_optimizer(cfg.train, m.parameters()) for m in models]
-    fwd = bwd = upd = 0.0
-    times: list[list[float]] = [[] for _ in per_rank]
-    n_steps = min(len(b) for b in per_rank)
-    for i in range(n_steps):
-        order = range(len(per_rank)) if i % 2 == 0 else reversed(range(len(per_rank)))
-        for r in order:
-            feats, lens, tokens = per_rank[r][i]
-            model, optimizer = models[r], optimizers[r]
-            t0 = time.perf_counter()
-            logits, out_lens = model(feats, lens)
-            loss = ctc_loss(logits, out_lens, tokens)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            t3 = _update(model, optimizer, cfg.train.grad_clip)
-            if i:  # the first step warms up
-                fwd, bwd, upd = fwd + t1 - t0, bwd + t2 - t1, upd + t3 - t2
-                times[r].append(t3 - t0)
-    n = sum(int(b[i][1].sum()) for b in per_rank for i in range(1, n_steps))
-    timed = len(per_rank) * (n_steps - 1)
-    return fwd / n, bwd / n, upd / timed, times
+    S = job["parts"]
+    modules = _build_parts(cfg, S, job["balance"], job["boundaries"])
+    module, first, last = modules[s], s == 0, s == S - 1
+    optimizer = make_optimizer(cfg.train, module.parameters())
+    inputs, out_shapes = [], []  # this part's input of every batch (what the parts before it make), untimed
+    with torch.no_grad():
+        for feats, lens, tokens in job["batches"]:
+            for m in modules[:s]:
+                feats, lens = m(feats, lens)
+            inputs.append((feats, lens, tokens))
+            out_shapes.append(tuple(module(feats, lens)[0].shape) if not last else None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{job['port']}", rank=s, world_size=S)
+    n, records, previous, held = len(inputs), [], [], {}
+    figures = torch.zeros(exchange_values(S), dtype=torch.float64)
+    barrier.wait()
+    for t in range(n + 2 * (S - 1)):
+        t0 = time.perf_counter()
+        n_f, n_b, sends, loss = t - s, t - 2 * (S - 1) + s, [], None
+        if 0 <= n_f < n:
+            x, lens, tokens = inputs[n_f]
+            if not first:
+                x = torch.empty(x.shape)
+                dist.recv(x, s - 1)
+            if last:
+                x_in = x.requires_grad_(not first)
+                logits, out_lens = module(x_in, lens)
+                loss = ctc_loss(logits, out_lens, tokens)
+                held[n_f] = x_in
+            else:
+                with torch.no_grad():
+                    y, _ = module(x, lens)
+                y = y.contiguous()
+                sends.append((dist.isend(y, s + 1), y))
+                held[n_f] = x
+        work_end = update_s = 0.0
+        if 0 <= n_b < n:
+            x_in = held.pop(n_b)
+            if last:
+                loss.backward()
+            else:
+                grad = torch.empty(out_shapes[n_b])
+                dist.recv(grad, s + 1)
+                x_in = x_in.detach().requires_grad_(not first)
+                y, _ = module(x_in, inputs[n_b][1])
+                y.backward(grad)
+            if not first:
+                grad_in = x_in.grad.contiguous()
+                sends.append((dist.isend(grad_in, s - 1), grad_in))
+            work_end = time.perf_counter()
+        for work, _ in previous:
+            work.wait()
+        previous = sends
+        dist.all_reduce(figures)
+        if work_end:
+            u0 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_s = time.perf_counter() - u0
+        t1 = time.perf_counter()
+        records.append((t, n_f if 0 <= n_f < n else None, n_b if 0 <= n_b < n else None,
+                        (work_end or t1) - t0, update_s, t1 - t0))
+    for work, _ in previous:
+        work.wait()
+    dist.destroy_process_group()
+    return records
+
+
+def measure_concurrently(cfg, jobs: list[dict], threads: int | None = None, timeout: float = 3600.0) -> list[list]:
+    """Runs every job in a fresh process of its own (spawned, ``threads`` threads each), all at once,
+    in steps that begin together (a barrier between steps, as ranks that wait for each other have):
+    ``{"kind": "rank", "batches": [...]}`` trains the whole model on its batches, one a step;
+    ``{"kind": "pipeline", "parts": S, "balance": ..., "boundaries": ..., "batches": [...], "port": p}``
+    (one job per part, job s being part s) runs a plain pipelined-BP loop over gloo
+    (:func:`_bare_pipeline`). Returns each job's records: for ranks, (batch index, forward, backward,
+    update seconds) per batch, the first a warm-up; for pipeline parts, :func:`_bare_pipeline`'s.
+    Plain torch, torch.distributed and multiprocessing, none of the training's own machinery."""
+    import torch.multiprocessing as mp
+
+    threads = threads or torch.get_num_threads()
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(len(jobs)), ctx.Queue()
+    procs = [ctx.Process(target=_concurrent_worker, args=(i, cfg, job, threads, barrier, queue), daemon=True)
+             for i, job in enumerate(jobs)]
+    for p in procs:
+        p.start()
+    got: dict = {}
+    errors = []
+    try:
+        for _ in procs:
+            index, records, error = queue.get(timeout=timeout)
+            if error:
+                errors.append(f"measuring process {index}: {error}")
+            got[index] = records
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("concurrent measurement failed:\n" + "\n".join(errors))
+    return [got[i] for i in range(len(jobs))]
 
 
 def _update(module, optimizer, clip: float) -> float:
@@ -200,50 +407,62 @@ def measure_parts(cfg, parts: int, balance: str = "flops", boundaries: list[int]
                   steps: int = 3, batches: list | None = None, per_batch: list | None = None
                   ) -> tuple[list[float], list[float]]:
     """Per part of the model cut as ``pipelined_bp`` cuts it into ``parts``: seconds per input frame of
-    the work one clock tick gives that part (parts before the last: a forward pass without a graph,
-    the forward pass again with one, and the backward pass from the output gradient; the last: the
-    forward pass, the CTC loss and the backward pass), and seconds of the part's update (clipping
-    and optimiser step of its parameters). Timed on the batches of :func:`measure`, each part on its
-    own as its rank runs it. ``per_batch``, a list, receives for every part the seconds (work and
-    update) it took on each batch after the first."""
-    from asr_parallel.models import build_model
-    from asr_parallel.strategies.pipeline import Part, model_cut
-    from asr_parallel.train.loss import ctc_loss
+    the work one clock tick gives that part (:func:`_part_step`: parts before the last, a forward pass
+    without a graph, the forward pass again with one, and the backward pass from the output gradient;
+    the last, the forward pass, the CTC loss and the backward pass), and seconds of the part's update
+    (clipping and optimiser step of its parameters). Timed on the batches of :func:`measure`, the parts
+    one after the other in this process. ``per_batch``, a list, receives for every part the seconds
+    (work and update) it took on each batch after the first."""
     from asr_parallel.train.trainer import make_optimizer
 
-    model = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
-    starts = model_cut(model, parts, balance, boundaries) + [len(model.stages)]
-    modules = [Part(model, a, b) for a, b in zip(starts, starts[1:])]
-    optimizers = [make_optimizer(cfg.train, m.parameters()) for m in modules]
+    modules = _build_parts(cfg, parts, balance, boundaries)  # refuses a cut the model does not have
     batches = batches or [synthetic_batch(cfg)] * (steps + 1)
-    work = [0.0] * parts
-    update = [0.0] * parts
-    if per_batch is not None:
-        per_batch[:] = [[] for _ in range(parts)]
+    optimizers = [make_optimizer(cfg.train, m.parameters()) for m in modules]
+    records: list[list] = [[] for _ in range(parts)]
     for i, (feats, lens, tokens) in enumerate(batches):
         x, lengths = feats, lens
         for s, (m, opt) in enumerate(zip(modules, optimizers)):
-            x_in = x.detach().requires_grad_(s > 0)
-            t0 = time.perf_counter()
-            if s < parts - 1:
-                with torch.no_grad():
-                    m(x_in, lengths)
-                y, out_lens = m(x_in, lengths)
-                y.backward(torch.ones_like(y) / y.numel())
-            else:
-                logits, out_lens = m(x_in, lengths)
-                ctc_loss(logits, out_lens, tokens).backward()
-                y = logits
-            t1 = time.perf_counter()
-            t2 = _update(m, opt, cfg.train.grad_clip)
+            work, update, x, lengths = _part_step(m, opt, x, lengths, tokens, s == 0, s == parts - 1,
+                                                  cfg.train.grad_clip)
             if i:  # the first step warms up
-                work[s] += t1 - t0
-                update[s] += t2 - t1
-                if per_batch is not None:
-                    per_batch[s].append(t2 - t0)
-            x, lengths = y.detach(), out_lens
+                records[s].append((work, update))
+    if per_batch is not None:
+        per_batch[:] = [[w + u for w, u in part] for part in records]
     n = sum(int(lens.sum()) for _, lens, _ in batches[1:])
-    return [w / n for w in work], [u / (len(batches) - 1) for u in update]
+    return [sum(w for w, _ in part) / n for part in records], \
+        [sum(u for _, u in part) / (len(batches) - 1) for part in records]
+
+
+def measure_pipeline(cfg, parts: int, balance: str = "flops", boundaries: list[int] | None = None,
+                     batches: list | None = None, threads: int | None = None, launches: int = 3) -> dict:
+    """A plain pipelined-BP loop (:func:`_bare_pipeline`) over ``batches`` (the first warms up) with
+    each part a fresh process of its own, all at once, on gloo between them, as the run's ranks are:
+    what the parts take from each other on a shared machine, the waits of the ticks' lock-step, the
+    sends and receives between the parts and the per-tick exchange as this machine does them.
+    Returns ``tick_s``, the mean seconds of a tick in which every part worked on a batch after the
+    first (none filling or draining the pipeline), ``frames_per_tick``, the mean frames of the batch
+    read in those ticks, and per part ``work_s_per_frame`` and
+    ``update_s`` over those ticks, and ``ticks``, how many, over ``launches`` launches of the
+    processes (a process's pace differs from launch to launch, as in :func:`measure_ranks`)."""
+    _build_parts(cfg, parts, balance, boundaries)  # refuses a cut the model does not have
+    batches = batches or [synthetic_batch(cfg)] * 4
+    steady = range(2 * (parts - 1) + 1, len(batches))  # ticks with every part busy, batch 0 left out
+    if not steady:
+        raise ValueError(f"measure_pipeline: {len(batches)} batches fill and drain {parts} parts without a "
+                         "tick in which all of them work; give more batches")
+    ticks: list[list] = [[] for _ in range(parts)]
+    for _ in range(launches):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        jobs = [{"kind": "pipeline", "parts": parts, "balance": balance, "boundaries": boundaries,
+                 "batches": batches, "port": port} for _ in range(parts)]
+        for mine, part in zip(ticks, measure_concurrently(cfg, jobs, threads)):
+            mine += [r for r in part if r[0] in steady]
+    frames = [sum(int(batches[r[1] if s < parts - 1 else r[2]][1].sum()) for r in ticks[s]) for s in range(parts)]
+    return {"tick_s": sum(r[5] for r in ticks[0]) / len(ticks[0]), "frames_per_tick": frames[0] / len(ticks[0]),
+            "work_s_per_frame": [sum(r[3] for r in part) / f for part, f in zip(ticks, frames)],
+            "update_s": [sum(r[4] for r in part) / len(part) for part in ticks], "ticks": len(ticks[0])}
 
 
 def workload(cfg, forward_s: float, backward_s: float, frames_per_step: float, update_s: float = 0.0):

@@ -12,17 +12,24 @@
      the run met (all of them, or the first ``steps`` of a shorter run), real lengths and padding;
      synthetic batches without prepared data);
    * for ranks in lock-step (synchronous SGD, synchronous warm-up), how much longer the slowest
-     rank's step is than the mean rank's, from the same timings set side by side step by step (the
-     ranks' batches of a step timed in turns, ``predict_scaling.measure_ranks``;
-     ``predict_scaling.lockstep_factor``). Single timings: the factor holds the machine's jitter as
-     well as the batches' differences, as a synchronous run's waits do. Periodic strategies' waits at
+     rank's step is than the mean rank's, from the same timings set side by side step by step
+     (``predict_scaling.lockstep_factor``). The ranks are timed as a run has them: each a fresh
+     process of its own, all working at once, every step begun together
+     (``predict_scaling.measure_ranks`` with ``concurrent``; ``--in-turns`` times them one after
+     the other in one process instead), so the timings hold what the ranks take from each other on
+     a shared machine and its jitter, as a synchronous run's waits do. Periodic strategies' waits at
      their synchronisations (the slowest rank's sum over tau steps) are not modelled; pipelined BP's
      tick, whose parts work on different batches, is the slowest part's time in each tick
      (``predict_scaling.pipeline_lockstep``);
-   * for pipelined BP, each part of the run's own cut timed as its rank runs it in a clock tick
+   * for pipelined BP, the clock tick of a plain pipelined-BP loop (torch and torch.distributed calls,
+     none of the strategy's code) with the run's own cut, its parts at once in processes of their own
+     with gloo between them, part s on batch t - s in tick t (``predict_scaling.measure_pipeline``:
+     the parts' contention for the machine, their lock-step, sends, receives and per-tick exchange
+     as this machine does them); with ``--in-turns``, each part timed alone
      (``predict_scaling.measure_parts``);
    * the rate of a plain gloo all-reduce between two processes of this machine (the link inside one
-     node) and, as root, between two emulated nodes at every tc rate a run used
+     node), its latency per message (a 64-byte all-reduce: pipelined BP's per-tick exchange of
+     figures is latency-bound) and, as root, between two emulated nodes at every tc rate a run used
      (:func:`emulated_gloo_gbps`: TCP/IP headers, tbf's shaping and gloo's own pauses included;
      ``--no-link-benchmark`` takes the nominal rate instead).
 3. For every run (those of step 1 plus finished experiment directories given with ``--runs``, e.g.
@@ -116,6 +123,15 @@ def gloo_gbps(nbytes: int, repeats: int = 10) -> float:
     return repeats * nbytes * 8 / seconds / 1e9
 
 
+def gloo_latency_us(repeats: int = 300) -> float:
+    """Latency per message of gloo between 2 processes on this machine, measured: the mean time of an
+    all-reduce of a few values (latency-bound) over the 2(K-1) = 2 messages a 2-rank ring sends."""
+    nbytes = 64
+    gbps = gloo_gbps(nbytes, repeats)
+    seconds_per_allreduce = nbytes * 8 / (gbps * 1e9)
+    return seconds_per_allreduce / 2 * 1e6
+
+
 def gloo_node(nbytes: int, repeats: int, out: str) -> None:
     """One node of the emulated-link benchmark (run by ``local/emulate_cluster.sh`` in each node, which
     sets NODE_RANK and MASTER_ADDR): plain gloo all-reduces of ``nbytes`` across the limited link;
@@ -201,12 +217,15 @@ _BATCHES: dict = {}  # the recipe's training batches per rank, per data director
 _EPOCH_STEPS: dict = {}  # steps of one epoch, per data directory, batch settings and ranks
 
 
-def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> dict:
+def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | None = None,
+                latency_us: float = 0.0, concurrent: bool = True) -> dict:
     """Measured and predicted mean step time of one finished run. ``link_gbps``: the measured gloo
     all-reduce rate across emulated nodes per tc rate (:func:`emulated_gloo_gbps`); a rate without a
-    measurement is taken at its nominal value."""
-    from asr_parallel.bin.predict_scaling import (epoch_steps, lockstep_factor, measure, measure_parts, measure_ranks,
-                                                  pipeline_lockstep, step_batches, workload)
+    measurement is taken at its nominal value. ``latency_us``: gloo's latency per message
+    (:func:`gloo_latency_us`). ``concurrent``: ranks and pipeline parts timed in processes of their
+    own, all at once (``predict_scaling.measure_concurrently``), else in turns in this process."""
+    from asr_parallel.bin.predict_scaling import (epoch_steps, lockstep_factor, measure, measure_parts, measure_pipeline,
+                                                  measure_ranks, pipeline_lockstep, step_batches, workload)
     from asr_parallel.config import load_config
     from asr_parallel.scaling import Cluster, mean_step_time, parse_rate_gbps
     from asr_parallel.strategies import parse_strategy
@@ -238,7 +257,7 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     if key not in compute:
         torch.set_num_threads(threads)
         if batches():  # every rank's batches at the same steps, timed in turns
-            fwd, bwd, upd, times = measure_ranks(cfg, batches()[0])
+            fwd, bwd, upd, times = measure_ranks(cfg, batches()[0], concurrent=concurrent, threads=threads)
             compute[key] = (fwd, bwd, upd, lockstep_factor(times))
         else:
             compute[key] = measure(cfg, steps=5) + (1.0,)
@@ -254,17 +273,23 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
         pkey = ("parts", cfg.model.name, threads, bkey, k, balance, bounds)
         if pkey not in compute:
             torch.set_num_threads(threads)
-            part_times: list = []
-            got = measure_parts(cfg, k, balance, list(bounds) or None,
-                                batches=batches()[0][0] if batches() else None, per_batch=part_times)
-            compute[pkey] = got + (pipeline_lockstep(part_times),)
-        work.part_s_per_frame, work.part_update_s, work.lockstep = compute[pkey]
+            pbatches = batches()[0][0] if batches() else None
+            if concurrent:  # a plain pipelined-BP loop, its parts at once in processes of their own
+                got = measure_pipeline(cfg, k, balance, list(bounds) or None, batches=pbatches, threads=threads)
+                compute[pkey] = (got["work_s_per_frame"], got["update_s"], 1.0, got["tick_s"], got["frames_per_tick"])
+            else:
+                part_times: list = []
+                got = measure_parts(cfg, k, balance, list(bounds) or None, batches=pbatches, per_batch=part_times)
+                compute[pkey] = got + (pipeline_lockstep(part_times), None, None)
+        work.part_s_per_frame, work.part_update_s, work.lockstep, work.tick_s, work.tick_frames = compute[pkey]
+        work.tick_gbps = intra_gbps
     # per-node rates: the slowest link paces every collective; each at its measured gloo rate if known
     link_gbps = link_gbps or {}
     rates = summary["link_rate"].split(",") if nodes > 1 else []
     inter = min(link_gbps.get(r, parse_rate_gbps(r)) for r in rates) if rates else intra_gbps
     measured_link = bool(rates) and all(r in link_gbps for r in rates)
-    cluster = Cluster(workers_per_node=max(1, k // nodes), nodes=nodes, intra_gbps=intra_gbps, inter_gbps=inter)
+    cluster = Cluster(workers_per_node=max(1, k // nodes), nodes=nodes, intra_gbps=intra_gbps, inter_gbps=inter,
+                      latency_us=latency_us)
     pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd")
     measured = summary["train_seconds"] / steps
     window = math.lcm(cfg.train.log_every_steps, int(strategy.get("sync_period", 1) or 1))
@@ -283,7 +308,8 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
             "window_steps": window, "window_step_s": windows}
 
 
-def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict | None = None) -> str:
+def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict | None = None,
+             latency_us: float = 0.0, concurrent: bool = True) -> str:
     whole = {k: v for k, v in compute.items() if k[0] == "whole"}
     parts = {k: v for k, v in compute.items() if k[0] == "parts"}
     inputs = ["; ".join(f"{m} at {t} thread(s), seed {b[3]}'s batches of {b[4]} rank(s), first {b[5]} steps: "
@@ -294,7 +320,9 @@ def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict
     inputs += [f"{m} at {t} thread(s), seed {b[3]}'s batches (first {b[5]} steps), cut into {k} parts ({bal}): a "
                "pipelined-BP tick "
                + " / ".join(f"{w * 1e6:.1f} us per frame + {u * 1e3:.1f} ms" for w, u in zip(v[0], v[1]))
-               + f" per part, a tick {v[2]:.3f} x the slowest part's mean"
+               + (f" per part; a plain pipelined-BP loop's tick {v[3] * 1e3:.1f} ms on {v[4]:.0f} frames "
+                  "(parts at once, gloo between them)"
+                  if v[3] else f" per part, a tick {v[2]:.3f} x the slowest part's mean")
                for (_, m, t, b, k, bal, _), v in sorted(parts.items(), key=str)]
     timed_on = [f"{len(b[0]) - 1} steps of {ranks} rank(s) of {d}, seed {seed}, within its first {within} "
                 f"({sum(int(x[1].sum()) for r in b for x in r[1:]) / sum(len(r) - 1 for r in b):.0f} frames per batch "
@@ -303,7 +331,10 @@ def markdown(rows: list[dict], compute: dict, intra_gbps: float, link_gbps: dict
     inputs.append("compute timed on the recipe's training batches at steps spread over the first epoch's steps "
                   "that the run met, after one to warm up: " + ", ".join(timed_on) if timed_on
                   else "compute timed on synthetic batches (no prepared data)")
-    inputs.append(f"gloo all-reduce between 2 processes of this machine: {intra_gbps:.2f} Gbit/s")
+    inputs.append("ranks (pipeline parts) timed " + ("each in a fresh process of its own, all at once, steps (ticks) "
+                                                    "begun together" if concurrent else "in turns in one process"))
+    inputs.append(f"gloo all-reduce between 2 processes of this machine: {intra_gbps:.2f} Gbit/s, "
+                  f"{latency_us:.0f} us per message (a 64-byte all-reduce over 2 messages)")
     inputs += [f"between 2 emulated nodes limited to {r}: {g:.3f} Gbit/s" for r, g in sorted((link_gbps or {}).items())]
     lines = ["Inputs measured here: " + "; ".join(inputs) + ".", "",
              "| run | strategy | ranks | nodes | link | steps | frames/step | measured s/step (train_seconds / steps) "
@@ -336,6 +367,8 @@ def main(argv=None):
     p.add_argument("--no-train", action="store_true", help="only check finished runs")
     p.add_argument("--no-link-benchmark", action="store_true",
                    help="take emulated links at their nominal tc rate instead of measuring a gloo all-reduce across them")
+    p.add_argument("--in-turns", action="store_true",
+                   help="time the ranks' (parts') work in turns in one process, not each in a process of its own at once")
     p.add_argument("--gloo-node", nargs=3, metavar=("NBYTES", "REPEATS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.gloo_node:  # one node of emulated_gloo_gbps's benchmark
@@ -352,6 +385,7 @@ def main(argv=None):
             dirs.append(train_short(args.config, args.overrides, out, label, overrides, env, args.steps))
     dirs += [Path(d) for d in args.runs]
     intra = gloo_gbps(16 * 2**20)
+    latency = gloo_latency_us()
     link_gbps: dict = {}
     if os.geteuid() == 0 and not args.no_link_benchmark:
         for d in dirs:
@@ -367,16 +401,17 @@ def main(argv=None):
     rows = []
     for d in dirs:
         try:
-            rows.append(predict_run(d, compute, intra, link_gbps))
+            rows.append(predict_run(d, compute, intra, link_gbps, latency, concurrent=not args.in_turns))
         except (OSError, ValueError, KeyError) as e:
             skipped.append(f"{d}: {e}")
-    table = markdown(rows, compute, intra, link_gbps)
+    table = markdown(rows, compute, intra, link_gbps, latency, not args.in_turns)
     if skipped:
         table += "\n\nLeft out: " + "; ".join(skipped) + "."
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "validation.md", table + "\n")
     atomic_write_json(out / "validation.json", {
-        "intra_gbps": intra, "emulated_link_gloo_gbps": link_gbps,
+        "intra_gbps": intra, "latency_us": latency, "concurrent": not args.in_turns,
+        "emulated_link_gloo_gbps": link_gbps,
         "compute_s_per_frame": [{"model": m, "threads": t, "batches_seed": b[3], "batch_ranks": b[4],
                                  "batches_within_steps": b[5], "forward": f,
                                  "backward": bw, "update_per_step": u, "lockstep": ls}
@@ -385,7 +420,7 @@ def main(argv=None):
         "pipelined_bp_parts": [{"model": k[1], "threads": k[2], "batches_seed": k[3][3], "batches_within_steps": k[3][5],
                                 "parts": k[4], "balance": k[5],
                                 "boundaries": list(k[6]), "tick_s_per_frame": v[0], "update_s": v[1],
-                                "lockstep": v[2]}
+                                "lockstep": v[2], "bare_loop_tick_s": v[3], "bare_loop_frames_per_tick": v[4]}
                                for k, v in compute.items() if k[0] == "parts"],
         "runs": rows, "left_out": skipped})
     print(table)
