@@ -41,7 +41,8 @@ Speed-up: frames per second of K workers over that of one (data parallel: K B fr
 pipelines: B frames per step). All figures are estimates; ``asr_parallel.bin.validate_scaling``
 compares them with runs measured here.
 
-``mean_step_time`` averages over a run of n steps for the periodic strategies: the broadcast of
+``mean_step_time`` averages over a run of n steps; for pipelined BP it adds the 2(S-1) drain ticks
+of every epoch end, checkpoint and the run's end, which are not steps. For the periodic strategies: the broadcast of
 rank 0's model at the start (and, with fairseq's ``local_broadcast`` warm-up, after W steps), W
 synchronous steps with a ``sync`` warm-up, and (n - W) // tau all-reduces of the model: the events
 the cost model (``strategies/cost.py``) counts. A broadcast is timed as one ring all-reduce of the
@@ -229,10 +230,31 @@ def syncs_in_run(strategy: dict, steps: int) -> int:
     return e["sync_steps"] + e["allreduces"]
 
 
-def mean_step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, steps: int, overlap: bool = False) -> dict:
+def pipeline_flushes(steps: int, epoch_steps: int | None, checkpoint_every: int = 0) -> int:
+    """How often a run of ``steps`` steps drains pipelined BP's pipeline: at every checkpoint (every
+    ``checkpoint_every`` steps), every epoch's end (every ``epoch_steps``) and the run's end, once
+    where they fall on the same step (``strategies/pipelined_bp.py``: each drain is 2(S-1) ticks
+    that are not steps)."""
+    points = {steps} if steps > 0 else set()
+    for every in (checkpoint_every, epoch_steps or 0):
+        if every > 0:
+            points |= set(range(every, steps + 1, every))
+    return len(points)
+
+
+def mean_step_time(strategy: dict, k: int, cluster: Cluster, work: Workload, steps: int, overlap: bool = False,
+                   epoch_steps: int | None = None, checkpoint_every: int = 0) -> dict:
     """:func:`step_time` averaged over a run of ``steps`` steps: periodic strategies pay the warm-up,
-    broadcasts and all-reduces of :func:`comm_events`."""
+    broadcasts and all-reduces of :func:`comm_events`; pipelined BP pays the drain ticks of
+    :func:`pipeline_flushes` (each a full tick: an upper bound, the last drain ticks have less work)
+    with ``epoch_steps`` (steps of an epoch) and ``checkpoint_every``."""
     t = step_time(strategy, k, cluster, work, overlap)
+    if strategy["name"] == "pipelined_bp" and k > 1 and steps > 0:
+        ticks = steps + 2 * (k - 1) * pipeline_flushes(steps, epoch_steps, checkpoint_every)
+        t["compute_s"] *= ticks / steps
+        t["comm_s"] *= ticks / steps
+        t["step_s"] = t["compute_s"] + t["comm_s"]
+        t["frames_per_second"] = t["frames"] / t["step_s"]
     if strategy["name"] in PERIODIC and steps > 0:
         e = comm_events(strategy, steps)
         ring = step_time({"name": "sync_sgd"}, k, cluster, work)["comm_s"]

@@ -105,6 +105,22 @@ def test_pipelined_bp_with_a_measured_tick():
         assert exchange_values(s) == sum(PipelineStrategy._exchange_sizes(SimpleNamespace(num_parts=s)).values())
 
 
+def test_pipelined_bp_pays_its_drain_ticks():
+    """A run drains the pipeline at every checkpoint, epoch end and its end (once where they fall
+    together), 2(S-1) ticks each that are not steps: the mean step time grows by that many ticks."""
+    from asr_parallel.scaling import mean_step_time, pipeline_flushes
+
+    assert pipeline_flushes(100, 218, 200) == 1  # the end only
+    assert pipeline_flushes(436, 218, 200) == 4  # 200, 218, 400, 436 (an epoch end and the run's end)
+    assert pipeline_flushes(400, 200, 200) == 2 and pipeline_flushes(0, 10, 5) == 0
+    pbp = {"name": "pipelined_bp"}
+    tick = step_time(pbp, 2, CLUSTER, WORK)["step_s"]
+    assert mean_step_time(pbp, 2, CLUSTER, WORK, 436, epoch_steps=218, checkpoint_every=200)["step_s"] == \
+        pytest.approx(tick * (436 + 2 * 4) / 436)
+    assert mean_step_time(pbp, 3, CLUSTER, WORK, 100, epoch_steps=218)["step_s"] == \
+        pytest.approx(step_time(pbp, 3, CLUSTER, WORK)["step_s"] * 104 / 100)
+
+
 def test_ranks_and_pipeline_parts_timed_at_once_in_processes_of_their_own():
     """measure_ranks(concurrent) times every rank in a fresh process, all at once, step by step (each
     rank's timings of every step after the first, of every launch); measure_pipeline runs a plain
@@ -112,8 +128,8 @@ def test_ranks_and_pipeline_parts_timed_at_once_in_processes_of_their_own():
     update; a failing process ends the measurement with its error."""
     import torch
 
-    from asr_parallel.bin.predict_scaling import (lockstep_factor, measure_concurrently, measure_pipeline,
-                                                  measure_ranks, synthetic_batch)
+    from asr_parallel.bin.predict_scaling import (measure_concurrently, measure_pipeline, measure_ranks,
+                                                  synthetic_batch)
     from asr_parallel.config import load_config
 
     torch.set_num_threads(1)
@@ -122,14 +138,35 @@ def test_ranks_and_pipeline_parts_timed_at_once_in_processes_of_their_own():
     batches = [synthetic_batch(cfg, frames=100 + 20 * i) for i in range(5)]
     fwd, bwd, upd, times = measure_ranks(cfg, [batches, batches[::-1]], concurrent=True, threads=1, launches=2)
     assert fwd > 0 and bwd > 0 and upd > 0 and [len(t) for t in times] == [2 * 4, 2 * 4]
-    assert lockstep_factor(times) >= 1.0
     got = measure_pipeline(cfg, 2, boundaries=[2], batches=batches, threads=1, launches=1)
     assert got["ticks"] == len(batches) - 3  # ticks 3 and 4: both parts busy, batch 0 left out
-    assert got["frames_per_tick"] == pytest.approx(sum(int(b[1].sum()) for b in batches[3:]) / 2)
+    # tick t works on batches t, t-1 (forward, part 0 / 1) and t-2, t-1 (backward): their mean frames
+    frames = [int(b[1].sum()) for b in batches]
+    assert got["frames_per_tick"] == pytest.approx(sum(sum(frames[t - 2:t + 1]) / 3 for t in (3, 4)) / 2)
     assert all(w > 0 for w in got["work_s_per_frame"]) and all(u > 0 for u in got["update_s"])
-    assert got["tick_s"] >= got["work_s_per_frame"][0] * got["frames_per_tick"] + got["update_s"][0]
-    with pytest.raises(RuntimeError, match="measuring process 0"):
-        measure_concurrently(cfg, [{"kind": "rank", "batches": [(None, None, None)]}], threads=1)
+    # the loop's schedule, tick by tick: part s runs the forward pass of batch t - s and the backward
+    # pass of batch t - 2(S-1) + s; the parts work at the same time (their ticks overlap)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    job = {"kind": "pipeline", "parts": 2, "balance": "flops", "boundaries": [2], "batches": batches, "port": port}
+    parts = measure_concurrently(cfg, [job, job], threads=1)
+    n = len(batches)
+    for s, records in enumerate(parts):
+        assert [r[0] for r in records] == list(range(n + 2))
+        assert [r[1] for r in records] == [t - s if 0 <= t - s < n else None for t in range(n + 2)]
+        assert [r[2] for r in records] == [t - 2 + s if 0 <= t - 2 + s < n else None for t in range(n + 2)]
+        assert all(r[5] >= r[3] + r[4] for r in records)  # a tick holds its work and its update
+    for t in range(3, n):  # both busy: each tick of part 0 overlaps the same tick of part 1
+        a, b = parts[0][t], parts[1][t]
+        assert a[6] < b[6] + b[5] and b[6] < a[6] + a[5]
+    # a process that fails stops the others, which were waiting for it, and names it
+    good = {"kind": "rank", "batches": batches}
+    with pytest.raises(RuntimeError, match="measuring process 1") as failed:
+        measure_concurrently(cfg, [good, {"kind": "rank", "batches": [(None, None, None)]}], threads=1, timeout=60)
+    assert "BrokenBarrierError" in str(failed.value)  # process 0 was released from its wait
 
 
 def test_speedups_order_strategies_by_communication():

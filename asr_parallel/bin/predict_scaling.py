@@ -127,10 +127,11 @@ def _build_parts(cfg, parts: int, balance: str, boundaries: list[int] | None):
     return [Part(model, a, b) for a, b in zip(starts, starts[1:])]
 
 
-def _concurrent_worker(index: int, cfg, job: dict, threads: int, barrier, queue) -> None:
+def _concurrent_worker(index: int, cfg, job: dict, threads: int, barrier, queue, timeout: float) -> None:
     """One process of :func:`measure_concurrently`: builds its model (or its part of the model, and
     that part's inputs, untimed), then does its work of every step when all processes have begun it,
-    and puts (index, records, error) on ``queue``."""
+    and puts (index, records, error) on ``queue``. A wait for the others longer than ``timeout``
+    seconds is an error."""
     import traceback
 
     try:
@@ -143,28 +144,36 @@ def _concurrent_worker(index: int, cfg, job: dict, threads: int, barrier, queue)
             module = build_model(cfg.model, cfg.features.num_mel_bins, cfg.tokenizer.vocab_size)
             optimizer = make_optimizer(cfg.train, module.parameters())
             records = []
-            barrier.wait()
+            barrier.wait(timeout)
             for i, batch in enumerate(job["batches"]):
                 records.append((i,) + _rank_step(module, optimizer, batch, cfg.train.grad_clip))
-                barrier.wait()
+                barrier.wait(timeout)
         else:
-            records = _bare_pipeline(cfg, job, index, barrier)
+            records = _bare_pipeline(cfg, job, index, barrier, timeout)
         queue.put((index, records, None))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         barrier.abort()
         queue.put((index, None, traceback.format_exc()))
 
 
-def _bare_pipeline(cfg, job: dict, s: int, barrier) -> list:
-    """Part ``s`` of a plain pipelined-BP loop (torch and torch.distributed calls only, none of
-    ``strategies/``): the schedule of ``strategies/pipelined_bp.py`` (Chen et al. 2012), part s in
-    tick t running the forward pass of batch t - s (without a graph; part 0 reads it, the others
-    receive it from s - 1) and sending it on, then the backward pass of batch t - 2(S-1) + s (the
-    output gradient received from s + 1, the forward pass recomputed; the last part: the batch whose
-    forward pass it just ran, through the CTC loss) and sending the input gradient back; waiting for
-    the previous tick's sends; an all-reduce of the tick's few figures over the parts; and the update.
+def _bare_pipeline(cfg, job: dict, s: int, barrier, timeout: float) -> list:
+    """Part ``s`` of a plain pipelined-BP loop: torch and torch.distributed calls, none of the
+    strategy's training code (the model is cut as the strategy cuts it, with
+    ``strategies/pipeline.model_cut`` and its ``Part`` slice of the model's stages). The schedule and
+    wire protocol of ``strategies/pipelined_bp.py`` (Chen et al. 2012): part s in tick t runs the
+    forward pass of batch t - s (without a graph; part 0 reads it, the others receive it from s - 1
+    as three messages, a header of the shape, the lengths and the activation) and sends it on the
+    same way, then the backward pass of batch t - 2(S-1) + s (the output gradient received from
+    s + 1, the forward pass recomputed; the last part: the batch whose forward pass it just ran,
+    through the CTC loss) and sends the input gradient back; waits for the previous tick's sends;
+    joins an all-reduce of the tick's few figures over the parts; and updates. Left out: SpecAugment
+    on part 0, the recompute's saving and restoring of the random state, the finiteness checks, and
+    the fill and drain ticks at epoch ends and checkpoints (the predictor counts those ticks).
     Returns, per tick, (tick, forward batch, backward batch, seconds of work, of the update, of the
-    whole tick)."""
+    whole tick, the clock (``time.perf_counter``, one clock for all processes here) at its start,
+    the mean frames of the batches it worked on)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from asr_parallel.scaling import exchange_values
@@ -182,64 +191,76 @@ def _bare_pipeline(cfg, job: dict, s: int, barrier) -> list:
                 feats, lens = m(feats, lens)
             inputs.append((feats, lens, tokens))
             out_shapes.append(tuple(module(feats, lens)[0].shape) if not last else None)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{job['port']}", rank=s, world_size=S)
-    n, records, previous, held = len(inputs), [], [], {}
-    figures = torch.zeros(exchange_values(S), dtype=torch.float64)
-    barrier.wait()
-    for t in range(n + 2 * (S - 1)):
-        t0 = time.perf_counter()
-        n_f, n_b, sends, loss = t - s, t - 2 * (S - 1) + s, [], None
-        if 0 <= n_f < n:
-            x, lens, tokens = inputs[n_f]
-            if not first:
-                x = torch.empty(x.shape)
-                dist.recv(x, s - 1)
-            if last:
-                x_in = x.requires_grad_(not first)
-                logits, out_lens = module(x_in, lens)
-                loss = ctc_loss(logits, out_lens, tokens)
-                held[n_f] = x_in
-            else:
-                with torch.no_grad():
-                    y, _ = module(x, lens)
-                y = y.contiguous()
-                sends.append((dist.isend(y, s + 1), y))
-                held[n_f] = x
-        work_end = update_s = 0.0
-        if 0 <= n_b < n:
-            x_in = held.pop(n_b)
-            if last:
-                loss.backward()
-            else:
-                grad = torch.empty(out_shapes[n_b])
-                dist.recv(grad, s + 1)
-                x_in = x_in.detach().requires_grad_(not first)
-                y, _ = module(x_in, inputs[n_b][1])
-                y.backward(grad)
-            if not first:
-                grad_in = x_in.grad.contiguous()
-                sends.append((dist.isend(grad_in, s - 1), grad_in))
-            work_end = time.perf_counter()
+    frames = [int(b[1].sum()) for b in job["batches"]]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{job['port']}", rank=s, world_size=S,
+                            timeout=timedelta(seconds=timeout))
+    try:
+        n, records, previous, held = len(inputs), [], [], {}
+        figures = torch.zeros(exchange_values(S), dtype=torch.float64)
+        barrier.wait(timeout)
+        for t in range(n + 2 * (S - 1)):
+            t0 = time.perf_counter()
+            n_f, n_b, sends, loss = t - s, t - 2 * (S - 1) + s, [], None
+            if 0 <= n_f < n:
+                x, lens, tokens = inputs[n_f]
+                if not first:  # header (shape), lengths, activation: three messages, as the strategy sends
+                    header = torch.empty(4, dtype=torch.int64)
+                    dist.recv(header, s - 1)
+                    lens = torch.empty(int(header[0]), dtype=torch.int64)
+                    dist.recv(lens, s - 1)
+                    x = torch.empty(tuple(int(v) for v in header[:3]))
+                    dist.recv(x, s - 1)
+                if last:
+                    x_in = x.requires_grad_(not first)
+                    logits, out_lens = module(x_in, lens)
+                    loss = ctc_loss(logits, out_lens, tokens)
+                    held[n_f] = (x_in, lens)
+                else:
+                    with torch.no_grad():
+                        y, y_lens = module(x, lens)
+                    y = y.contiguous()
+                    for msg in (torch.tensor(list(y.shape) + [0], dtype=torch.int64), y_lens.to(torch.int64), y):
+                        sends.append((dist.isend(msg, s + 1), msg))
+                    held[n_f] = (x, lens)
+            work_end = update_s = 0.0
+            if 0 <= n_b < n:
+                x_in, lens = held.pop(n_b)
+                if last:
+                    loss.backward()
+                else:
+                    grad = torch.empty(out_shapes[n_b])
+                    dist.recv(grad, s + 1)
+                    x_in = x_in.detach().requires_grad_(not first)
+                    y, _ = module(x_in, lens)
+                    y.backward(grad)
+                if not first:
+                    grad_in = x_in.grad.contiguous()
+                    sends.append((dist.isend(grad_in, s - 1), grad_in))
+                work_end = time.perf_counter()
+            for work, _ in previous:
+                work.wait()
+            previous = sends
+            dist.all_reduce(figures)
+            if work_end:
+                u0 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_s = time.perf_counter() - u0
+            t1 = time.perf_counter()
+            touched = [frames[i] for i in {t - p for p in range(S)} | {t - 2 * (S - 1) + p for p in range(S)}
+                       if 0 <= i < n]
+            records.append((t, n_f if 0 <= n_f < n else None, n_b if 0 <= n_b < n else None,
+                            (work_end or t1) - t0, update_s, t1 - t0, t0,
+                            sum(touched) / len(touched) if touched else 0.0))
         for work, _ in previous:
             work.wait()
-        previous = sends
-        dist.all_reduce(figures)
-        if work_end:
-            u0 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_s = time.perf_counter() - u0
-        t1 = time.perf_counter()
-        records.append((t, n_f if 0 <= n_f < n else None, n_b if 0 <= n_b < n else None,
-                        (work_end or t1) - t0, update_s, t1 - t0))
-    for work, _ in previous:
-        work.wait()
-    dist.destroy_process_group()
+    finally:
+        dist.destroy_process_group()
     return records
 
 
-def measure_concurrently(cfg, jobs: list[dict], threads: int | None = None, timeout: float = 3600.0) -> list[list]:
+def measure_concurrently(cfg, jobs: list[dict], threads: int | None = None, timeout: float = 600.0) -> list[list]:
     """Runs every job in a fresh process of its own (spawned, ``threads`` threads each), all at once,
     in steps that begin together (a barrier between steps, as ranks that wait for each other have):
     ``{"kind": "rank", "batches": [...]}`` trains the whole model on its batches, one a step;
@@ -247,27 +268,39 @@ def measure_concurrently(cfg, jobs: list[dict], threads: int | None = None, time
     (one job per part, job s being part s) runs a plain pipelined-BP loop over gloo
     (:func:`_bare_pipeline`). Returns each job's records: for ranks, (batch index, forward, backward,
     update seconds) per batch, the first a warm-up; for pipeline parts, :func:`_bare_pipeline`'s.
-    Plain torch, torch.distributed and multiprocessing, none of the training's own machinery."""
+    Plain torch, torch.distributed and multiprocessing around the runs' own model, CTC loss and
+    optimiser; none of the trainer's or the strategies' machinery. A
+    process that fails, dies or waits for the others longer than ``timeout`` seconds ends the
+    measurement with an error naming it; the others are stopped."""
+    import queue as queue_module
+
     import torch.multiprocessing as mp
 
     threads = threads or torch.get_num_threads()
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(len(jobs)), ctx.Queue()
-    procs = [ctx.Process(target=_concurrent_worker, args=(i, cfg, job, threads, barrier, queue), daemon=True)
-             for i, job in enumerate(jobs)]
+    procs = [ctx.Process(target=_concurrent_worker, args=(i, cfg, job, threads, barrier, queue, timeout),
+                         daemon=True) for i, job in enumerate(jobs)]
     for p in procs:
         p.start()
     got: dict = {}
     errors = []
     try:
-        for _ in procs:
-            index, records, error = queue.get(timeout=timeout)
+        while len(got) < len(procs):
+            try:
+                index, records, error = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [i for i, p in enumerate(procs) if i not in got and p.exitcode is not None]
+                if dead:  # died without a word (killed, out of memory): no other process can go on
+                    errors += [f"measuring process {i}: died (exit code {procs[i].exitcode})" for i in dead]
+                    break
+                continue
             if error:
                 errors.append(f"measuring process {index}: {error}")
             got[index] = records
     finally:
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=5 if errors else 60)
             if p.is_alive():
                 p.kill()
     if errors:
@@ -440,8 +473,8 @@ def measure_pipeline(cfg, parts: int, balance: str = "flops", boundaries: list[i
     what the parts take from each other on a shared machine, the waits of the ticks' lock-step, the
     sends and receives between the parts and the per-tick exchange as this machine does them.
     Returns ``tick_s``, the mean seconds of a tick in which every part worked on a batch after the
-    first (none filling or draining the pipeline), ``frames_per_tick``, the mean frames of the batch
-    read in those ticks, and per part ``work_s_per_frame`` and
+    first (none filling or draining the pipeline), ``frames_per_tick``, the mean over those ticks of
+    the mean frames of the batches each worked on, and per part ``work_s_per_frame`` and
     ``update_s`` over those ticks, and ``ticks``, how many, over ``launches`` launches of the
     processes (a process's pace differs from launch to launch, as in :func:`measure_ranks`)."""
     _build_parts(cfg, parts, balance, boundaries)  # refuses a cut the model does not have
@@ -459,9 +492,9 @@ def measure_pipeline(cfg, parts: int, balance: str = "flops", boundaries: list[i
                  "batches": batches, "port": port} for _ in range(parts)]
         for mine, part in zip(ticks, measure_concurrently(cfg, jobs, threads)):
             mine += [r for r in part if r[0] in steady]
-    frames = [sum(int(batches[r[1] if s < parts - 1 else r[2]][1].sum()) for r in ticks[s]) for s in range(parts)]
-    return {"tick_s": sum(r[5] for r in ticks[0]) / len(ticks[0]), "frames_per_tick": frames[0] / len(ticks[0]),
-            "work_s_per_frame": [sum(r[3] for r in part) / f for part, f in zip(ticks, frames)],
+    frames = sum(r[7] for r in ticks[0])  # per tick, the mean frames of the batches worked on in it
+    return {"tick_s": sum(r[5] for r in ticks[0]) / len(ticks[0]), "frames_per_tick": frames / len(ticks[0]),
+            "work_s_per_frame": [sum(r[3] for r in part) / frames for part in ticks],
             "update_s": [sum(r[4] for r in part) / len(part) for part in ticks], "ticks": len(ticks[0])}
 
 

@@ -22,14 +22,16 @@
      tick, whose parts work on different batches, is the slowest part's time in each tick
      (``predict_scaling.pipeline_lockstep``);
    * for pipelined BP, the clock tick of a plain pipelined-BP loop (torch and torch.distributed calls,
-     none of the strategy's code) with the run's own cut, its parts at once in processes of their own
+     none of the strategy's training code; the model cut by the strategy's ``model_cut``) with the
+     run's own cut, its parts at once in processes of their own
      with gloo between them, part s on batch t - s in tick t (``predict_scaling.measure_pipeline``:
      the parts' contention for the machine, their lock-step, sends, receives and per-tick exchange
      as this machine does them); with ``--in-turns``, each part timed alone
      (``predict_scaling.measure_parts``);
    * the rate of a plain gloo all-reduce between two processes of this machine (the link inside one
-     node), its latency per message (a 64-byte all-reduce: pipelined BP's per-tick exchange of
-     figures is latency-bound) and, as root, between two emulated nodes at every tc rate a run used
+     node; measured on 16 MiB, so its messages' latency is in the rate), its latency per message (a
+     64-byte all-reduce: it enters only pipelined BP's per-tick exchange of figures, where the tick
+     is not measured) and, as root, between two emulated nodes at every tc rate a run used
      (:func:`emulated_gloo_gbps`: TCP/IP headers, tbf's shaping and gloo's own pauses included;
      ``--no-link-benchmark`` takes the nominal rate instead).
 3. For every run (those of step 1 plus finished experiment directories given with ``--runs``, e.g.
@@ -37,7 +39,8 @@
    step and number of steps, its ranks, nodes and link, and sets it against the measured one
    (``train_seconds / steps`` of ``train_summary.json``: the training loop without the per-epoch
    evaluation and checkpoint writes). Sync SGD is predicted with DDP's bucketed overlap of the
-   all-reduce behind the backward pass; the periodic strategies with their warm-up
+   all-reduce behind the backward pass; the periodic strategies with their warm-up; pipelined BP
+   with the drain ticks of its epoch ends, checkpoints and end, which are not steps
    (:func:`asr_parallel.scaling.mean_step_time`). Beside it, the machine's own pace during the run:
    seconds per step in windows of whole synchronisation periods (median, 10th and 90th percentiles,
    from the TensorBoard log), which shows how far a shared machine moved under the run.
@@ -288,9 +291,12 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     rates = summary["link_rate"].split(",") if nodes > 1 else []
     inter = min(link_gbps.get(r, parse_rate_gbps(r)) for r in rates) if rates else intra_gbps
     measured_link = bool(rates) and all(r in link_gbps for r in rates)
+    # the all-reduce rates were measured on 16 MiB, their messages' latency included; the latency per
+    # message enters only pipelined BP's small per-tick exchange (where the tick is not measured)
     cluster = Cluster(workers_per_node=max(1, k // nodes), nodes=nodes, intra_gbps=intra_gbps, inter_gbps=inter,
-                      latency_us=latency_us)
-    pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd")
+                      latency_us=latency_us if pipeline else 0.0)
+    pred = mean_step_time(strategy, k, cluster, work, steps, overlap=strategy["name"] == "sync_sgd",
+                          epoch_steps=_EPOCH_STEPS[ekey], checkpoint_every=cfg.train.checkpoint_every_steps)
     measured = summary["train_seconds"] / steps
     window = math.lcm(cfg.train.log_every_steps, int(strategy.get("sync_period", 1) or 1))
     every = cfg.train.checkpoint_every_steps
