@@ -145,6 +145,17 @@ def test_pipelines_under_torchrun(prepared, tmp_path, strategy):
         assert tag in tags, tags
     if strategy == "pipelined_bp":  # stage 0 applies gradients two updates old once the pipeline is full
         assert events.Scalars("pipeline/staleness_stage0")[-1].value == 2.0
+        # one exchange per tick: the steps and the drain ticks (epoch ends, the run's end; checkpoints
+        # every train.checkpoint_every_steps) that the scaling predictor counts
+        from asr_parallel.bin.predict_scaling import epoch_steps
+        from asr_parallel.config import load_config
+        from asr_parallel.scaling import pipeline_flushes
+
+        cfg = load_config(tmp_path / "exp" / f"mlp_{strategy}_w2" / "config.yaml")
+        steps, per_epoch = summary["steps"], epoch_steps(cfg, 1)
+        flushes = pipeline_flushes(steps, per_epoch, cfg.train.checkpoint_every_steps)
+        assert flushes >= 1  # the run's end at least
+        assert summary["bytes_by_label"]["control"][1] == steps + 2 * flushes
 
 
 ASYNC = ["train.world_size=3", "strategy.name=async_ps", "strategy.schedule=round_robin", "model.mlp.dropout=0.0",

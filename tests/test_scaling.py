@@ -159,6 +159,10 @@ def test_ranks_and_pipeline_parts_timed_at_once_in_processes_of_their_own():
         assert [r[1] for r in records] == [t - s if 0 <= t - s < n else None for t in range(n + 2)]
         assert [r[2] for r in records] == [t - 2 + s if 0 <= t - 2 + s < n else None for t in range(n + 2)]
         assert all(r[5] >= r[3] + r[4] for r in records)  # a tick holds its work and its update
+    # the strategy's wire protocol (tests/test_pipelines.py counts it): an activation goes down as 3
+    # messages (shape header, lengths, activation), a gradient comes up as 1
+    assert [r[8] for r in parts[0]] == [3 if r[1] is not None else 0 for r in parts[0]]
+    assert [r[8] for r in parts[1]] == [1 if r[2] is not None else 0 for r in parts[1]]
     for t in range(3, n):  # both busy: each tick of part 0 overlaps the same tick of part 1
         a, b = parts[0][t], parts[1][t]
         assert a[6] < b[6] + b[5] and b[6] < a[6] + a[5]
@@ -453,6 +457,9 @@ def test_compute_is_timed_on_the_recipes_own_batches(prepared, tmp_path, monkeyp
     assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1]) > 1
     assert [x[1].tolist() for x in per_rank[0]] != [x[1].tolist() for x in per_rank[1]]  # their own shards
     f, b, u, lockstep = compute[("whole", "mlp", 1, two)]
+    # gloo's latency per message is in the measured all-reduce rates: it does not enter sync SGD
+    assert validate_scaling.predict_run(run, compute, intra_gbps=10.0, latency_us=1000.0, concurrent=False)[
+        "predicted_step_s"] == pytest.approx(row["predicted_step_s"])
     assert len(seen) == 1 and [len(t) for t in seen[0]] == [len(per_rank[0]) - 1] * 2  # every step after the first
     assert lockstep == predict_scaling.lockstep_factor(seen[0])
     assert row["predicted_compute_s"] == pytest.approx((2000 * (f + b) + u) * lockstep + load_s)

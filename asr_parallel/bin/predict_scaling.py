@@ -171,7 +171,7 @@ def _bare_pipeline(cfg, job: dict, s: int, barrier, timeout: float) -> list:
     the fill and drain ticks at epoch ends and checkpoints (the predictor counts those ticks).
     Returns, per tick, (tick, forward batch, backward batch, seconds of work, of the update, of the
     whole tick, the clock (``time.perf_counter``, one clock for all processes here) at its start,
-    the mean frames of the batches it worked on)."""
+    the mean frames of the batches it worked on, the messages it sent)."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -252,7 +252,7 @@ def _bare_pipeline(cfg, job: dict, s: int, barrier, timeout: float) -> list:
                        if 0 <= i < n]
             records.append((t, n_f if 0 <= n_f < n else None, n_b if 0 <= n_b < n else None,
                             (work_end or t1) - t0, update_s, t1 - t0, t0,
-                            sum(touched) / len(touched) if touched else 0.0))
+                            sum(touched) / len(touched) if touched else 0.0, len(sends)))
         for work, _ in previous:
             work.wait()
     finally:
