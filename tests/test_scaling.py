@@ -158,7 +158,6 @@ def test_ranks_and_pipeline_parts_timed_at_once_in_processes_of_their_own():
         assert [r[0] for r in records] == list(range(n + 2))
         assert [r[1] for r in records] == [t - s if 0 <= t - s < n else None for t in range(n + 2)]
         assert [r[2] for r in records] == [t - 2 + s if 0 <= t - 2 + s < n else None for t in range(n + 2)]
-        assert all(r[5] >= r[3] + r[4] for r in records)  # a tick holds its work and its update
     # the strategy's wire protocol (tests/test_pipelines.py counts it): an activation goes down as 3
     # messages (shape header, lengths, activation), a gradient comes up as 1
     assert [r[8] for r in parts[0]] == [3 if r[1] is not None else 0 for r in parts[0]]

@@ -243,10 +243,7 @@ def _bare_pipeline(cfg, job: dict, s: int, barrier, timeout: float) -> list:
             dist.all_reduce(figures)
             if work_end:
                 u0 = time.perf_counter()
-                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                update_s = time.perf_counter() - u0
+                update_s = _update(module, optimizer, cfg.train.grad_clip) - u0
             t1 = time.perf_counter()
             touched = [frames[i] for i in {t - p for p in range(S)} | {t - 2 * (S - 1) + p for p in range(S)}
                        if 0 <= i < n]
