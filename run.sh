@@ -15,6 +15,10 @@ overrides=                       # config overrides, "key=value key=value"
 nj=2                             # parallel jobs for corpus generation
 force=false                      # redo stages even if marked done
 setup=true                       # run tools/setup.sh first (idempotent)
+nnodes=                          # stage 5 on real nodes: how many (train.nnodes)
+node_rank=                       # this node's rank (train.node_rank; static rendezvous)
+rdzv_endpoint=                   # HOST:PORT of node 0 for the rendezvous (train.rdzv_endpoint)
+launcher=                        # auto | local | torchrun | slurm (train.launcher)
 
 help_message="Usage: ./run.sh [options]
 
@@ -40,6 +44,15 @@ Options (defaults in brackets):
   --nj N             parallel jobs for corpus generation [$nj]
   --force BOOL       redo stages even when marked done [$force]
   --setup BOOL       install/check the environment first (tools/setup.sh) [$setup]
+  --nnodes N         stage 5 across N real nodes: run the same command on every node (train.nnodes)
+  --rdzv-endpoint H:P  node 0's address and a free port for torchrun's rendezvous (train.rdzv_endpoint)
+  --node-rank R      this node's rank, with train.rdzv_backend static (train.node_rank)
+  --launcher NAME    auto | local | torchrun | slurm (train.launcher; auto uses srun in a SLURM
+                     allocation of more than one node)
+
+Stage 5 starts the ranks through local/launch_train.sh, which prints the exact command it runs.
+Two run.sh on the same data or experiment directory do not run at once: the second stops with a
+message naming the first (a lock, .run.lock in the directory).
 
 Every stage entry point has its own --help, e.g. .venv/bin/python local/prepare_corpus.py --help"
 
@@ -56,7 +69,43 @@ python=.venv/bin/python
 [ -x "$python" ] || { echo "run.sh: $python missing; run tools/setup.sh (or drop --setup false)" >&2; exit 1; }
 
 cfg_args=(--config "$config")
-for kv in $overrides; do cfg_args+=(--set "$kv"); done
+# Overrides split at spaces outside brackets and quotes: "decode.lm_weights=[0.5, 1.0] train.lr=1e-3"
+kvs=()
+if [ -n "$overrides" ]; then
+  "$python" -m asr_parallel.config --split-overrides "$overrides" >/dev/null || exit 1
+  mapfile -d '' kvs < <("$python" -m asr_parallel.config --split-overrides "$overrides")
+fi
+[ -n "$nnodes" ] && kvs+=("train.nnodes=$nnodes")
+[ -n "$node_rank" ] && kvs+=("train.node_rank=$node_rank")
+[ -n "$rdzv_endpoint" ] && kvs+=("train.rdzv_endpoint=$rdzv_endpoint")
+[ -n "$launcher" ] && kvs+=("train.launcher=$launcher")
+for kv in "${kvs[@]}"; do cfg_args+=(--set "$kv"); done
+# The config is read once here, so a bad key or value stops run.sh before any stage.
+"$python" -m asr_parallel.config "${cfg_args[@]}" --get exp_dir >/dev/null || exit 1
+
+# lock DIR: hold DIR/.run.lock while this script runs; another run.sh on DIR stops with a message.
+# A run.sh started by one that holds the lock (stage 8 runs stages 5-7 per run) shares it.
+lock() {
+  local dir=$1 fd abs
+  mkdir -p "$dir"
+  abs=$(realpath "$dir")
+  [[ ":${ASR_PARALLEL_LOCKS:-}:" == *":$abs:"* ]] && return 0
+  exec {fd}>>"$dir/.run.lock"
+  if ! flock -n "$fd"; then
+    echo "run.sh: ERROR: another run.sh is using $dir ($(cat "$dir/.run.lock.owner" 2>/dev/null || echo 'owner unknown'));" \
+      "wait for it to finish, or use another directory" >&2
+    exit 1
+  fi
+  echo "PID $$ on $(hostname), stages $stage..$stop_stage, since $(date '+%Y-%m-%d %H:%M:%S')" > "$dir/.run.lock.owner"
+  export ASR_PARALLEL_LOCKS="${ASR_PARALLEL_LOCKS:-}:$abs"
+}
+command -v flock >/dev/null || { echo "run.sh: 'flock' not found (Debian package util-linux)" >&2; exit 1; }
+if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 0 ]; then
+  lock "$("$python" -m asr_parallel.config "${cfg_args[@]}" --get data_dir)"
+fi
+if [ "$stop_stage" -ge 5 ]; then
+  lock "$("$python" -m asr_parallel.config "${cfg_args[@]}" --get exp_dir)"
+fi
 common=("${cfg_args[@]}")
 [ -n "$corpus_dir" ] && common+=(--corpus-dir "$corpus_dir")
 [ "$force" = true ] && common+=(--force)
@@ -82,35 +131,9 @@ run_stage 2 features  "$python" -m asr_parallel.bin.compute_fbank "${common[@]}"
 run_stage 3 tokenizer "$python" -m asr_parallel.bin.train_bpe "${common[@]}"
 run_stage 4 graph     "$python" -m asr_parallel.bin.prepare_graph "${common[@]}"
 
-# Training: one process, or torchrun with train.world_size ranks (gloo on CPU, NCCL on GPU).
-train() {
-  local world_size nodes rate
-  world_size=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get train.world_size)
-  nodes=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get train.emulate_nodes)
-  if [ "$nodes" -gt 1 ] && [ "$(id -u)" != 0 ]; then
-    log "WARNING: train.emulate_nodes=$nodes needs root (network namespaces, tc); training on one node instead"
-    nodes=1
-  fi
-  if [ "$nodes" -gt 1 ]; then
-    if [ $((world_size % nodes)) -ne 0 ]; then
-      log "ERROR: stage 5 (train): train.world_size $world_size is not a multiple of train.emulate_nodes $nodes"
-      return 1
-    fi
-    rate=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get train.link_rate)
-    local per_node=$((world_size / nodes)) args
-    args=$(printf ' %q' "${cfg_args[@]}")
-    # One thread per rank: every emulated node shares this machine's cores.
-    local/emulate_cluster.sh --nodes "$nodes" --rate "$rate" -- env ASR_PARALLEL_THREADS=$(( $(nproc) / world_size > 0 ? $(nproc) / world_size : 1 )) \
-      bash -c ".venv/bin/torchrun --nnodes $nodes --nproc-per-node $per_node --rdzv-backend c10d \
-        --rdzv-endpoint \$MASTER_ADDR:29400 --rdzv-conf is_host=\$([ \$NODE_RANK = 0 ] && echo true || echo false) \
-        --local-addr \$NODE_ADDR --rdzv-id asr-parallel -m asr_parallel.bin.train$args"
-  elif [ "$world_size" -gt 1 ]; then
-    .venv/bin/torchrun --standalone --nproc-per-node "$world_size" -m asr_parallel.bin.train "${cfg_args[@]}"
-  else
-    "$python" -m asr_parallel.bin.train "${cfg_args[@]}"
-  fi
-}
-run_stage 5 train     train
+# Training: one process, torchrun on this node, on several nodes, SLURM, or the emulated cluster
+# (local/launch_train.sh prints the command it runs).
+run_stage 5 train     local/launch_train.sh "${cfg_args[@]}"
 run_stage 6 decode    "$python" -m asr_parallel.bin.decode "${cfg_args[@]}"
 run_stage 7 score     "$python" -m asr_parallel.bin.score "${cfg_args[@]}"
 run_stage 8 compare   "$python" -m asr_parallel.bin.compare "${cfg_args[@]}"

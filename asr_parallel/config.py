@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -196,6 +197,18 @@ class TrainConfig:
     # Stragglers: {rank: factor} makes each named rank take ``factor`` times its own time per step
     # (it waits factor - 1 times the step's time after each step), e.g. {1: 2.0}
     slow_ranks: dict = field(default_factory=dict)
+    # Launch and faults (local/launch_train.sh; operational: they do not change what is computed).
+    # launcher: "auto" = one process for world_size 1, torchrun otherwise, SLURM's srun inside a SLURM
+    # allocation of more than one node; "local" = one process; "torchrun"; "slurm" = srun, one torchrun
+    # per node, nodes and node rank from SLURM_* variables.
+    launcher: Literal["auto", "local", "torchrun", "slurm"] = "auto"
+    nnodes: int = 1  # real nodes; each runs world_size / nnodes ranks
+    node_rank: int = -1  # this node's rank; -1 = assigned by the c10d rendezvous
+    rdzv_endpoint: str = ""  # HOST:PORT of the rendezvous (node 0's address), needed with nnodes > 1
+    rdzv_backend: Literal["c10d", "static"] = "c10d"  # static: every node gives its node_rank
+    rdzv_id: str = "asr-parallel"  # the same on every node of one run, different between runs
+    max_restarts: int = 3  # torchrun restarts the whole group this often after a rank fails
+    collective_timeout: float = 600.0  # seconds a collective (or barrier) waits for the other ranks
 
 
 @dataclass
@@ -310,6 +323,33 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return data
 
 
+def split_overrides(text: str) -> list[str]:
+    """Split run.sh's ``--overrides`` string into ``key=value`` items at whitespace outside brackets,
+    braces and quotes, so that values may hold spaces: ``decode.lm_weights=[0.5, 1.0] train.lr=1e-3``
+    gives two items. Quotes are kept (the value is read as YAML)."""
+    items, cur, depth, quote = [], [], 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch.isspace() and depth <= 0:
+            if cur:
+                items.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if quote or depth > 0:
+        raise ConfigError(f"overrides '{text}': unbalanced {'quote' if quote else 'bracket'}")
+    if cur:
+        items.append("".join(cur))
+    return items
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
     if "=" not in text:
@@ -391,6 +431,18 @@ def validate(cfg: RecipeConfig) -> None:
     need(tr.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
     need(tr.max_bad_batches >= 1, "train.max_bad_batches", "must be >= 1")
     need(tr.average_last_checkpoints >= 1, "train.average_last_checkpoints", "must be >= 1")
+    need(tr.nnodes >= 1, "train.nnodes", "must be >= 1")
+    need(tr.world_size % tr.nnodes == 0, "train.nnodes",
+         f"must divide train.world_size ({tr.world_size}) into equal numbers of ranks per node, got {tr.nnodes}")
+    need(tr.node_rank < tr.nnodes, "train.node_rank", f"must be below train.nnodes ({tr.nnodes}), got {tr.node_rank}")
+    need(tr.nnodes == 1 or tr.emulate_nodes <= 1, "train.nnodes",
+         "real nodes (train.nnodes > 1) and emulated ones (train.emulate_nodes > 1) exclude each other")
+    need(tr.rdzv_backend != "static" or tr.nnodes == 1 or tr.node_rank >= 0, "train.node_rank",
+         "must be given on every node with train.rdzv_backend static")
+    need(tr.rdzv_endpoint == "" or re.fullmatch(r"[^\s:]+:\d+", tr.rdzv_endpoint) is not None,
+         "train.rdzv_endpoint", f"must be HOST:PORT, got '{tr.rdzv_endpoint}'")
+    need(tr.max_restarts >= 0, "train.max_restarts", "must be >= 0")
+    need(tr.collective_timeout > 0, "train.collective_timeout", "must be > 0 (seconds)")
     need(set(cfg.decode.methods) <= {"greedy", "wfst"} and cfg.decode.methods, "decode.methods",
          "must be a non-empty list from ['greedy', 'wfst']")
     need(bool(cfg.decode.lm_weights), "decode.lm_weights", "must list at least one weight")
@@ -469,6 +521,16 @@ def main(argv=None) -> None:
     import argparse
     import sys
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--split-overrides"]:  # run.sh: one override per line, NUL-terminated
+        try:
+            items = split_overrides(" ".join(argv[1:]))
+        except ConfigError as e:
+            print(f"ERROR: {e}", file=sys.stderr)
+            raise SystemExit(1)
+        sys.stdout.write("".join(item + "\0" for item in items))
+        return
     p = argparse.ArgumentParser(description=main.__doc__)
     add_config_args(p)
     p.add_argument("--get", default=None, help="print one dotted key's value")

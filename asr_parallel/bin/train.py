@@ -27,6 +27,24 @@ def experiment_dir(cfg) -> Path:
     return Path(cfg.exp_dir) / name
 
 
+def restart_store(rank: int, world: int, timeout) -> dict:
+    """Under torchrun, the rendezvous store of this attempt of the group: torchrun's store (hosted
+    by its agent, or by rank 0) seen through a prefix of its own per restart
+    (``TORCHELASTIC_RESTART_COUNT``). The store outlives a restart of the group, and without the
+    prefix the restarted ranks read the dead ones' addresses from it and fail to connect (torch
+    2.11, ``--max-restarts``). Outside torchrun: {} (the default env:// initialisation)."""
+    import torch.distributed as dist
+
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return {}
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_store)
+    prefix = f"asr_parallel/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
+
+
 def setup_distributed(cfg):
     import torch
 
@@ -48,9 +66,15 @@ def setup_distributed(cfg):
         torch.set_num_threads(max(1, int(os.environ.get("ASR_PARALLEL_THREADS", per_rank))))
     launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1  # under torchrun: a process group even for 1
     if launched:
+        from datetime import timedelta
+
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # On GPU, NCCL for CUDA tensors and gloo beside it for CPU tensors (control messages, the
+        # pipelines' figures); every collective gives up after train.collective_timeout seconds.
+        timeout = timedelta(seconds=cfg.train.collective_timeout)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timeout,
+                                **restart_store(rank, world, timeout))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, initialized=launched)
 
 
@@ -70,6 +94,7 @@ def main(argv=None, parser=None, make_trainer=None):
     from lhotse import load_manifest
 
     from asr_parallel.tokenizer import lang_dir_name
+    from asr_parallel.train.checkpoint import CheckpointError
     from asr_parallel.train.trainer import Trainer, TrainingError, training_fingerprint
 
     exp = Path(args.exp_dir) if args.exp_dir else experiment_dir(cfg)
@@ -105,7 +130,7 @@ def main(argv=None, parser=None, make_trainer=None):
                 predicted = summary["predicted"]["bytes_sent"]
                 print(f"communication per rank: {summary['bytes_sent_per_rank'] / 2**20:.1f} MiB sent in "
                       f"{summary['collective_calls']} collective calls (cost model: {predicted / 2**20:.1f} MiB)")
-    except (TrainingError, FileNotFoundError, ValueError) as e:
+    except (TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"ERROR: stage 5 (train), rank {dist.rank}: {e}", file=sys.stderr)
         raise SystemExit(1)
     finally:

@@ -40,7 +40,7 @@ def network_outputs(model, cuts, device, max_duration: float = 200.0) -> dict[st
 
     model.eval()
     out = {}
-    for batch in SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False):
+    for batch in SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False, world_size=1, rank=0):
         feats, lens = collate_features(batch)
         logits, out_lens = model(feats.to(device), lens.to(device))
         log_probs = logits.float().log_softmax(-1).cpu()

@@ -51,21 +51,53 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file-size limit, ...)."""
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(exp_dir: Path, step: int, rank: int, world_size: int, state: dict, barrier, keep: int) -> Path:
-    """Write this rank's part of checkpoint ``step``; every rank must call it (collective)."""
+    """Write this rank's part of checkpoint ``step``; every rank must call it (collective).
+
+    Each file is fsynced before the directory is published, and publishing never leaves a moment
+    without a complete checkpoint: the new directory is renamed into place (an older one of the same
+    step moved aside first), and only then are older checkpoints pruned. A write that fails (a full
+    disk, a file-size limit) raises :class:`CheckpointError` naming the file; the checkpoints before
+    stay as they were."""
     final = exp_dir / f"checkpoint-{step:08d}"
     tmp = exp_dir / f"checkpoint-{step:08d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    with atomic_path(tmp / f"rank{rank}.pt") as path:
-        torch.save(state, path)
+    target = tmp / f"rank{rank}.pt"
+    try:
+        with atomic_path(target) as path:
+            torch.save(state, path)
+            _fsync(path)
+    except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError or OSError
+        previous = latest(exp_dir, world_size)
+        raise CheckpointError(f"writing checkpoint {target} failed: {type(e).__name__}: {e} (disk full or a "
+                              "file-size limit?); the checkpoints before it are untouched"
+                              + (f", the newest is {previous}" if previous else "")) from e
     barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync(tmp)
+        aside = exp_dir / f"checkpoint-{step:08d}.old"
+        if final.exists():  # the same step written again (a resumed run): keep it until the new one is in
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        _fsync(exp_dir)
+        shutil.rmtree(aside, ignore_errors=True)
         prune(exp_dir, keep)
     barrier()
     return final

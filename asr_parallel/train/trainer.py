@@ -30,6 +30,9 @@ import json
 import logging
 import math
 import os
+import re
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -80,10 +83,15 @@ def make_optimizer(cfg, params, fused: bool = False):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
+# What a failed collective says (gloo, NCCL, the TCP store): a peer gone or a timeout.
+_COMM_FAILURE = re.compile(r"timed out|timeout|connection|peer|gloo|nccl|socket|closed|broken pipe", re.I)
+_NAMED_FAILURE = re.compile(r"died or hung|has a stage died")
+
 # Keys of the train section that do not change what is computed, only when it stops or reports.
 OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "checkpoint_every_steps",
                     "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints",
-                    "emulate_nodes", "link_rate")
+                    "emulate_nodes", "link_rate", "launcher", "nnodes", "node_rank", "rdzv_endpoint",
+                    "rdzv_backend", "rdzv_id", "max_restarts", "collective_timeout")
 
 
 # Training keys added after fingerprints were first recorded, with their defaults: left out of the
@@ -291,6 +299,8 @@ class Trainer:
             state["strategy"]["comm"] = counter.state_dict()
         waits: list[float] = []
 
+        self.phase = f"the barrier of the checkpoint at step {step}"
+
         def barrier():
             t0 = time.time()
             self._barrier()
@@ -304,11 +314,44 @@ class Trainer:
         self.train_seconds += waits[0] if waits else 0.0
         return path
 
+    def _agree_min(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (one counted all-reduce; the value itself alone)."""
+        if not self.dist.distributed:
+            return value
+        import torch.distributed as tdist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        self._count_control(t)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return int(t.item())
+
     def maybe_resume(self) -> bool:
-        path = ckpt.latest(self.exp_dir, self.dist.world_size)
-        if path is None:
-            return False
-        state = ckpt.load(path, self.dist.rank, self.device)
+        """Resume from the newest checkpoint step that every rank has and can read. The ranks agree
+        on it (a node without shared storage sees only its own files): each proposes its newest, the
+        smallest proposal is tried, and if any rank lacks it or cannot read its file (truncated,
+        corrupt) every rank drops that step and everything newer, with a warning naming the file."""
+        steps = [int(p.name.split("-")[1]) for p in ckpt.complete_checkpoints(self.exp_dir, self.dist.world_size)]
+        while True:
+            step = self._agree_min(max(steps, default=-1))
+            if step < 0:
+                return False
+            path = self.exp_dir / f"checkpoint-{step:08d}"
+            state, problem = None, ""
+            if step in steps:
+                try:
+                    state = ckpt.load(path, self.dist.rank, self.device)
+                except Exception as e:  # noqa: BLE001 - any unreadable file: fall back, naming it
+                    problem = f"{path / f'rank{self.dist.rank}.pt'} cannot be read ({type(e).__name__}: {e})"
+            else:
+                problem = f"{path} is not on rank {self.dist.rank}'s storage"
+            if self._agree_min(0 if problem else 1) == 1:
+                break
+            older = [s for s in steps if s < step]
+            print(f"WARNING: rank {self.dist.rank}: checkpoint {path} is unusable"
+                  + (f": {problem}" if problem else " on another rank")
+                  + (f"; falling back to the one before (step {max(older)})" if older else "; starting afresh"),
+                  file=sys.stderr, flush=True)
+            steps = older
         self.load_state_dict(state, path)
         if self.dist.is_main:
             print(f"resuming from {path}: epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}")
@@ -420,12 +463,21 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, model) -> dict:
-        """Dev CTC loss per utterance and greedy WER (CHiME-6 rules), on rank 0's evaluation model."""
+    def evaluate(self, model, shard: bool = False) -> dict:
+        """Dev CTC loss per utterance and greedy WER (CHiME-6 rules) of the evaluation model. With
+        ``shard`` every rank (each holding the same model) evaluates every K-th utterance and one
+        counted all-reduce sums the loss and the error counts, so that no rank idles in a barrier
+        while one evaluates (a long evaluation would otherwise run into ``train.collective_timeout``)."""
         model.eval()
+        from lhotse import CutSet
         from lhotse.dataset import SimpleCutSampler
 
-        sampler = SimpleCutSampler(self.dev_cuts, max_duration=self.tc.max_duration, shuffle=False)
+        cuts = self.dev_cuts
+        if shard:
+            cuts = CutSet.from_cuts(list(cuts)[self.dist.rank::self.dist.world_size])
+        # world_size 1: lhotse's samplers otherwise read WORLD_SIZE and RANK from the environment and
+        # keep every K-th batch only (before this, rank 0 evaluated half the dev set on 2 ranks)
+        sampler = SimpleCutSampler(cuts, max_duration=self.tc.max_duration, shuffle=False, world_size=1, rank=0)
         total_loss, utts, pairs = 0.0, 0, []
         for cuts in sampler:
             batch = self.dataset[cuts].to(self.device)
@@ -436,6 +488,15 @@ class Trainer:
             for hyp, cut_id in zip(greedy_ctc(logits.float(), out_lens), batch.cut_ids):
                 pairs.append((self.dev_cuts[cut_id].supervisions[0].text, self.sp.decode(hyp)))
         errors = corpus_errors(pairs)
+        if shard:
+            import torch.distributed as tdist
+
+            sums = torch.tensor([total_loss, utts, errors.words, errors.ins, errors.dels, errors.subs],
+                                dtype=torch.float64)
+            self._count_control(sums)
+            tdist.all_reduce(sums)
+            total_loss, utts = float(sums[0]), int(sums[1])
+            errors = type(errors)(words=int(sums[2]), ins=int(sums[3]), dels=int(sums[4]), subs=int(sums[5]))
         return {"dev_loss": total_loss / max(1, utts), "dev_wer_greedy": errors.wer}
 
     # ------------------------------------------------------------------ main loop
@@ -451,6 +512,22 @@ class Trainer:
             self.writer.add_text("model", "```\n" + self.model.summary() + "\n```")
 
     def fit(self) -> dict:
+        """Train to the end (resuming where a checkpoint is). A collective that fails (a rank died, or
+        hung past ``train.collective_timeout``) ends the run with an error naming what this rank was
+        doing: the collectives of a step, a checkpoint's barriers, the pause after an evaluation."""
+        self.phase = "the start-up agreement on the checkpoint to resume from"
+        try:
+            return self._fit()
+        except RuntimeError as e:
+            if not self.dist.distributed or isinstance(e, TrainingError) or not _COMM_FAILURE.search(str(e)) \
+                    or _NAMED_FAILURE.search(str(e)):  # the strategies' own timeouts name their peer already
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"{self.phase} failed on rank {self.dist.rank}: {first}; another rank died or "
+                                f"did not answer within train.collective_timeout ({self.tc.collective_timeout:g} s)"
+                                ) from e
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         resumed = self.maybe_resume()
@@ -478,8 +555,10 @@ class Trainer:
             t_iter = time.time()
             for batch in loader(self.dataset, todo, self.tc.num_workers):
                 t_step = time.time()
+                self.phase = f"step {self.step + 1}'s collectives ({self.cfg.strategy['name']})"
                 out = self.train_step(batch)
                 self._straggle(t_step)
+                self._inject_fault()
                 self.batch_in_epoch += 1
                 self.frames_total += out["frames"]
                 frames_log += out["frames"]
@@ -533,6 +612,26 @@ class Trainer:
             time.sleep(extra)
             self.slow_seconds += extra
 
+    def _inject_fault(self) -> None:
+        """Fault injection for the fault tests (``ASR_PARALLEL_FAULT=kill:RANK:STEP`` or
+        ``stop:RANK:STEP``): after its step STEP, rank RANK kills itself with SIGKILL (a crashed rank)
+        or stops with SIGSTOP (a hung one). Once per experiment directory (a marker file), so that the
+        restarted group runs through."""
+        spec = os.environ.get("ASR_PARALLEL_FAULT")
+        if not spec:
+            return
+        try:
+            kind, rank, step = spec.split(":")
+            rank, step = int(rank), int(step)
+        except ValueError:
+            raise TrainingError(f"ASR_PARALLEL_FAULT={spec!r}: expected kill:RANK:STEP or stop:RANK:STEP") from None
+        marker = self.exp_dir / f".fault-{kind}-{rank}-{step}"
+        if self.dist.rank != rank or self.step < step or marker.exists():
+            return
+        marker.write_text(f"{time.time()}\n")
+        print(f"fault injection: rank {rank} at step {self.step}: {kind}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+
     def _run_owned_loop(self) -> None:
         """Strategies without a common step (``owns_loop``): server ranks serve until the end, workers
         train on their shards epoch after epoch (each its own count of batches, no collective; a worker
@@ -576,8 +675,10 @@ class Trainer:
             t_iter = time.time()
             for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.tc.num_workers):
                 t_step = time.time()
+                self.phase = f"a worker's step ({self.cfg.strategy['name']}, its step {self.step + 1})"
                 out = st.train_step(batch, ctx)
                 self._straggle(t_step)
+                self._inject_fault()
                 self.batch_in_epoch += 1
                 self.frames_total += out["frames"]
                 self.pending.append(out)
@@ -629,10 +730,20 @@ class Trainer:
     def _end_of_epoch(self, step: int | None = None) -> None:
         self.save_checkpoint(step)
         model = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
+        has_dev = self.dev_cuts is not None and len(self.dev_cuts) > 0
+        # Data-parallel strategies hold the evaluation model on every rank: they evaluate a shard each.
+        shard = self.dist.distributed and not self.strategy.owns_step and not self.strategy.owns_loop
         if self.dist.is_main:
             ckpt.save_model(self.exp_dir / f"epoch-{self.epoch}.pt", model.state_dict(), {"epoch": self.epoch,
                                                                                           "step": self.step})
-            metrics = self.evaluate(model) if self.dev_cuts is not None and len(self.dev_cuts) else {}
+        if shard and has_dev:
+            self.phase = f"the sharded evaluation after epoch {self.epoch}"
+            metrics = self.evaluate(model, shard=True)
+        if self.dist.is_main:
+            if not shard:
+                metrics = self.evaluate(model) if has_dev else {}
+            elif not has_dev:
+                metrics = {}
             elapsed = self.elapsed_before + self._elapsed()
             row = {"epoch": self.epoch, "step": self.step, "elapsed_seconds": round(elapsed, 1),
                    "bytes_sent": self.strategy.comm.bytes_sent, **{k: round(v, 4) for k, v in metrics.items()}}
@@ -644,6 +755,7 @@ class Trainer:
             self.writer.flush()
             print(f"epoch {self.epoch}: step {self.step}, {elapsed / 60:.1f} min, "
                   + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        self.phase = f"the barrier after epoch {self.epoch}'s evaluation on rank 0"
         self._barrier()
 
     def _peak_memory_mb(self) -> float:

@@ -1,0 +1,186 @@
+"""Stage 5's launcher (``local/launch_train.sh``): one command for every way of starting the ranks.
+
+It reads the recipe config, prints the exact command it runs (so it can be copied) and replaces
+itself with it:
+
+- **one process**: ``train.world_size`` 1 (``launcher: auto`` or ``local``);
+- **one node**: ``torchrun --standalone --nproc-per-node world_size``;
+- **several nodes** (``train.nnodes`` N > 1, the same command on every node): torchrun with a c10d
+  rendezvous at ``train.rdzv_endpoint`` HOST:PORT (node 0's address) under ``train.rdzv_id``; with
+  ``train.rdzv_backend: static`` every node gives ``train.node_rank`` and node 0 is the master at
+  the endpoint;
+- **SLURM** (``launcher: slurm``, or ``auto`` inside an allocation of more than one node): from the
+  batch script, ``srun`` starts this launcher once per node (marked ``ASR_PARALLEL_SLURM_STEP=1``,
+  since a batch script has ``SLURM_PROCID`` too); in each of those the
+  nodes, node rank and rendezvous id come from ``SLURM_NNODES``, ``SLURM_NODEID`` and
+  ``SLURM_JOB_ID``, and the endpoint from ``train.rdzv_endpoint``, else ``MASTER_ADDR``, else the
+  first host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames``), port 29400: one torchrun per
+  node, each starting that node's ranks;
+- **the emulated cluster** (``train.emulate_nodes`` N > 1, root only): ``local/emulate_cluster.sh``
+  runs this launcher in every emulated node with ``--node-env``, which reads the node's rank and
+  addresses from the variables emulate_cluster.sh sets (``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``,
+  ``NODE_ADDR``) and then builds the multi-node torchrun command of a real cluster.
+
+Every torchrun gets ``--max-restarts train.max_restarts``: when a rank dies the whole group is
+restarted and resumes from the newest checkpoint that every rank has (:mod:`asr_parallel.train.trainer`).
+Command-line options override the config's keys of the same names (``--node-rank`` differs per node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from asr_parallel.config import ConfigError, add_config_args, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+RDZV_PORT = 29400
+
+
+def torchrun() -> list[str]:
+    """torchrun of this environment (the script beside the interpreter, else the module)."""
+    exe = Path(sys.executable).parent / "torchrun"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _slurm_head(env: dict) -> str:
+    """Node 0's address inside a SLURM step: MASTER_ADDR if set, else the job's first host."""
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ConfigError("launcher slurm: neither train.rdzv_endpoint, MASTER_ADDR nor SLURM_JOB_NODELIST is set; "
+                          "give --rdzv-endpoint HOST:PORT")
+    if not shutil.which("scontrol"):
+        raise ConfigError(f"launcher slurm: 'scontrol' not found to expand SLURM_JOB_NODELIST={nodelist}; "
+                          "set MASTER_ADDR or give --rdzv-endpoint HOST:PORT")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_addr: str = "",
+          is_root: bool | None = None) -> tuple[list[str], dict, list[str]]:
+    """The command that starts this node's ranks: (argv, environment additions, warnings)."""
+    tc = cfg.train
+    train = ["-m", "asr_parallel.bin.train", *train_args]
+    warnings: list[str] = []
+    launcher = tc.launcher
+    slurm_nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 0)
+    if launcher == "auto":
+        if env.get("SLURM_JOB_ID") and slurm_nodes > 1 and not node_env:
+            launcher = "slurm"
+        elif tc.world_size == 1 and tc.nnodes == 1:
+            launcher = "local"
+        else:
+            launcher = "torchrun"
+    if launcher == "local":
+        if tc.world_size != 1:
+            raise ConfigError(f"launcher local starts one process, but train.world_size is {tc.world_size}")
+        return [sys.executable, *train], {}, warnings
+
+    if launcher == "slurm" and env.get("ASR_PARALLEL_SLURM_STEP") != "1":  # not yet in our step: srun one per node
+        if not env.get("SLURM_JOB_ID"):
+            raise ConfigError("launcher slurm: not inside a SLURM allocation (no SLURM_JOB_ID); use sbatch or salloc")
+        if not shutil.which("srun") and not env.get("ASR_PARALLEL_SRUN"):
+            raise ConfigError("launcher slurm: 'srun' not found")
+        nodes = slurm_nodes or tc.nnodes
+        srun = shlex.split(env.get("ASR_PARALLEL_SRUN", "srun"))  # tests substitute a stand-in
+        return [*srun, f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env",
+                "ASR_PARALLEL_SLURM_STEP=1", sys.executable, "-m", "asr_parallel.bin.launch", *train_args], {}, warnings
+
+    nnodes, node_rank, endpoint, rdzv_id = tc.nnodes, tc.node_rank, tc.rdzv_endpoint, tc.rdzv_id
+    extra_env: dict = {}
+    if launcher == "slurm":  # inside the job step: this node's part
+        nnodes = slurm_nodes or nnodes
+        node_rank = int(env.get("SLURM_NODEID", node_rank))
+        rdzv_id = f"slurm-{env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID") else rdzv_id
+        endpoint = endpoint or f"{_slurm_head(env)}:{RDZV_PORT}"
+    elif node_env:  # one node of local/emulate_cluster.sh
+        try:
+            nnodes, node_rank = int(env["NNODES"]), int(env["NODE_RANK"])
+            endpoint, local_addr = f"{env['MASTER_ADDR']}:{RDZV_PORT}", env["NODE_ADDR"]
+        except KeyError as e:
+            raise ConfigError(f"--node-env: {e.args[0]} is not set (local/emulate_cluster.sh sets it)") from None
+    elif tc.emulate_nodes > 1:
+        root = os.geteuid() == 0 if is_root is None else is_root
+        if not root:
+            warnings.append(f"train.emulate_nodes={tc.emulate_nodes} needs root (network namespaces, tc); "
+                            "training on one node instead")
+        else:
+            if tc.world_size % tc.emulate_nodes:
+                raise ConfigError(f"train.world_size {tc.world_size} is not a multiple of train.emulate_nodes "
+                                  f"{tc.emulate_nodes}")
+            threads = max(1, (os.cpu_count() or 1) // tc.world_size)  # every emulated node shares the cores
+            return [str(REPO / "local/emulate_cluster.sh"), "--nodes", str(tc.emulate_nodes), "--rate", tc.link_rate,
+                    "--", "env", f"ASR_PARALLEL_THREADS={threads}", sys.executable, "-m", "asr_parallel.bin.launch",
+                    "--node-env", *train_args], {}, warnings
+    if tc.world_size % nnodes:
+        raise ConfigError(f"train.world_size {tc.world_size} cannot be split evenly over {nnodes} nodes")
+    per_node = tc.world_size // nnodes
+    cmd = [*torchrun(), "--nproc-per-node", str(per_node), "--max-restarts", str(tc.max_restarts)]
+    if nnodes == 1:
+        return [*cmd, "--standalone", *train], extra_env, warnings
+    if not endpoint:
+        raise ConfigError(f"train.nnodes is {nnodes}: give the rendezvous endpoint (train.rdzv_endpoint or "
+                          "--rdzv-endpoint HOST:PORT, node 0's address)")
+    host, port = endpoint.rsplit(":", 1)
+    if tc.rdzv_backend == "static" and launcher != "slurm" and not node_env:
+        if node_rank < 0:
+            raise ConfigError("train.rdzv_backend static needs this node's rank (train.node_rank or --node-rank)")
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", host, "--master-port", port]
+    else:
+        cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id]
+        if node_rank >= 0:  # node 0 hosts the rendezvous store (torchrun cannot tell when nodes share a hostname)
+            cmd += ["--rdzv-conf", f"is_host={'true' if node_rank == 0 else 'false'}"]
+    if local_addr:
+        cmd += ["--local-addr", local_addr]
+    return [*cmd, *train], extra_env, warnings
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--exp-dir", default=None, help="experiment directory (default: derived from the config)")
+    p.add_argument("--launcher", choices=["auto", "local", "torchrun", "slurm"], help="train.launcher")
+    p.add_argument("--nnodes", type=int, help="train.nnodes")
+    p.add_argument("--node-rank", type=int, help="train.node_rank")
+    p.add_argument("--rdzv-endpoint", help="train.rdzv_endpoint (HOST:PORT)")
+    p.add_argument("--rdzv-id", help="train.rdzv_id")
+    p.add_argument("--max-restarts", type=int, help="train.max_restarts")
+    p.add_argument("--local-addr", default="", help="this node's address, if its hostname does not tell")
+    p.add_argument("--node-env", action="store_true",
+                   help="one node of local/emulate_cluster.sh: nodes and addresses from its variables")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    args = p.parse_args(argv)
+    sets = list(args.overrides or [])
+    for key in ("launcher", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts"):
+        value = getattr(args, key)
+        if value is not None:
+            sets.append(f"train.{key}={value}")
+    train_args = ["--config", str(args.config), *[a for kv in sets for a in ("--set", kv)]]
+    if args.exp_dir:
+        train_args += ["--exp-dir", str(args.exp_dir)]
+    try:
+        cfg = load_config(args.config, sets)
+        cmd, extra_env, warnings = build(cfg, train_args, dict(os.environ), node_env=args.node_env,
+                                         local_addr=args.local_addr)
+    except ConfigError as e:
+        print(f"ERROR: launch_train: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    for w in warnings:
+        print(f"WARNING: launch_train: {w}", file=sys.stderr)
+    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in extra_env.items())
+    print(f"launch_train: {shown + ' ' if shown else ''}{shlex.join(cmd)}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        return
+    os.chdir(REPO)
+    os.execvpe(cmd[0], cmd, {**os.environ, **extra_env})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Launching and faults: the launcher's commands for every case (one process, one node, real nodes
+with a c10d or static rendezvous, SLURM, the emulated cluster), overrides with spaces, and injected
+faults on 2 gloo ranks of a tiny MLP: a rank killed (SIGKILL) or stopped (SIGSTOP) mid-run, a
+corrupt newest checkpoint, a full disk while a checkpoint is written, two run.sh on one directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chime6_fixture import TINY_SIMULATION
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64", "train.max_steps=8",
+        "train.max_duration=20", "train.num_buckets=2", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
+        "train.world_size=2"]
+STRATEGIES = {"sync_sgd": ["strategy.name=sync_sgd"],
+              "bmuf": ["strategy.name=bmuf", "strategy.sync_period=2", "strategy.warmup_steps=2"],
+              "pipelined_bp": ["strategy.name=pipelined_bp"]}
+
+
+def stage5(data: Path, exp: Path, *extra: str, env: dict | None = None, timeout: float = 300,
+           wait: bool = True):
+    """run.sh's stage 5 on the tiny corpus (a subprocess; ``wait=False`` gives the Popen)."""
+    overrides = " ".join(TINY_SIMULATION + TINY + [f"data_dir={data}", f"exp_dir={exp}", *extra])
+    cmd = ["bash", str(REPO / "run.sh"), "--setup", "false", "--stage", "5", "--stop-stage", "5",
+           "--overrides", overrides]
+    environ = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=environ, timeout=timeout)
+
+
+def final_model(exp: Path) -> dict:
+    run = next(exp.glob("mlp_*_w2"))
+    return torch.load(run / "final.pt", weights_only=True)["model"]
+
+
+def assert_same_model(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+
+def _cfg(*overrides: str):
+    from asr_parallel.config import load_config
+
+    return load_config(REPO / "recipes/chime6_sim.yaml", list(overrides))
+
+
+def test_launcher_builds_each_case():
+    from asr_parallel.bin.launch import build
+    from asr_parallel.config import ConfigError
+
+    args = ["--config", "r.yaml"]
+    cmd, _, _ = build(_cfg(), args, {})
+    assert cmd[1:] == ["-m", "asr_parallel.bin.train", *args]  # one process: no torchrun
+    cmd, _, _ = build(_cfg("train.world_size=2", "train.max_restarts=2"), args, {})
+    assert "--standalone" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[cmd.index("--max-restarts") + 1] == "2"
+    # real nodes, c10d: the same command on every node; node 0 hosts the store when its rank is known
+    cmd, _, _ = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=node0:29500",
+                           "train.node_rank=0", "train.rdzv_id=job7"), args, {})
+    s = " ".join(cmd)
+    assert "--nproc-per-node 2" in s and "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint node0:29500 --rdzv-id job7" in s
+    assert "is_host=true" in s and "--standalone" not in s
+    # static rendezvous: node rank and master address
+    cmd, _, _ = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=10.0.0.1:29500",
+                           "train.rdzv_backend=static", "train.node_rank=1"), args, {})
+    assert "--nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500" in " ".join(cmd)
+    with pytest.raises(ConfigError, match="rendezvous endpoint"):
+        build(_cfg("train.world_size=4", "train.nnodes=2"), args, {})
+    # SLURM, outside a job step: srun starts this launcher once per node
+    env = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "ASR_PARALLEL_SRUN": "srun"}
+    cmd, _, _ = build(_cfg("train.world_size=4"), args, env)  # auto: an allocation of 2 nodes
+    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env",
+                       "ASR_PARALLEL_SLURM_STEP=1"]
+    assert cmd[-len(args) - 2:-len(args)] == ["-m", "asr_parallel.bin.launch"]
+    # in the step on each node: nodes, rank and rendezvous id from SLURM_*, the head from MASTER_ADDR
+    env.update(ASR_PARALLEL_SLURM_STEP="1", SLURM_PROCID="1", SLURM_NODEID="1", MASTER_ADDR="head")
+    cmd, _, _ = build(_cfg("train.world_size=4", "train.launcher=slurm"), args, env)
+    s = " ".join(cmd)
+    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id slurm-77" in s
+    assert "is_host=false" in s and "--nproc-per-node 2" in s
+    # the emulated cluster: emulate_cluster.sh runs the launcher in every node, which then builds
+    # the real multi-node command from the node's variables
+    cmd, _, _ = build(_cfg("train.world_size=2", "train.emulate_nodes=2", "train.link_rate=100mbit"), args, {},
+                      is_root=True)
+    assert cmd[0].endswith("local/emulate_cluster.sh") and "--node-env" in cmd
+    node = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.77.0.1", "NODE_ADDR": "10.77.0.2"}
+    cmd, _, _ = build(_cfg("train.world_size=2", "train.emulate_nodes=2"), args, node, node_env=True)
+    s = " ".join(cmd)
+    assert "--rdzv-endpoint 10.77.0.1:29400" in s and "--local-addr 10.77.0.2" in s and "is_host=false" in s
+    _, _, warnings = build(_cfg("train.world_size=2", "train.emulate_nodes=2"), args, {}, is_root=False)
+    assert "needs root" in warnings[0]
+
+
+def test_launcher_prints_the_command_and_config_checks_nodes(tmp_path):
+    r = subprocess.run([str(REPO / "local/launch_train.sh"), "--config", "recipes/chime6_sim.yaml", "--set",
+                        "train.world_size=4", "--nnodes", "2", "--rdzv-endpoint", "n0:29400", "--dry-run"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("launch_train: ") and "torchrun" in line and "--rdzv-endpoint n0:29400" in line
+    assert "--set train.nnodes=2" in line  # the options reach the training's recorded config
+    r = subprocess.run([str(REPO / "local/launch_train.sh"), "--set", "train.world_size=3", "--nnodes", "2",
+                        "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "train.nnodes" in r.stderr and "equal numbers of ranks per node" in r.stderr
+
+
+def test_overrides_with_spaces_and_lists(tmp_path):
+    from asr_parallel.config import ConfigError, load_config, split_overrides
+
+    items = split_overrides("decode.lm_weights=[0.5, 1.0]  train.lr=1e-3 compare.seeds=[42, 43] "
+                            "train.slow_ranks={1: 2.0} exp_dir='exp/a b'")
+    assert items == ["decode.lm_weights=[0.5, 1.0]", "train.lr=1e-3", "compare.seeds=[42, 43]",
+                     "train.slow_ranks={1: 2.0}", "exp_dir='exp/a b'"]
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", items)
+    assert cfg.decode.lm_weights == [0.5, 1.0] and cfg.train.slow_ranks == {1: 2.0} and cfg.exp_dir == "exp/a b"
+    with pytest.raises(ConfigError, match="unbalanced bracket"):
+        split_overrides("decode.lm_weights=[0.5, 1.0")
+    # run.sh splits the same way (the config's value, read back)
+    r = subprocess.run(["bash", str(REPO / "run.sh"), "--setup", "false", "--stage", "9", "--stop-stage", "9",
+                        "--overrides", f"decode.lm_weights=[0.5, 1.0] train.lr=0.001 exp_dir={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory):
+    """The experiment directories of uninterrupted runs, per strategy (made when first asked for)."""
+    made: dict = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in made:
+            exp = tmp_path_factory.mktemp(f"whole_{strategy}")
+            r = stage5(prepared, exp, *STRATEGIES[strategy])
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            made[strategy] = exp
+        return made[strategy]
+
+    return get
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_killed_rank_restarts_the_group_and_ends_as_an_uninterrupted_run(prepared, tmp_path, uninterrupted,
+                                                                           strategy):
+    """kill -9 of rank 1 after its step 5 (checkpoints every 3 steps and at every epoch's end: 4
+    steps per epoch for the data-parallel runs, 9 for the pipeline): torchrun restarts both ranks,
+    they agree on the newest checkpoint (step 4, or 3 for the pipeline), resume, and the final
+    parameters equal an uninterrupted run's exactly (CPU). The override with a space in a list goes
+    through run.sh as one value."""
+    r = stage5(prepared, tmp_path / "exp", *STRATEGIES[strategy], "train.max_restarts=1",
+               "decode.lm_weights=[0.5, 1.0]", env={"ASR_PARALLEL_FAULT": "kill:1:5"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert "fault injection: rank 1 at step 5: kill" in out
+    assert "launch_train: " in out and "--max-restarts 1" in out  # the command, printed
+    newest = 3 if strategy == "pipelined_bp" else 4
+    assert re.search(rf"resuming from \S+/checkpoint-{newest:08d}: ", out), out[-3000:]
+    assert_same_model(final_model(tmp_path / "exp"), final_model(uninterrupted(strategy)))
+    run = next((tmp_path / "exp").glob("mlp_*_w2"))
+    from asr_parallel.config import load_config
+
+    assert load_config(run / "config.yaml").decode.lm_weights == [0.5, 1.0]
+
+
+def test_a_stopped_rank_times_out_the_others_and_the_restart_takes_over(prepared, tmp_path, uninterrupted):
+    """SIGSTOP of rank 1 after its step 5: rank 0 fails within train.collective_timeout (5 s) with an
+    error naming what it waited in (step 6's collectives); torchrun then removes the stopped rank and
+    restarts the group, which ends as an uninterrupted run."""
+    t0 = time.time()
+    r = stage5(prepared, tmp_path / "exp", "strategy.name=sync_sgd", "train.max_restarts=1",
+               "train.collective_timeout=5", env={"ASR_PARALLEL_FAULT": "stop:1:5"}, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert "fault injection: rank 1 at step 5: stop" in out
+    assert "step 6's collectives (sync_sgd) failed on rank 0" in out, out[-4000:]
+    assert "train.collective_timeout (5 s)" in out
+    assert_same_model(final_model(tmp_path / "exp"), final_model(uninterrupted("sync_sgd")))
+    print(f"stopped rank: run ended after {time.time() - t0:.0f} s")
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(prepared, tmp_path, uninterrupted):
+    """Killed after step 7 without restarts: checkpoints of steps 3, 4 (the epoch's end) and 6
+    remain. Rank 1's file of the newest is truncated; the next run warns, naming the file, resumes
+    from step 4 on both ranks and ends as an uninterrupted run."""
+    exp = tmp_path / "exp"
+    r = stage5(prepared, exp, "strategy.name=sync_sgd", "train.max_restarts=0", env={"ASR_PARALLEL_FAULT": "kill:1:7"})
+    assert r.returncode != 0
+    run = next(exp.glob("mlp_*_w2"))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000003", "checkpoint-00000004",
+                                                                "checkpoint-00000006"]
+    bad = run / "checkpoint-00000006" / "rank1.pt"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    r = stage5(prepared, exp, "strategy.name=sync_sgd", "train.max_restarts=0")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert f"{bad} cannot be read" in out and "falling back to the one before (step 4)" in out, out[-3000:]
+    assert "resuming from" in out and "checkpoint-00000004" in out
+    assert_same_model(final_model(exp), final_model(uninterrupted("sync_sgd")))
+
+
+FULL_DISK = r"""
+import resource, sys, torch
+from pathlib import Path
+from asr_parallel.train import checkpoint as ckpt
+exp = Path(sys.argv[1])
+ckpt.save(exp, 3, 0, 1, {"w": torch.arange(1000.0)}, lambda: None, keep=3)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a file may not grow past 200 kB
+try:
+    ckpt.save(exp, 6, 0, 1, {"w": torch.zeros(1_000_000)}, lambda: None, keep=3)
+except ckpt.CheckpointError as e:
+    print("ERROR", e)
+    sys.exit(3)
+"""
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"writing checkpoint {tmp_path}/checkpoint-00000006.tmp/rank0.pt failed" in r.stdout
+    assert f"the newest is {tmp_path}/checkpoint-00000003" in r.stdout
+    from asr_parallel.train import checkpoint as ckpt
+
+    assert ckpt.latest(tmp_path, 1) == tmp_path / "checkpoint-00000003"
+    assert torch.equal(ckpt.load(tmp_path / "checkpoint-00000003", 0)["w"], torch.arange(1000.0))
+    assert not list((tmp_path / "checkpoint-00000006.tmp").glob("*rank0*"))  # no half-written file left
+
+
+def test_a_second_run_sh_on_the_same_directory_stops_with_a_message(prepared, tmp_path):
+    exp = tmp_path / "exp"
+    first = stage5(prepared, exp, "strategy.name=sync_sgd", wait=False)
+    try:
+        deadline = time.time() + 60
+        while not (exp / ".run.lock.owner").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        second = stage5(prepared, exp, "strategy.name=sync_sgd")
+        assert second.returncode == 1
+        assert f"another run.sh is using {exp}" in second.stderr and f"PID {first.pid}" in second.stderr
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    run = next(exp.glob("mlp_*_w2"))
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 8
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the emulated cluster needs root (network namespaces)")
+def test_two_emulated_nodes_through_the_slurm_path(prepared, tmp_path):
+    """The launcher's SLURM path on 2 emulated nodes, with the variables srun would set (faked): each
+    node's launcher builds its torchrun from SLURM_NNODES, SLURM_NODEID and SLURM_JOB_ID, node 0's
+    address from MASTER_ADDR, and the run trains across the two nodes."""
+    import shlex
+
+    overrides = TINY_SIMULATION + TINY + [f"data_dir={prepared}", f"exp_dir={tmp_path / 'exp'}", "strategy.name=sync_sgd"]
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    node = ("ASR_PARALLEL_SLURM_STEP=1 SLURM_JOB_ID=4242 SLURM_NNODES=2 SLURM_NODEID=$NODE_RANK SLURM_PROCID=$NODE_RANK "
+            f"ASR_PARALLEL_THREADS=1 {sys.executable} -m asr_parallel.bin.launch --launcher slurm --local-addr $NODE_ADDR "
+            f"--config recipes/chime6_sim.yaml {sets}")
+    r = subprocess.run(["bash", str(REPO / "local/emulate_cluster.sh"), "--nodes", "2", "--rate", "1gbit", "--prefix",
+                        "aps", "--", "bash", "-c", node], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    launched = [line for line in r.stderr.splitlines() if line.startswith("launch_train: ")]
+    assert len(launched) == 2  # one torchrun per node
+    for line in launched:
+        assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.77.0.1:29400 --rdzv-id slurm-4242" in line
+        assert "--nproc-per-node 1" in line
+    assert sum("is_host=true" in line for line in launched) == 1
+    summary = json.loads((next((tmp_path / "exp").glob("mlp_*_w2")) / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8
+
+
+def test_sharded_evaluation_equals_one_process(prepared, uninterrupted):
+    """Data-parallel ranks evaluate a shard of dev each and sum the counts: the epoch's greedy WER is
+    the one a single process computes on the same model, and the dev loss equal up to rounding."""
+    from test_training import make_trainer
+
+    run = next(uninterrupted("sync_sgd").glob("mlp_*_w2"))
+    history = json.loads((run / "train_summary.json").read_text())["history"]
+    assert history, "no epoch ended within the run"
+    trainer = make_trainer(prepared, run.parent / "one_process")
+    trainer.model.load_state_dict(torch.load(run / "epoch-1.pt", weights_only=True)["model"])
+    one = trainer.evaluate(trainer.model)
+    assert history[0]["dev_wer_greedy"] == pytest.approx(one["dev_wer_greedy"], abs=1e-4)
+    assert history[0]["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-4)
