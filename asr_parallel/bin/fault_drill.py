@@ -73,6 +73,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     p.add_argument("--checkpoint-every", type=int, default=20)
     p.add_argument("--fault-step", type=int, default=30, help="rank 1 is killed or stopped after this step")
+    p.add_argument("--corrupt-step", type=int, default=50,
+                   help="the corrupt-checkpoint run is killed after this step (two checkpoints before it)")
     p.add_argument("--timeout", type=float, default=20.0, help="train.collective_timeout of the SIGSTOP run")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     args = p.parse_args(argv)
@@ -116,12 +118,13 @@ def main(argv=None) -> None:
         rows[-1]["error"] = m.group(1)[:300] if m else None
         exp = root / "sync_sgd_corrupt"
         rc, wall1, out = stage5(args.config, base + STRATEGIES[strategy] + [f"exp_dir={exp}", "train.max_restarts=0"],
-                                {"ASR_PARALLEL_FAULT": f"kill:1:{args.fault_step}"})
+                                {"ASR_PARALLEL_FAULT": f"kill:1:{args.corrupt_step}"})
         run = next(exp.glob("*_w2"))
         newest = sorted(run.glob("checkpoint-*[0-9]"))[-1] / "rank1.pt"
         newest.write_bytes(newest.read_bytes()[:1000])
         rc, wall2, out = stage5(args.config, base + STRATEGIES[strategy] + [f"exp_dir={exp}", "train.max_restarts=0"])
-        record(f"killed after step {args.fault_step} without restarts, newest checkpoint truncated, run again",
+        record(f"rank 1 killed after step {args.corrupt_step} without restarts, rank 1's file of the newest "
+               "checkpoint truncated, run again",
                strategy, "SIGKILL + corrupt checkpoint", rc, wall1 + wall2, out, exp, whole)
         rows[-1]["warning"] = next((line for line in out.splitlines() if "is unusable" in line), None)
     if os.geteuid() == 0:
@@ -144,7 +147,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": args.config, "overrides": base, "steps": args.steps, "checkpoint_every": args.checkpoint_every,
-            "fault_step": args.fault_step, "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
+            "fault_step": args.fault_step, "corrupt_step": args.corrupt_step, "timeout": args.timeout, "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
     lines = ["| run | strategy | fault | exit status | wall | time lost | resumed from step | final model equals "
              "the uninterrupted run's |", "|---|---|---|---|---|---|---|---|"]
