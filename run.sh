@@ -72,8 +72,10 @@ cfg_args=(--config "$config")
 # Overrides split at spaces outside brackets and quotes: "decode.lm_weights=[0.5, 1.0] train.lr=1e-3"
 kvs=()
 if [ -n "$overrides" ]; then
-  "$python" -m asr_parallel.config --split-overrides "$overrides" >/dev/null || exit 1
-  mapfile -d '' kvs < <("$python" -m asr_parallel.config --split-overrides "$overrides")
+  split=$(mktemp)
+  "$python" -m asr_parallel.config --split-overrides "$overrides" > "$split" || { rm -f "$split"; exit 1; }
+  mapfile -d '' kvs < "$split"
+  rm -f "$split"
 fi
 [ -n "$nnodes" ] && kvs+=("train.nnodes=$nnodes")
 [ -n "$node_rank" ] && kvs+=("train.node_rank=$node_rank")
@@ -81,30 +83,55 @@ fi
 [ -n "$launcher" ] && kvs+=("train.launcher=$launcher")
 for kv in "${kvs[@]}"; do cfg_args+=(--set "$kv"); done
 # The config is read once here, so a bad key or value stops run.sh before any stage.
-"$python" -m asr_parallel.config "${cfg_args[@]}" --get exp_dir >/dev/null || exit 1
+cfg_values=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get exp_dir,data_dir,train.nnodes,train.node_rank) || exit 1
+{ read -r exp_dir_cfg; read -r data_dir; read -r cfg_nnodes; read -r cfg_node_rank; } <<< "$cfg_values"
 
-# lock DIR: hold DIR/.run.lock while this script runs; another run.sh on DIR stops with a message.
-# A run.sh started by one that holds the lock (stage 8 runs stages 5-7 per run) shares it.
+# lock DIR MODE: hold DIR/.run.lock (MODE exclusive, or shared for readers) while this script runs;
+# another run.sh that needs it otherwise stops with a message naming the holder. A run.sh started by
+# one that holds the lock (stage 8 runs stages 5-7 per run) shares it.
 lock() {
-  local dir=$1 fd abs
+  local dir=$1 mode=$2 fd abs rc=0
   mkdir -p "$dir"
   abs=$(realpath "$dir")
   [[ ":${ASR_PARALLEL_LOCKS:-}:" == *":$abs:"* ]] && return 0
   exec {fd}>>"$dir/.run.lock"
-  if ! flock -n "$fd"; then
+  flock -n -E 75 "$([ "$mode" = shared ] && echo -s || echo -x)" "$fd" || rc=$?
+  if [ $rc = 75 ]; then
     echo "run.sh: ERROR: another run.sh is using $dir ($(cat "$dir/.run.lock.owner" 2>/dev/null || echo 'owner unknown'));" \
       "wait for it to finish, or use another directory" >&2
     exit 1
+  elif [ $rc != 0 ]; then
+    echo "run.sh: ERROR: cannot lock $dir/.run.lock (flock exit status $rc; a file system without locks?)" >&2
+    exit 1
   fi
-  echo "PID $$ on $(hostname), stages $stage..$stop_stage, since $(date '+%Y-%m-%d %H:%M:%S')" > "$dir/.run.lock.owner"
+  [ "$mode" = shared ] || \
+    echo "PID $$ on $(hostname), stages $stage..$stop_stage, since $(date '+%Y-%m-%d %H:%M:%S')" > "$dir/.run.lock.owner"
   export ASR_PARALLEL_LOCKS="${ASR_PARALLEL_LOCKS:-}:$abs"
 }
 command -v flock >/dev/null || { echo "run.sh: 'flock' not found (Debian package util-linux)" >&2; exit 1; }
-if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 0 ]; then
-  lock "$("$python" -m asr_parallel.config "${cfg_args[@]}" --get data_dir)"
+# Several real nodes (train.nnodes > 1): every node runs stage 5 with its --node-rank; node 0 alone
+# takes the locks and runs the other stages (the experiment directory is shared between the nodes).
+if [ "$cfg_nnodes" -gt 1 ]; then
+  if [ "$cfg_node_rank" -lt 0 ]; then
+    echo "run.sh: ERROR: train.nnodes is $cfg_nnodes: give every node its --node-rank (0 on the node whose address is the rendezvous endpoint)" >&2
+    exit 1
+  fi
+  if [ "$cfg_node_rank" -gt 0 ]; then
+    if [ "$stage" != 5 ] || [ "$stop_stage" != 5 ]; then
+      echo "run.sh: ERROR: node $cfg_node_rank of $cfg_nnodes runs stage 5 only (--stage 5 --stop-stage 5); node 0 runs the other stages" >&2
+      exit 1
+    fi
+  fi
 fi
-if [ "$stop_stage" -ge 5 ]; then
-  lock "$("$python" -m asr_parallel.config "${cfg_args[@]}" --get exp_dir)"
+if [ "$cfg_nnodes" -le 1 ] || [ "$cfg_node_rank" = 0 ]; then
+  if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 0 ]; then
+    lock "$data_dir" exclusive      # stages 0-4 write the data directory
+  elif [ "$stop_stage" -ge 5 ]; then
+    lock "$data_dir" shared         # later stages only read it: several may run at once
+  fi
+  if [ "$stop_stage" -ge 5 ]; then
+    lock "$exp_dir_cfg" exclusive
+  fi
 fi
 common=("${cfg_args[@]}")
 [ -n "$corpus_dir" ] && common+=(--corpus-dir "$corpus_dir")

@@ -533,7 +533,7 @@ def main(argv=None) -> None:
         return
     p = argparse.ArgumentParser(description=main.__doc__)
     add_config_args(p)
-    p.add_argument("--get", default=None, help="print one dotted key's value")
+    p.add_argument("--get", default=None, help="print a dotted key's value (several, comma-separated: one per line)")
     p.add_argument("--dump", action="store_true", help="print the whole effective config as YAML")
     args = p.parse_args(argv)
     try:
@@ -542,13 +542,14 @@ def main(argv=None) -> None:
         print(f"ERROR: {e}", file=sys.stderr)
         raise SystemExit(1)
     if args.get:
-        node: Any = cfg.to_dict()
-        for k in args.get.split("."):
-            if not isinstance(node, dict) or k not in node:
-                print(f"ERROR: {args.config}: no key '{args.get}'", file=sys.stderr)
-                raise SystemExit(1)
-            node = node[k]
-        print(node if not isinstance(node, (dict, list)) else json.dumps(node))
+        for key in args.get.split(","):
+            node: Any = cfg.to_dict()
+            for k in key.split("."):
+                if not isinstance(node, dict) or k not in node:
+                    print(f"ERROR: {args.config}: no key '{key}'", file=sys.stderr)
+                    raise SystemExit(1)
+                node = node[k]
+            print(node if not isinstance(node, (dict, list)) else json.dumps(node))
     else:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 

@@ -25,6 +25,8 @@ TINY = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=64", "
 STRATEGIES = {"sync_sgd": ["strategy.name=sync_sgd"],
               "bmuf": ["strategy.name=bmuf", "strategy.sync_period=2", "strategy.warmup_steps=2"],
               "pipelined_bp": ["strategy.name=pipelined_bp"]}
+# BMUF whose local warm-up (8 steps) outlasts the first epoch (4 steps): its ranks' models differ then
+LOCAL_WARMUP = ["strategy.name=bmuf", "strategy.sync_period=2", "strategy.warmup_steps=8"]
 
 
 def stage5(data: Path, exp: Path, *extra: str, env: dict | None = None, timeout: float = 300,
@@ -84,14 +86,18 @@ def test_launcher_builds_each_case():
     # SLURM, outside a job step: srun starts this launcher once per node
     env = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "ASR_PARALLEL_SRUN": "srun"}
     cmd, _, _ = build(_cfg("train.world_size=4"), args, env)  # auto: an allocation of 2 nodes
-    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env",
+    assert cmd[:7] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env",
                        "ASR_PARALLEL_SLURM_STEP=1"]
     assert cmd[-len(args) - 2:-len(args)] == ["-m", "asr_parallel.bin.launch"]
-    # in the step on each node: nodes, rank and rendezvous id from SLURM_*, the head from MASTER_ADDR
+    # a run of one rank, or of ranks that do not divide over the nodes, stays on this node
+    assert build(_cfg(), args, env)[0][1:3] == ["-m", "asr_parallel.bin.train"]
+    assert "--standalone" in build(_cfg("train.world_size=3"), args, env)[0]
+    # in the step on each node: nodes, rank and rendezvous id from SLURM_*, the head from MASTER_ADDR,
+    # a port of the job's own
     env.update(ASR_PARALLEL_SLURM_STEP="1", SLURM_PROCID="1", SLURM_NODEID="1", MASTER_ADDR="head")
     cmd, _, _ = build(_cfg("train.world_size=4", "train.launcher=slurm"), args, env)
     s = " ".join(cmd)
-    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id slurm-77" in s
+    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29477 --rdzv-id slurm-77" in s
     assert "is_host=false" in s and "--nproc-per-node 2" in s
     # the emulated cluster: emulate_cluster.sh runs the launcher in every node, which then builds
     # the real multi-node command from the node's variables
@@ -148,7 +154,7 @@ def uninterrupted(prepared, tmp_path_factory):
     def get(strategy: str) -> Path:
         if strategy not in made:
             exp = tmp_path_factory.mktemp(f"whole_{strategy}")
-            r = stage5(prepared, exp, *STRATEGIES[strategy])
+            r = stage5(prepared, exp, *(STRATEGIES.get(strategy) or LOCAL_WARMUP))
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
             made[strategy] = exp
         return made[strategy]
@@ -212,6 +218,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(prepared, tmp_
     assert r.returncode == 0, out[-5000:]
     assert f"{bad} cannot be read" in out and "falling back to the one before (step 4)" in out, out[-3000:]
     assert "resuming from" in out and "checkpoint-00000004" in out
+    assert (run / "checkpoint-00000006.unusable").is_dir()  # set aside: not counted, not tried again
     assert_same_model(final_model(exp), final_model(uninterrupted("sync_sgd")))
 
 
@@ -278,19 +285,21 @@ def test_two_emulated_nodes_through_the_slurm_path(prepared, tmp_path):
     launched = [line for line in r.stderr.splitlines() if line.startswith("launch_train: ")]
     assert len(launched) == 2  # one torchrun per node
     for line in launched:
-        assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.77.0.1:29400 --rdzv-id slurm-4242" in line
+        assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.77.0.1:29642 --rdzv-id slurm-4242" in line
         assert "--nproc-per-node 1" in line
     assert sum("is_host=true" in line for line in launched) == 1
     summary = json.loads((next((tmp_path / "exp").glob("mlp_*_w2")) / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
 
 
-def test_sharded_evaluation_equals_one_process(prepared, uninterrupted):
+@pytest.mark.parametrize("strategy", ["sync_sgd", "bmuf_local_warmup"])
+def test_sharded_evaluation_equals_one_process(prepared, uninterrupted, strategy):
     """Data-parallel ranks evaluate a shard of dev each and sum the counts: the epoch's greedy WER is
-    the one a single process computes on the same model, and the dev loss equal up to rounding."""
+    the one a single process computes on the same model, and the dev loss equal up to rounding. In
+    BMUF's local warm-up the ranks' models differ: rank 0 evaluates its own on all of dev."""
     from test_training import make_trainer
 
-    run = next(uninterrupted("sync_sgd").glob("mlp_*_w2"))
+    run = next(uninterrupted(strategy).glob("mlp_*_w2"))
     history = json.loads((run / "train_summary.json").read_text())["history"]
     assert history, "no epoch ended within the run"
     trainer = make_trainer(prepared, run.parent / "one_process")
@@ -298,3 +307,15 @@ def test_sharded_evaluation_equals_one_process(prepared, uninterrupted):
     one = trainer.evaluate(trainer.model)
     assert history[0]["dev_wer_greedy"] == pytest.approx(one["dev_wer_greedy"], abs=1e-4)
     assert history[0]["dev_loss"] == pytest.approx(one["dev_loss"], rel=1e-4)
+
+
+def test_run_sh_on_several_nodes_needs_node_ranks_and_leaves_other_stages_to_node_0(tmp_path):
+    base = ["bash", str(REPO / "run.sh"), "--setup", "false", "--nnodes", "2", "--rdzv-endpoint", "n0:29500",
+            "--overrides", f"train.world_size=4 exp_dir={tmp_path / 'exp'} data_dir={tmp_path / 'data'}"]
+    r = subprocess.run(base + ["--stage", "5", "--stop-stage", "5"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "give every node its --node-rank" in r.stderr
+    r = subprocess.run(base + ["--node-rank", "1", "--stage", "5", "--stop-stage", "7"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "node 1 of 2 runs stage 5 only" in r.stderr
+    assert not (tmp_path / "exp").exists()  # nothing locked or written before the refusal

@@ -72,7 +72,10 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
     launcher = tc.launcher
     slurm_nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 0)
     if launcher == "auto":
-        if env.get("SLURM_JOB_ID") and slurm_nodes > 1 and not node_env:
+        # SLURM only when the run can use the allocation's nodes: more than one rank, as many on each
+        # node (a 1-rank run inside a 2-node allocation runs on this node)
+        if env.get("SLURM_JOB_ID") and slurm_nodes > 1 and not node_env and tc.nnodes == 1 \
+                and tc.world_size > 1 and tc.world_size % slurm_nodes == 0:
             launcher = "slurm"
         elif tc.world_size == 1 and tc.nnodes == 1:
             launcher = "local"
@@ -88,18 +91,25 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
             raise ConfigError("launcher slurm: not inside a SLURM allocation (no SLURM_JOB_ID); use sbatch or salloc")
         if not shutil.which("srun") and not env.get("ASR_PARALLEL_SRUN"):
             raise ConfigError("launcher slurm: 'srun' not found")
-        nodes = slurm_nodes or tc.nnodes
+        nodes = tc.nnodes if tc.nnodes > 1 else (slurm_nodes or 1)
         srun = shlex.split(env.get("ASR_PARALLEL_SRUN", "srun"))  # tests substitute a stand-in
-        return [*srun, f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env",
+        # explicit task counts (an sbatch's SLURM_NTASKS would otherwise clash), and the job's cores
+        # per task (srun no longer inherits sbatch's --cpus-per-task since Slurm 22.05)
+        cpus = [f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}"] if env.get("SLURM_CPUS_PER_TASK") else []
+        return [*srun, f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", *cpus,
+                "--kill-on-bad-exit=1", "env",
                 "ASR_PARALLEL_SLURM_STEP=1", sys.executable, "-m", "asr_parallel.bin.launch", *train_args], {}, warnings
 
     nnodes, node_rank, endpoint, rdzv_id = tc.nnodes, tc.node_rank, tc.rdzv_endpoint, tc.rdzv_id
     extra_env: dict = {}
     if launcher == "slurm":  # inside the job step: this node's part
-        nnodes = slurm_nodes or nnodes
+        nnodes = nnodes if nnodes > 1 else (slurm_nodes or nnodes)
         node_rank = int(env.get("SLURM_NODEID", node_rank))
-        rdzv_id = f"slurm-{env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID") else rdzv_id
-        endpoint = endpoint or f"{_slurm_head(env)}:{RDZV_PORT}"
+        job = env.get("SLURM_JOB_ID", "")
+        rdzv_id = f"slurm-{job}" if job else rdzv_id
+        # a port of the job's own, so that two jobs sharing a node do not meet in one rendezvous
+        port = RDZV_PORT + (int(job) % 1000 if job.isdigit() else 0)
+        endpoint = endpoint or f"{_slurm_head(env)}:{port}"
     elif node_env:  # one node of local/emulate_cluster.sh
         try:
             nnodes, node_rank = int(env["NNODES"]), int(env["NODE_RANK"])

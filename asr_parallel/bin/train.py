@@ -75,7 +75,10 @@ def setup_distributed(cfg):
         timeout = timedelta(seconds=cfg.train.collective_timeout)
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timeout,
                                 **restart_store(rank, world, timeout))
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, initialized=launched)
+    from datetime import timedelta
+
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, initialized=launched,
+                       timeout=timedelta(seconds=cfg.train.collective_timeout) if launched else None)
 
 
 def main(argv=None, parser=None, make_trainer=None):
@@ -131,6 +134,10 @@ def main(argv=None, parser=None, make_trainer=None):
                 print(f"communication per rank: {summary['bytes_sent_per_rank'] / 2**20:.1f} MiB sent in "
                       f"{summary['collective_calls']} collective calls (cost model: {predicted / 2**20:.1f} MiB)")
     except (TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
+        if e.__cause__ is not None:  # what the message rewords: its traceback, for the record
+            import traceback
+
+            traceback.print_exception(e.__cause__, file=sys.stderr)
         print(f"ERROR: stage 5 (train), rank {dist.rank}: {e}", file=sys.stderr)
         raise SystemExit(1)
     finally:

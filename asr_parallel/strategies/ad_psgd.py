@@ -96,7 +96,7 @@ class ADPSGD(Strategy):
         self.model = model  # x_i: what the optimiser updates and the peers average with
         self.params_list = list(model.parameters())
         if self.dist.world_size > 1:
-            self.group = tdist.new_group(backend="gloo")
+            self.group = tdist.new_group(backend="gloo", timeout=self.dist.timeout)
         if self.params.gossip == "async" and self.dist.world_size > 1:
             self.compute = copy.deepcopy(model)  # x_hat: the snapshot the gradient is computed at
             # a passive rank's serving thread starts with its first step, after any resume has loaded

@@ -235,7 +235,7 @@ class AsyncPS(Strategy):
         self.shard_numel = [sum(p.numel() for p in ps) for ps in self.shard_params]
         # a gloo group of its own for the point-to-point traffic (tags apart from the default group's
         # collectives; CPU tensors beside NCCL); created through the rendezvous store, no gloo call
-        self.group = tdist.new_group(backend="gloo")
+        self.group = tdist.new_group(backend="gloo", timeout=self.dist.timeout)
         if self.dist.device.type != "cpu" and self.is_server:
             raise ValueError("async_ps: server ranks keep the master copy on the CPU; run them with train.device cpu")
         # every rank builds the same initial model (the trainer seeds them alike): no broadcast

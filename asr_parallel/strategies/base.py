@@ -40,6 +40,7 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: object = None
     initialized: bool = False  # a torch.distributed process group exists (torchrun, even with one rank)
+    timeout: object = None  # a timedelta: train.collective_timeout, for the strategies' own groups too
 
     @property
     def distributed(self) -> bool:
@@ -233,6 +234,12 @@ class Strategy:
     def eval_model(self, model: nn.Module) -> nn.Module | None:
         """The model to evaluate and save; called on every rank (pipelines gather it on rank 0)."""
         return model
+
+    def eval_replicated(self) -> bool:
+        """Whether :meth:`eval_model` is now the same model on every rank (the same on every rank at
+        the same step), so that the ranks of a strategy that does not own its step may evaluate a
+        shard of dev each; otherwise rank 0 evaluates all of it."""
+        return True
 
     def process_groups(self) -> list:
         """The process groups this strategy communicates over besides the default one (subgroups)."""

@@ -79,8 +79,8 @@ class Hierarchical(Strategy):
         size = params.group_size or int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
         groups, peers = group_layout(dist.world_size, size)
         self.group_size, self.num_groups = size, len(groups)
-        self.intra, _ = tdist.new_subgroups_by_enumeration(groups)
-        self.inter, _ = tdist.new_subgroups_by_enumeration(peers)
+        self.intra, _ = tdist.new_subgroups_by_enumeration(groups, timeout=self.dist.timeout)
+        self.inter, _ = tdist.new_subgroups_by_enumeration(peers, timeout=self.dist.timeout)
         cls = OUTER[params.outer]
         names = {f for f in cls.Params.__dataclass_fields__} - {"scale_lr"}
         outer_params = cls.Params(**{k: v for k, v in vars(params).items() if k in names})
@@ -147,6 +147,9 @@ class Hierarchical(Strategy):
 
     def eval_model(self, model):
         return self.outer.eval_model(model)
+
+    def eval_replicated(self) -> bool:
+        return self.outer.eval_replicated()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "outer": self.outer.state_dict()}

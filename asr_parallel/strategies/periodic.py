@@ -156,6 +156,10 @@ class PeriodicSync(Strategy):
         # afterwards the global one.
         return unwrap(model) if self.step <= self.warmup_steps else self.global_model
 
+    def eval_replicated(self) -> bool:
+        # during a local warm-up (fairseq's) each rank's own model is evaluated: they differ
+        return not (self.step <= self.warmup_steps and self.warmup == "local_broadcast" and self.k > 1)
+
     def set_global_from_local(self) -> None:
         self.global_model.load_state_dict(self.module.state_dict())
 

@@ -83,8 +83,9 @@ def make_optimizer(cfg, params, fused: bool = False):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
-# What a failed collective says (gloo, NCCL, the TCP store): a peer gone or a timeout.
-_COMM_FAILURE = re.compile(r"timed out|timeout|connection|peer|gloo|nccl|socket|closed|broken pipe", re.I)
+# Where a failed collective's error comes from when it is not a torch.distributed.DistError (gloo's
+# errors reach DDP's hooks and futures as plain RuntimeErrors naming its sources or process group).
+_COMM_FAILURE = re.compile(r"third_party/gloo|ProcessGroupGloo|ProcessGroupNCCL|c10d")
 _NAMED_FAILURE = re.compile(r"died or hung|has a stage died")
 
 # Keys of the train section that do not change what is computed, only when it stops or reports.
@@ -329,10 +330,18 @@ class Trainer:
         """Resume from the newest checkpoint step that every rank has and can read. The ranks agree
         on it (a node without shared storage sees only its own files): each proposes its newest, the
         smallest proposal is tried, and if any rank lacks it or cannot read its file (truncated,
-        corrupt) every rank drops that step and everything newer, with a warning naming the file."""
+        corrupt) every rank drops that step and everything newer, with a warning naming the file.
+        Rank 0 renames the dropped checkpoints to ``*.unusable``, so that they neither count toward
+        ``keep_checkpoints`` nor are tried again."""
         steps = [int(p.name.split("-")[1]) for p in ckpt.complete_checkpoints(self.exp_dir, self.dist.world_size)]
+        mine = list(steps)
         while True:
             step = self._agree_min(max(steps, default=-1))
+            if self.dist.is_main:
+                for dropped in [s for s in mine if s > max(step, -1)]:
+                    path = self.exp_dir / f"checkpoint-{dropped:08d}"
+                    if path.is_dir():
+                        os.replace(path, path.with_name(path.name + ".unusable"))
             if step < 0:
                 return False
             path = self.exp_dir / f"checkpoint-{step:08d}"
@@ -519,7 +528,10 @@ class Trainer:
         try:
             return self._fit()
         except RuntimeError as e:
-            if not self.dist.distributed or isinstance(e, TrainingError) or not _COMM_FAILURE.search(str(e)) \
+            import torch.distributed as tdist
+
+            comm = isinstance(e, getattr(tdist, "DistError", ())) or _COMM_FAILURE.search(str(e))
+            if not self.dist.distributed or isinstance(e, TrainingError) or not comm \
                     or _NAMED_FAILURE.search(str(e)):  # the strategies' own timeouts name their peer already
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -731,8 +743,10 @@ class Trainer:
         self.save_checkpoint(step)
         model = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         has_dev = self.dev_cuts is not None and len(self.dev_cuts) > 0
-        # Data-parallel strategies hold the evaluation model on every rank: they evaluate a shard each.
-        shard = self.dist.distributed and not self.strategy.owns_step and not self.strategy.owns_loop
+        # Where every rank holds the same evaluation model (data-parallel strategies, not during a local
+        # warm-up), the ranks evaluate a shard each; otherwise rank 0 evaluates all of dev.
+        shard = (self.dist.distributed and not self.strategy.owns_step and not self.strategy.owns_loop
+                 and self.strategy.eval_replicated())
         if self.dist.is_main:
             ckpt.save_model(self.exp_dir / f"epoch-{self.epoch}.pt", model.state_dict(), {"epoch": self.epoch,
                                                                                           "step": self.step})
