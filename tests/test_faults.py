@@ -66,26 +66,26 @@ def test_launcher_builds_each_case():
     from asr_parallel.config import ConfigError
 
     args = ["--config", "r.yaml"]
-    cmd, _, _ = build(_cfg(), args, {})
+    cmd, _ = build(_cfg(), args, {})
     assert cmd[1:] == ["-m", "asr_parallel.bin.train", *args]  # one process: no torchrun
-    cmd, _, _ = build(_cfg("train.world_size=2", "train.max_restarts=2"), args, {})
+    cmd, _ = build(_cfg("train.world_size=2", "train.max_restarts=2"), args, {})
     assert "--standalone" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "2"
     assert cmd[cmd.index("--max-restarts") + 1] == "2"
     # real nodes, c10d: the same command on every node; node 0 hosts the store when its rank is known
-    cmd, _, _ = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=node0:29500",
+    cmd, _ = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=node0:29500",
                            "train.node_rank=0", "train.rdzv_id=job7"), args, {})
     s = " ".join(cmd)
     assert "--nproc-per-node 2" in s and "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint node0:29500 --rdzv-id job7" in s
     assert "is_host=true" in s and "--standalone" not in s
     # static rendezvous: node rank and master address
-    cmd, _, _ = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=10.0.0.1:29500",
+    cmd, _ = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=10.0.0.1:29500",
                            "train.rdzv_backend=static", "train.node_rank=1"), args, {})
     assert "--nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500" in " ".join(cmd)
     with pytest.raises(ConfigError, match="rendezvous endpoint"):
         build(_cfg("train.world_size=4", "train.nnodes=2"), args, {})
     # SLURM, outside a job step: srun starts this launcher once per node
     env = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "ASR_PARALLEL_SRUN": "srun"}
-    cmd, _, _ = build(_cfg("train.world_size=4"), args, env)  # auto: an allocation of 2 nodes
+    cmd, _ = build(_cfg("train.world_size=4"), args, env)  # auto: an allocation of 2 nodes
     assert cmd[:7] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env",
                        "ASR_PARALLEL_SLURM_STEP=1"]
     assert cmd[-len(args) - 2:-len(args)] == ["-m", "asr_parallel.bin.launch"]
@@ -95,20 +95,20 @@ def test_launcher_builds_each_case():
     # in the step on each node: nodes, rank and rendezvous id from SLURM_*, the head from MASTER_ADDR,
     # a port of the job's own
     env.update(ASR_PARALLEL_SLURM_STEP="1", SLURM_PROCID="1", SLURM_NODEID="1", MASTER_ADDR="head")
-    cmd, _, _ = build(_cfg("train.world_size=4", "train.launcher=slurm"), args, env)
+    cmd, _ = build(_cfg("train.world_size=4", "train.launcher=slurm"), args, env)
     s = " ".join(cmd)
     assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29477 --rdzv-id slurm-77" in s
     assert "is_host=false" in s and "--nproc-per-node 2" in s
     # the emulated cluster: emulate_cluster.sh runs the launcher in every node, which then builds
     # the real multi-node command from the node's variables
-    cmd, _, _ = build(_cfg("train.world_size=2", "train.emulate_nodes=2", "train.link_rate=100mbit"), args, {},
+    cmd, _ = build(_cfg("train.world_size=2", "train.emulate_nodes=2", "train.link_rate=100mbit"), args, {},
                       is_root=True)
     assert cmd[0].endswith("local/emulate_cluster.sh") and "--node-env" in cmd
     node = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.77.0.1", "NODE_ADDR": "10.77.0.2"}
-    cmd, _, _ = build(_cfg("train.world_size=2", "train.emulate_nodes=2"), args, node, node_env=True)
+    cmd, _ = build(_cfg("train.world_size=2", "train.emulate_nodes=2"), args, node, node_env=True)
     s = " ".join(cmd)
     assert "--rdzv-endpoint 10.77.0.1:29400" in s and "--local-addr 10.77.0.2" in s and "is_host=false" in s
-    _, _, warnings = build(_cfg("train.world_size=2", "train.emulate_nodes=2"), args, {}, is_root=False)
+    _, warnings = build(_cfg("train.world_size=2", "train.emulate_nodes=2"), args, {}, is_root=False)
     assert "needs root" in warnings[0]
 
 

@@ -14,7 +14,8 @@ itself with it:
   since a batch script has ``SLURM_PROCID`` too); in each of those the
   nodes, node rank and rendezvous id come from ``SLURM_NNODES``, ``SLURM_NODEID`` and
   ``SLURM_JOB_ID``, and the endpoint from ``train.rdzv_endpoint``, else ``MASTER_ADDR``, else the
-  first host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames``), port 29400: one torchrun per
+  first host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames``), port 29400 + job id mod 1000
+  (so that two jobs sharing a node do not meet in one rendezvous): one torchrun per
   node, each starting that node's ranks;
 - **the emulated cluster** (``train.emulate_nodes`` N > 1, root only): ``local/emulate_cluster.sh``
   runs this launcher in every emulated node with ``--node-env``, which reads the node's rank and
@@ -64,8 +65,8 @@ def _slurm_head(env: dict) -> str:
 
 
 def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_addr: str = "",
-          is_root: bool | None = None) -> tuple[list[str], dict, list[str]]:
-    """The command that starts this node's ranks: (argv, environment additions, warnings)."""
+          is_root: bool | None = None) -> tuple[list[str], list[str]]:
+    """The command that starts this node's ranks, and warnings."""
     tc = cfg.train
     train = ["-m", "asr_parallel.bin.train", *train_args]
     warnings: list[str] = []
@@ -84,7 +85,7 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
     if launcher == "local":
         if tc.world_size != 1:
             raise ConfigError(f"launcher local starts one process, but train.world_size is {tc.world_size}")
-        return [sys.executable, *train], {}, warnings
+        return [sys.executable, *train], warnings
 
     if launcher == "slurm" and env.get("ASR_PARALLEL_SLURM_STEP") != "1":  # not yet in our step: srun one per node
         if not env.get("SLURM_JOB_ID"):
@@ -98,10 +99,9 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
         cpus = [f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}"] if env.get("SLURM_CPUS_PER_TASK") else []
         return [*srun, f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", *cpus,
                 "--kill-on-bad-exit=1", "env",
-                "ASR_PARALLEL_SLURM_STEP=1", sys.executable, "-m", "asr_parallel.bin.launch", *train_args], {}, warnings
+                "ASR_PARALLEL_SLURM_STEP=1", sys.executable, "-m", "asr_parallel.bin.launch", *train_args], warnings
 
     nnodes, node_rank, endpoint, rdzv_id = tc.nnodes, tc.node_rank, tc.rdzv_endpoint, tc.rdzv_id
-    extra_env: dict = {}
     if launcher == "slurm":  # inside the job step: this node's part
         nnodes = nnodes if nnodes > 1 else (slurm_nodes or nnodes)
         node_rank = int(env.get("SLURM_NODEID", node_rank))
@@ -128,13 +128,13 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
             threads = max(1, (os.cpu_count() or 1) // tc.world_size)  # every emulated node shares the cores
             return [str(REPO / "local/emulate_cluster.sh"), "--nodes", str(tc.emulate_nodes), "--rate", tc.link_rate,
                     "--", "env", f"ASR_PARALLEL_THREADS={threads}", sys.executable, "-m", "asr_parallel.bin.launch",
-                    "--node-env", *train_args], {}, warnings
+                    "--node-env", *train_args], warnings
     if tc.world_size % nnodes:
         raise ConfigError(f"train.world_size {tc.world_size} cannot be split evenly over {nnodes} nodes")
     per_node = tc.world_size // nnodes
     cmd = [*torchrun(), "--nproc-per-node", str(per_node), "--max-restarts", str(tc.max_restarts)]
     if nnodes == 1:
-        return [*cmd, "--standalone", *train], extra_env, warnings
+        return [*cmd, "--standalone", *train], warnings
     if not endpoint:
         raise ConfigError(f"train.nnodes is {nnodes}: give the rendezvous endpoint (train.rdzv_endpoint or "
                           "--rdzv-endpoint HOST:PORT, node 0's address)")
@@ -149,7 +149,7 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
             cmd += ["--rdzv-conf", f"is_host={'true' if node_rank == 0 else 'false'}"]
     if local_addr:
         cmd += ["--local-addr", local_addr]
-    return [*cmd, *train], extra_env, warnings
+    return [*cmd, *train], warnings
 
 
 def main(argv=None) -> None:
@@ -177,19 +177,17 @@ def main(argv=None) -> None:
         train_args += ["--exp-dir", str(args.exp_dir)]
     try:
         cfg = load_config(args.config, sets)
-        cmd, extra_env, warnings = build(cfg, train_args, dict(os.environ), node_env=args.node_env,
-                                         local_addr=args.local_addr)
+        cmd, warnings = build(cfg, train_args, dict(os.environ), node_env=args.node_env, local_addr=args.local_addr)
     except ConfigError as e:
         print(f"ERROR: launch_train: {e}", file=sys.stderr)
         raise SystemExit(1)
     for w in warnings:
         print(f"WARNING: launch_train: {w}", file=sys.stderr)
-    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in extra_env.items())
-    print(f"launch_train: {shown + ' ' if shown else ''}{shlex.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"launch_train: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if args.dry_run:
         return
     os.chdir(REPO)
-    os.execvpe(cmd[0], cmd, {**os.environ, **extra_env})
+    os.execvp(cmd[0], cmd)
 
 
 if __name__ == "__main__":
