@@ -46,7 +46,9 @@ Options (defaults in brackets):
   --setup BOOL       install/check the environment first (tools/setup.sh) [$setup]
   --nnodes N         stage 5 across N real nodes: run the same command on every node (train.nnodes)
   --rdzv-endpoint H:P  node 0's address and a free port for torchrun's rendezvous (train.rdzv_endpoint)
-  --node-rank R      this node's rank, with train.rdzv_backend static (train.node_rank)
+  --node-rank R      this node's rank, needed on every node with --nnodes (train.node_rank): node 0
+                     hosts the rendezvous and runs the other stages; with train.rdzv_backend static
+                     it is also torchrun's node rank (c10d orders the nodes by address)
   --launcher NAME    auto | local | torchrun | slurm (train.launcher; auto uses srun in a SLURM
                      allocation of more than one node)
 
@@ -97,17 +99,22 @@ lock() {
   exec {fd}>>"$dir/.run.lock"
   flock -n -E 75 "$([ "$mode" = shared ] && echo -s || echo -x)" "$fd" || rc=$?
   if [ $rc = 75 ]; then
-    echo "run.sh: ERROR: another run.sh is using $dir ($(cat "$dir/.run.lock.owner" 2>/dev/null || echo 'owner unknown'));" \
+    echo "run.sh: ERROR: another run.sh is using $dir ($(cat "$dir/.run.lock.owner" 2>/dev/null || echo 'one or more that only read it, stages 5-8'));" \
       "wait for it to finish, or use another directory" >&2
     exit 1
   elif [ $rc != 0 ]; then
     echo "run.sh: ERROR: cannot lock $dir/.run.lock (flock exit status $rc; a file system without locks?)" >&2
     exit 1
   fi
-  [ "$mode" = shared ] || \
+  if [ "$mode" != shared ]; then
     echo "PID $$ on $(hostname), stages $stage..$stop_stage, since $(date '+%Y-%m-%d %H:%M:%S')" > "$dir/.run.lock.owner"
+    owner_files+=("$dir/.run.lock.owner")
+  fi
   export ASR_PARALLEL_LOCKS="${ASR_PARALLEL_LOCKS:-}:$abs"
 }
+# the owner notes of the exclusive locks this script holds, removed when it ends
+owner_files=()
+trap 'for f in "${owner_files[@]}"; do grep -qs "^PID $$ " "$f" && rm -f "$f"; done' EXIT
 command -v flock >/dev/null || { echo "run.sh: 'flock' not found (Debian package util-linux)" >&2; exit 1; }
 # Several real nodes (train.nnodes > 1): every node runs stage 5 with its --node-rank; node 0 alone
 # takes the locks and runs the other stages (the experiment directory is shared between the nodes).

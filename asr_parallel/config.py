@@ -193,6 +193,9 @@ class TrainConfig:
     # network namespaces, links limited to link_rate; needs root, else one node with a warning)
     emulate_nodes: int = 0
     link_rate: str = "100mbit"  # tc syntax; or one per node, comma-separated (e.g. 500mbit,100mbit: a slow node)
+    # ranks on each emulated node, in node order (e.g. [2, 1]: ranks 0-1 on node 0, rank 2 on node 1);
+    # [] = world_size / emulate_nodes on every node
+    ranks_per_node: list[int] = field(default_factory=list)
     average_last_checkpoints: int = 1  # average the model over the last N epoch checkpoints for decoding
     # Stragglers: {rank: factor} makes each named rank take ``factor`` times its own time per step
     # (it waits factor - 1 times the step's time after each step), e.g. {1: 2.0}
@@ -454,6 +457,19 @@ def validate(cfg: RecipeConfig) -> None:
     rates = tc.link_rate.split(",")
     need(all(r.strip() for r in rates) and (len(rates) == 1 or len(rates) == max(1, tc.emulate_nodes)),
          "train.link_rate", f"must be one tc rate, or one per emulated node ({tc.emulate_nodes}), got '{tc.link_rate}'")
+    rpn = tc.ranks_per_node
+    need(all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in rpn), "train.ranks_per_node",
+         f"must list whole numbers of ranks >= 1, got {rpn}")
+    need(not rpn or tc.emulate_nodes > 1, "train.ranks_per_node",
+         "places ranks on emulated nodes only (train.emulate_nodes > 1); real nodes run world_size / nnodes each")
+    need(not rpn or (len(rpn) == tc.emulate_nodes and sum(rpn) == tc.world_size), "train.ranks_per_node",
+         f"must give one count per emulated node ({tc.emulate_nodes}) adding up to train.world_size "
+         f"({tc.world_size}), got {rpn}")
+    need(not rpn or tc.emulate_nodes <= 9, "train.ranks_per_node",
+         "works for up to 9 emulated nodes (torchrun orders the nodes by address, as text)")
+    need(not (len(set(rpn)) > 1 and cfg.strategy.get("name") == "hierarchical"
+              and not cfg.strategy.get("group_size")), "train.ranks_per_node",
+         f"{rpn} puts unequal numbers of ranks on the nodes: strategy hierarchical then needs strategy.group_size")
     # a dumped config (JSON-safe, as dump_config writes it) holds the ranks as strings: read them back
     tc.slow_ranks = {int(k) if isinstance(k, str) and k.strip().isdigit() else k: v for k, v in tc.slow_ranks.items()}
     for rank, factor in tc.slow_ranks.items():

@@ -67,3 +67,21 @@ def test_base_chain_and_missing_file(tmp_path):
     (tmp_path / "c.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_uneven_placement_is_checked():
+    """A placement that does not add up to the ranks, or one without emulated nodes, is refused by
+    name; hierarchical SGD on unequal nodes needs its group size."""
+    from asr_parallel.config import ConfigError, load_config
+
+    base = ["train.world_size=3", "train.emulate_nodes=2"]
+    load_config(REPO / "recipes/chime6_sim.yaml", base + ["train.ranks_per_node=[2, 1]"])
+    for bad, words in ((["train.ranks_per_node=[2, 2]"], "adding up to train.world_size (3)"),
+                       (["train.ranks_per_node=[3]"], "one count per emulated node (2)"),
+                       (["train.ranks_per_node=[3, 0]"], "whole numbers of ranks >= 1"),
+                       (["train.ranks_per_node=[2, 1]", "strategy.name=hierarchical"], "strategy.group_size")):
+        with pytest.raises(ConfigError, match="ranks_per_node") as e:
+            load_config(REPO / "recipes/chime6_sim.yaml", base + bad)
+        assert words in str(e.value)
+    with pytest.raises(ConfigError, match="emulated nodes only"):
+        load_config(REPO / "recipes/chime6_sim.yaml", ["train.world_size=3", "train.ranks_per_node=[2, 1]"])

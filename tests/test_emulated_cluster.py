@@ -89,10 +89,34 @@ def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy
     # headers and acknowledgements only add to what the counted calls carry; 15% bounds them
     assert modelled <= wire <= 1.15 * modelled, (wire, modelled)
     # The trainer's own calls, exactly: the agreement on a checkpoint to resume from (none here: one
-    # all-reduce), the epoch length at start-up and at every epoch begun, 3 barriers per checkpoint,
-    # the sharded evaluation's sums and 1 barrier after every epoch's evaluation, the checkpoint at
-    # max_steps, and the final figures (peak memory, then the gathered wire bytes and call counts).
+    # all-reduce), the epoch length at start-up and at every epoch begun, 3 per checkpoint (2 barriers
+    # and the all-reduce that tells whether every rank's write succeeded), the sharded evaluation's
+    # sums and 1 barrier after every epoch's evaluation, the checkpoint at max_steps, and the final
+    # figures (peak memory, then the gathered wire bytes and call counts).
     epochs = summary["epochs"]  # finished; the run stopped by max_steps inside the next one
     assert summary["bytes_by_label"]["trainer"][1] == 1 + 1 + (epochs + 1) + 5 * epochs + 3 + 2
     calls = summary["calls_this_process"]
     assert calls["counted"] == calls["process_group"], calls
+
+
+def test_uneven_placement_puts_the_server_and_one_worker_on_node_0(prepared, tmp_path):
+    """``train.ranks_per_node: [2, 1]``: the parameter server (rank 0) and worker 0 (rank 1) run on node
+    0, worker 1 (rank 2) alone on node 1 (torchrun's ranks read back per rank); the server's sends
+    to the worker beside it stay off the link, so node 0's link carries less than all it sent."""
+    from test_recipe_end_to_end import run_sh
+
+    r = run_sh(prepared, tmp_path / "exp", "train.world_size=3", "train.emulate_nodes=2", "train.link_rate=200mbit",
+               "train.ranks_per_node=[2, 1]", "strategy.name=async_ps", "model.mlp.hidden_dim=512", stop_stage=5)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "--nproc-per-node 2" in r.stderr and "--nproc-per-node 1" in r.stderr
+    import json
+
+    run = next((tmp_path / "exp").glob("mlp_async_ps*_w3_2nodes_200mbit_2-1"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["nodes"] == 2 and summary["node_of_rank"] == [0, 0, 1]
+    server_sent, wire = summary["bytes_sent_per_rank"], summary["wire"]["bytes_sent_per_rank"]
+    pushes = summary["strategy_figures"]["pushes_per_worker"]
+    assert min(pushes) > 0, pushes  # both workers trained
+    assert server_sent > 4_000_000 and wire[2] > 0
+    assert wire[0] < 0.85 * server_sent, (wire, server_sent)
+

@@ -65,6 +65,7 @@ def run_config(args, run: dict, seed: int | None = None, exp_dir: str | None = N
         # a run of fewer ranks than emulated nodes (the single-process baseline) sends nothing over the
         # links: it runs, and is reused, as on one node
         cfg.train.emulate_nodes = 0
+        cfg.train.ranks_per_node = []
     from asr_parallel.config import validate
 
     validate(cfg)

@@ -6,7 +6,8 @@ others time out after ``--timeout`` seconds), and a run killed without restarts 
 checkpoint is then truncated and which is started again. Every run goes through run.sh's stage 5
 (the launcher, torchrun with ``train.max_restarts``), and faults are injected by the trainer's
 ``ASR_PARALLEL_FAULT`` hook. With root, two runs on 2 emulated nodes: through the rendezvous path
-(``train.emulate_nodes``) and through the launcher's SLURM path with the variables srun would set.
+(``train.emulate_nodes``) and through the launcher's SLURM path with the variables srun would set,
+and (with synchronous SGD among the strategies) rank 1, alone on node 1, killed and stopped.
 
 Reported per run: how it ended (exit status, restarts seen), its wall-clock (measured around the
 whole stage, start-up included), the time lost against the uninterrupted run of the same strategy,
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
     base = list(args.overrides) + ["train.world_size=2", f"train.max_steps={args.steps}",
                                    f"train.checkpoint_every_steps={args.checkpoint_every}", "train.keep_checkpoints=3"]
     rows = []
+    wholes: dict = {}
 
     def record(name, strategy, fault, rc, wall, out, exp, whole):
         restarts = out.count("resuming from")  # each start of the group that found a checkpoint
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
     for strategy in args.strategies:
         exp = root / f"{strategy}_whole"
         rc, wall, out = stage5(args.config, base + STRATEGIES[strategy] + [f"exp_dir={exp}"])
-        whole = {"wall_seconds": wall, "model": final_model(exp)}
+        whole = wholes[strategy] = {"wall_seconds": wall, "model": final_model(exp)}
         record("uninterrupted", strategy, "none", rc, wall, out, exp, None)
         exp = root / f"{strategy}_kill"
         rc, wall, out = stage5(args.config, base + STRATEGIES[strategy] + [f"exp_dir={exp}", "train.max_restarts=1"],
@@ -132,6 +134,7 @@ def main(argv=None) -> None:
         rc, wall, out = stage5(args.config, base + STRATEGIES["sync_sgd"] + [
             f"exp_dir={exp}", "train.emulate_nodes=2", "train.link_rate=1gbit"])
         record("2 emulated nodes, rendezvous path", "sync_sgd", "none", rc, wall, out, exp, None)
+        emulated_wall = wall
         rows[-1]["commands"] = [line for line in out.splitlines() if line.startswith("launch_train: ")]
         exp = root / "emulated_slurm"
         sets = " ".join(f"--set {shlex.quote(o)}" for o in base + STRATEGIES["sync_sgd"] + [f"exp_dir={exp}"])
@@ -144,6 +147,17 @@ def main(argv=None) -> None:
         record("2 emulated nodes, SLURM path (SLURM_* faked)", "sync_sgd", "none", r.returncode, time.time() - t0,
                r.stdout + r.stderr, exp, None)
         rows[-1]["commands"] = [line for line in r.stderr.splitlines() if line.startswith("launch_train: ")]
+        nodes = ["train.emulate_nodes=2", "train.link_rate=1gbit", "train.max_restarts=1"]
+        if "sync_sgd" in wholes:  # time lost against the rendezvous run; the model against the one-node run's
+            for fault, extra in (("SIGKILL", []), ("SIGSTOP", [f"train.collective_timeout={args.timeout:g}"])):
+                exp = root / f"emulated_{fault.lower()}"
+                rc, wall, out = stage5(args.config, base + STRATEGIES["sync_sgd"] + [f"exp_dir={exp}"] + nodes + extra,
+                                       {"ASR_PARALLEL_FAULT": f"{'kill' if fault == 'SIGKILL' else 'stop'}:1:"
+                                                              f"{args.fault_step}"})
+                record(f"2 emulated nodes, rank 1 (node 1) {'killed' if fault == 'SIGKILL' else 'stopped'} after "
+                       f"step {args.fault_step}" + (f" (timeout {args.timeout:g} s)" if extra else ""),
+                       "sync_sgd", fault, rc, wall, out, exp,
+                       {"wall_seconds": emulated_wall, "model": wholes["sync_sgd"]["model"]})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": args.config, "overrides": base, "steps": args.steps, "checkpoint_every": args.checkpoint_every,

@@ -20,7 +20,10 @@ itself with it:
 - **the emulated cluster** (``train.emulate_nodes`` N > 1, root only): ``local/emulate_cluster.sh``
   runs this launcher in every emulated node with ``--node-env``, which reads the node's rank and
   addresses from the variables emulate_cluster.sh sets (``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``,
-  ``NODE_ADDR``) and then builds the multi-node torchrun command of a real cluster.
+  ``NODE_ADDR``) and then builds the multi-node torchrun command of a real cluster. Each node runs
+  ``world_size / N`` ranks, or its entry of ``train.ranks_per_node`` (e.g. ``[2, 1]``); torchrun
+  numbers the ranks node by node in the order of the nodes' addresses (its c10d rendezvous sorts
+  the participants), which is the emulated nodes' order for up to 9 nodes.
 
 Every torchrun gets ``--max-restarts train.max_restarts``: when a rank dies the whole group is
 restarted and resumes from the newest checkpoint that every rank has (:mod:`asr_parallel.train.trainer`).
@@ -44,9 +47,19 @@ RDZV_PORT = 29400
 
 
 def torchrun() -> list[str]:
-    """torchrun of this environment (the script beside the interpreter, else the module)."""
+    """torchrun of this environment (the script beside the interpreter, else the module), with a
+    fresh store for every rendezvous round (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
+
+    By default torchrun's agents keep one store for the whole job and the workers of every restart
+    meet in it again, where the dead workers' gloo addresses still are. A per-restart key prefix
+    cannot fix that across nodes: torchrun's restart count is per node, and a node whose workers
+    were healthy restarts them for the other node's rejoining without counting it (torch 2.11,
+    ``SimpleElasticAgent._invoke_run``), so the nodes would disagree on the prefix. With the store
+    not shared, each round's rank 0 serves a new store on a new port, which every node learns from
+    that round's rendezvous."""
     exe = Path(sys.executable).parent / "torchrun"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    run = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    return ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", *run]
 
 
 def _slurm_head(env: dict) -> str:
@@ -122,16 +135,22 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
             warnings.append(f"train.emulate_nodes={tc.emulate_nodes} needs root (network namespaces, tc); "
                             "training on one node instead")
         else:
-            if tc.world_size % tc.emulate_nodes:
+            if tc.world_size % tc.emulate_nodes and not tc.ranks_per_node:
                 raise ConfigError(f"train.world_size {tc.world_size} is not a multiple of train.emulate_nodes "
-                                  f"{tc.emulate_nodes}")
+                                  f"{tc.emulate_nodes}: place the ranks with train.ranks_per_node")
             threads = max(1, (os.cpu_count() or 1) // tc.world_size)  # every emulated node shares the cores
             return [str(REPO / "local/emulate_cluster.sh"), "--nodes", str(tc.emulate_nodes), "--rate", tc.link_rate,
                     "--", "env", f"ASR_PARALLEL_THREADS={threads}", sys.executable, "-m", "asr_parallel.bin.launch",
                     "--node-env", *train_args], warnings
-    if tc.world_size % nnodes:
+    if node_env and tc.ranks_per_node:  # uneven placement on the emulated nodes
+        if len(tc.ranks_per_node) != nnodes or not 0 <= node_rank < nnodes:
+            raise ConfigError(f"train.ranks_per_node {tc.ranks_per_node} does not fit {nnodes} nodes "
+                              f"(this is node {node_rank})")
+        per_node = tc.ranks_per_node[node_rank]
+    elif tc.world_size % nnodes:
         raise ConfigError(f"train.world_size {tc.world_size} cannot be split evenly over {nnodes} nodes")
-    per_node = tc.world_size // nnodes
+    else:
+        per_node = tc.world_size // nnodes
     cmd = [*torchrun(), "--nproc-per-node", str(per_node), "--max-restarts", str(tc.max_restarts)]
     if nnodes == 1:
         return [*cmd, "--standalone", *train], warnings

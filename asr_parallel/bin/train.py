@@ -24,23 +24,31 @@ def experiment_dir(cfg) -> Path:
     name = f"{cfg.model.name}_{run_name(cfg.strategy)}_w{cfg.train.world_size}"
     if cfg.train.emulate_nodes > 1:
         name += f"_{cfg.train.emulate_nodes}nodes_{cfg.train.link_rate.replace(',', '-')}"
+        if cfg.train.ranks_per_node:
+            name += "_" + "-".join(str(n) for n in cfg.train.ranks_per_node)
     return Path(cfg.exp_dir) / name
 
 
 def restart_store(rank: int, world: int, timeout) -> dict:
-    """Under torchrun, the rendezvous store of this attempt of the group: torchrun's store (hosted
-    by its agent, or by rank 0) seen through a prefix of its own per restart
-    (``TORCHELASTIC_RESTART_COUNT``). The store outlives a restart of the group, and without the
-    prefix the restarted ranks read the dead ones' addresses from it and fail to connect (torch
-    2.11, ``--max-restarts``). Outside torchrun: {} (the default env:// initialisation)."""
+    """Under a torchrun that shares its agents' store with the workers (torchrun's default; the
+    launcher turns it off, :func:`asr_parallel.bin.launch.torchrun`), that store seen through a
+    prefix of its own per restart (``TORCHELASTIC_RESTART_COUNT``): the store outlives a restart of
+    the group, and without the prefix the restarted ranks read the dead ones' addresses from it and
+    fail to connect (torch 2.11, ``--max-restarts``). That holds on one node only (the restart count
+    is per node), so on several nodes it warns. Otherwise {} (the default env:// initialisation:
+    under the launcher's torchrun, a new store on a new port for every rendezvous round)."""
     import torch.distributed as dist
 
     if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
         return {}
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and rank == 0:
+        print("WARNING: torchrun shares its store with the workers on several nodes: after a restart the nodes "
+              "may disagree on it; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (local/launch_train.sh "
+              "does)", file=sys.stderr, flush=True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_store and rank == 0, timeout=timeout,
-                          multi_tenant=not agent_store)
+                          is_master=False, timeout=timeout, multi_tenant=False)
     prefix = f"asr_parallel/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
 

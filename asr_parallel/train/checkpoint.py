@@ -64,14 +64,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(exp_dir: Path, step: int, rank: int, world_size: int, state: dict, barrier, keep: int) -> Path:
+def save(exp_dir: Path, step: int, rank: int, world_size: int, state: dict, barrier, keep: int,
+         all_ok=None) -> Path:
     """Write this rank's part of checkpoint ``step``; every rank must call it (collective).
 
     Each file is fsynced before the directory is published, and publishing never leaves a moment
     without a complete checkpoint: the new directory is renamed into place (an older one of the same
-    step moved aside first), and only then are older checkpoints pruned. A write that fails (a full
-    disk, a file-size limit) raises :class:`CheckpointError` naming the file; the checkpoints before
-    stay as they were."""
+    step moved aside first, to ``checkpoint-{step}.old``, which :func:`complete_checkpoints` puts
+    back if the process dies between the two renames), and only then are older checkpoints pruned.
+    A write that fails (a full disk, a file-size limit) raises :class:`CheckpointError` naming the
+    file; the checkpoints before stay as they were. ``all_ok(ok)`` (a collective: True when every
+    rank's ``ok`` is; default: ``barrier()`` and ``ok``) tells the ranks whether every write
+    succeeded, so that all of them raise, not only the one whose write failed."""
     final = exp_dir / f"checkpoint-{step:08d}"
     tmp = exp_dir / f"checkpoint-{step:08d}.tmp"
     if rank == 0:
@@ -79,16 +83,26 @@ def save(exp_dir: Path, step: int, rank: int, world_size: int, state: dict, barr
         tmp.mkdir(parents=True)
     barrier()
     target = tmp / f"rank{rank}.pt"
+    failure = None
     try:
         with atomic_path(target) as path:
             torch.save(state, path)
             _fsync(path)
     except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError or OSError
+        failure = e
+    if all_ok is None:
+        def all_ok(ok):
+            barrier()
+            return ok
+    everyone = all_ok(failure is None)
+    if failure is not None or not everyone:
         previous = latest(exp_dir, world_size)
-        raise CheckpointError(f"writing checkpoint {target} failed: {type(e).__name__}: {e} (disk full or a "
-                              "file-size limit?); the checkpoints before it are untouched"
-                              + (f", the newest is {previous}" if previous else "")) from e
-    barrier()
+        newest = (f", the newest is {previous}" if previous else "")
+        if failure is None:
+            raise CheckpointError(f"checkpoint {tmp} was not completed: another rank's write failed (its error "
+                                  f"names the file); the checkpoints before it are untouched{newest}")
+        raise CheckpointError(f"writing checkpoint {target} failed: {type(failure).__name__}: {failure} (disk full "
+                              f"or a file-size limit?); the checkpoints before it are untouched{newest}") from failure
     if rank == 0:
         _fsync(tmp)
         aside = exp_dir / f"checkpoint-{step:08d}.old"
@@ -103,10 +117,23 @@ def save(exp_dir: Path, step: int, rank: int, world_size: int, state: dict, barr
     return final
 
 
+def _restore_set_aside(exp_dir: Path) -> None:
+    """Put back a ``checkpoint-{step}.old`` whose replacement never arrived (the process died between
+    :func:`save`'s two renames). Several ranks may race here: the first rename wins."""
+    for old in exp_dir.glob("checkpoint-*.old"):
+        final = old.with_name(old.name[:-len(".old")])
+        if _NAME.match(final.name) and not final.exists():
+            try:
+                os.replace(old, final)
+            except FileNotFoundError:
+                pass
+
+
 def complete_checkpoints(exp_dir: Path, world_size: int) -> list[Path]:
     """Finished checkpoints with a file for every rank, oldest first."""
     if not exp_dir.is_dir():
         return []
+    _restore_set_aside(exp_dir)
     found = []
     for d in exp_dir.iterdir():
         if _NAME.match(d.name) and all((d / f"rank{r}.pt").is_file() for r in range(world_size)):

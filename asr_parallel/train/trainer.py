@@ -92,7 +92,7 @@ _NAMED_FAILURE = re.compile(r"died or hung|has a stage died")
 OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "checkpoint_every_steps",
                     "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints",
                     "emulate_nodes", "link_rate", "launcher", "nnodes", "node_rank", "rdzv_endpoint",
-                    "rdzv_backend", "rdzv_id", "max_restarts", "collective_timeout")
+                    "rdzv_backend", "rdzv_id", "max_restarts", "collective_timeout", "ranks_per_node")
 
 
 # Training keys added after fingerprints were first recorded, with their defaults: left out of the
@@ -291,12 +291,13 @@ class Trainer:
         lock = self.strategy.state_lock()
         with lock:
             state = self.state_dict() if isinstance(lock, nullcontext) else copy.deepcopy(self.state_dict())
-        from asr_parallel.strategies.base import CommCounter, group_size
+        from asr_parallel.strategies.base import CommCounter, group_size, ring_allreduce_bytes
 
-        if self.dist.distributed and group_size() > 1:  # the save's own 3 barriers, counted as they happen
+        if self.dist.distributed and group_size() > 1:  # the save's own 3 calls, counted as they happen
             counter = CommCounter()
             counter.load_state_dict(state["strategy"]["comm"])
-            counter.control(3, 0, "trainer")
+            counter.control(2, 0, "trainer")  # 2 barriers
+            counter.control(1, ring_allreduce_bytes(1, 8, group_size()), "trainer")  # every write succeeded?
             state["strategy"]["comm"] = counter.state_dict()
         waits: list[float] = []
 
@@ -307,8 +308,15 @@ class Trainer:
             self._barrier()
             waits.append(time.time() - t0)
 
+        def all_ok(ok: bool) -> bool:
+            before = self.phase
+            self.phase = f"the agreement that every rank wrote its part of the checkpoint at step {step}"
+            everyone = self._agree_min(1 if ok else 0) == 1
+            self.phase = before
+            return everyone
+
         path = ckpt.save(self.exp_dir, step, self.dist.rank, self.dist.world_size, state, barrier,
-                         self.tc.keep_checkpoints)
+                         self.tc.keep_checkpoints, all_ok=all_ok)
         # The first barrier is where the ranks meet at the pause: a rank that got there first waited for
         # a slower one (a straggler, a strategy whose ranks do not wait for each other between pauses),
         # and that wait belongs to the training loop, as a synchronous rank's waits in its all-reduces do.
@@ -331,30 +339,32 @@ class Trainer:
         on it (a node without shared storage sees only its own files): each proposes its newest, the
         smallest proposal is tried, and if any rank lacks it or cannot read its file (truncated,
         corrupt) every rank drops that step and everything newer, with a warning naming the file.
-        Rank 0 renames the dropped checkpoints to ``*.unusable``, so that they neither count toward
-        ``keep_checkpoints`` nor are tried again."""
+        A rank that could not read its own file renames that checkpoint to
+        ``*.unusable-<time>``, so that it neither counts toward ``keep_checkpoints`` nor is tried
+        again; a checkpoint that is merely missing on another rank's storage (no shared storage, or
+        a file system that has not shown it yet) stays where it is."""
         steps = [int(p.name.split("-")[1]) for p in ckpt.complete_checkpoints(self.exp_dir, self.dist.world_size)]
-        mine = list(steps)
         while True:
             step = self._agree_min(max(steps, default=-1))
-            if self.dist.is_main:
-                for dropped in [s for s in mine if s > max(step, -1)]:
-                    path = self.exp_dir / f"checkpoint-{dropped:08d}"
-                    if path.is_dir():
-                        os.replace(path, path.with_name(path.name + ".unusable"))
             if step < 0:
                 return False
             path = self.exp_dir / f"checkpoint-{step:08d}"
-            state, problem = None, ""
+            state, problem, unreadable = None, "", False
             if step in steps:
                 try:
                     state = ckpt.load(path, self.dist.rank, self.device)
                 except Exception as e:  # noqa: BLE001 - any unreadable file: fall back, naming it
                     problem = f"{path / f'rank{self.dist.rank}.pt'} cannot be read ({type(e).__name__}: {e})"
+                    unreadable = True
             else:
                 problem = f"{path} is not on rank {self.dist.rank}'s storage"
             if self._agree_min(0 if problem else 1) == 1:
                 break
+            if unreadable:
+                try:
+                    os.replace(path, path.with_name(f"{path.name}.unusable-{time.time_ns()}"))
+                except FileNotFoundError:  # another rank of this storage set it aside first
+                    pass
             older = [s for s in steps if s < step]
             print(f"WARNING: rank {self.dist.rank}: checkpoint {path} is unusable"
                   + (f": {problem}" if problem else " on another rank")
@@ -755,12 +765,20 @@ class Trainer:
             metrics = self.evaluate(model, shard=True)
         if self.dist.is_main:
             if not shard:
+                t0 = time.time()
                 metrics = self.evaluate(model) if has_dev else {}
+                took = time.time() - t0
+                if self.dist.distributed and took > 0.5 * self.tc.collective_timeout:
+                    print(f"WARNING: the evaluation on rank 0 took {took:.0f} s, more than half of "
+                          f"train.collective_timeout ({self.tc.collective_timeout:g} s), while the other ranks wait "
+                          "for it in a barrier: raise train.collective_timeout", file=sys.stderr, flush=True)
             elif not has_dev:
                 metrics = {}
             elapsed = self.elapsed_before + self._elapsed()
             row = {"epoch": self.epoch, "step": self.step, "elapsed_seconds": round(elapsed, 1),
                    "bytes_sent": self.strategy.comm.bytes_sent, **{k: round(v, 4) for k, v in metrics.items()}}
+            if metrics:  # how many ranks shared the evaluation (1: rank 0 alone)
+                row["dev_eval_ranks"] = self.dist.world_size if shard else 1
             self.history.append(row)
             for k, v in metrics.items():
                 self.writer.add_scalar(f"dev/{k}", v, self.step)
@@ -807,13 +825,15 @@ class Trainer:
 
         ``calls``: what the counter holds for this process; ``process_group_calls``: the process
         groups' own sequence numbers (default group since the trainer started, plus the strategy's
-        subgroups) -- the same number when every call is counted."""
+        subgroups) -- the same number when every call is counted; ``node``: the node (torchrun's
+        ``GROUP_RANK``) each rank ran on."""
         k = self.dist.world_size
         tx, rx = self._wire_now()
         counted = self.strategy.comm.calls - self.calls_offset + 1  # + this gather
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors only
-        v = torch.zeros(4 * k, dtype=torch.float64, device=dev)
-        v[4 * self.dist.rank:4 * self.dist.rank + 4] = torch.tensor([tx, rx, counted, 0], dtype=torch.float64,
+        node = int(os.environ.get("GROUP_RANK", 0))
+        v = torch.zeros(5 * k, dtype=torch.float64, device=dev)
+        v[5 * self.dist.rank:5 * self.dist.rank + 5] = torch.tensor([tx, rx, counted, 0, node], dtype=torch.float64,
                                                                      device=dev)
         if self.dist.distributed and k > 1:
             import torch.distributed as tdist
@@ -821,13 +841,14 @@ class Trainer:
             self._count_control(v)
             groups = [None] + list(self.strategy.process_groups())
             measured = process_group_calls(groups) - self.pg_calls_start + 1
-            v[4 * self.dist.rank + 3] = measured
+            v[5 * self.dist.rank + 3] = measured
             tdist.all_reduce(v)
         else:
             v[3] = counted
-        rows = v.view(k, 4).tolist()
+        rows = v.view(k, 5).tolist()
         return {"wire_tx": [int(r[0]) for r in rows], "wire_rx": [int(r[1]) for r in rows],
-                "calls": [int(r[2]) for r in rows], "process_group_calls": [int(r[3]) for r in rows]}
+                "calls": [int(r[2]) for r in rows], "process_group_calls": [int(r[3]) for r in rows],
+                "node": [int(r[4]) for r in rows]}
 
     def _finish(self) -> dict:
         summary = {}
@@ -835,8 +856,8 @@ class Trainer:
         current = self.strategy.eval_model(self.wrapped)  # a collective for pipelines
         peak = self._peak_memory_mb()
         ranks = self._gather_rank_figures()
-        # torchrun's nodes: ranks over ranks per node (one node when run.sh fell back from emulated nodes)
-        nodes = self.dist.world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)))
+        # torchrun's nodes (its agents; one node when run.sh fell back from emulated nodes)
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
         if self.dist.is_main:
             epochs = sorted(self.exp_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
             chosen = epochs[-self.tc.average_last_checkpoints:]
@@ -857,7 +878,7 @@ class Trainer:
                 "train_seconds": round(self.train_seconds, 2), "frames_per_rank": self.frames_total,
                 "threads_per_rank": torch.get_num_threads() if self.device.type == "cpu" else None,
                 "slow_ranks": {str(k): v for k, v in self.tc.slow_ranks.items()},
-                "nodes": nodes, "link_rate": self.cfg.train.link_rate if nodes > 1 and self.cfg.train.emulate_nodes > 1 else None,
+                "nodes": nodes, "node_of_rank": ranks["node"], "link_rate": self.cfg.train.link_rate if nodes > 1 and self.cfg.train.emulate_nodes > 1 else None,
                 "frames_per_second": round(self.frames_total * self.strategy.replicas
                                            / max(1e-9, self.elapsed_before + self._elapsed()), 1),
                 # modelled bytes (a formula per counted call), and what the link's counters saw
