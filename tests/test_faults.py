@@ -81,6 +81,9 @@ def test_launcher_builds_each_case():
     cmd, _ = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=10.0.0.1:29500",
                            "train.rdzv_backend=static", "train.node_rank=1"), args, {})
     assert "--nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500" in " ".join(cmd)
+    cmd, warnings = build(_cfg("train.world_size=4", "train.nnodes=2", "train.rdzv_endpoint=10.0.0.1:29500",
+                               "train.rdzv_backend=static", "train.node_rank=1", "train.max_restarts=3"), args, {})
+    assert cmd[cmd.index("--max-restarts") + 1] == "0" and "cannot restart across nodes" in warnings[0]
     with pytest.raises(ConfigError, match="rendezvous endpoint"):
         build(_cfg("train.world_size=4", "train.nnodes=2"), args, {})
     # SLURM, outside a job step: srun starts this launcher once per node
@@ -197,7 +200,8 @@ def test_a_stopped_rank_times_out_the_others_and_the_restart_takes_over(prepared
     assert "fault injection: rank 1 at step 5: stop" in out
     assert "step 6's collectives (sync_sgd) failed on rank 0" in out, out[-4000:]
     assert "train.collective_timeout (5 s)" in out
-    assert re.search(r"timed out.{0,40}5000 ?ms", out, re.IGNORECASE), out[-4000:]  # gloo applied the 5 s    assert_same_model(final_model(tmp_path / "exp"), final_model(uninterrupted("sync_sgd")))
+    assert re.search(r"timed out.{0,40}5000 ?ms", out, re.IGNORECASE), out[-4000:]  # gloo applied the 5 s
+    assert_same_model(final_model(tmp_path / "exp"), final_model(uninterrupted("sync_sgd")))
     print(f"stopped rank: run ended after {time.time() - t0:.0f} s")
 
 
@@ -240,7 +244,8 @@ if rank == 1:
 try:
     ckpt.save(exp, 6, rank, 2, {"w": torch.zeros(1_000_000)}, dist.barrier, keep=3, all_ok=all_ok)
 except ckpt.CheckpointError as e:
-    print("ERROR", e)
+    print("ERROR", e, flush=True)
+    dist.destroy_process_group()
     sys.exit(3)
 """
 

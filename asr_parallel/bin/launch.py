@@ -161,6 +161,14 @@ def build(cfg, train_args: list[str], env: dict, node_env: bool = False, local_a
     if tc.rdzv_backend == "static" and launcher != "slurm" and not node_env:
         if node_rank < 0:
             raise ConfigError("train.rdzv_backend static needs this node's rank (train.node_rank or --node-rank)")
+        if tc.max_restarts > 0:
+            # torch 2.11's static rendezvous always shares its store (the restarted ranks would meet the
+            # dead ones' addresses) and never tells a healthy node that another restarted (a hung rank's
+            # node would wait for ever): restarts across nodes need the c10d rendezvous
+            warnings.append(f"train.rdzv_backend static cannot restart across nodes: --max-restarts 0 instead of "
+                            f"{tc.max_restarts} (a failed rank ends the run; run stage 5 again to resume from the "
+                            "newest checkpoint, or use the c10d rendezvous)")
+            cmd[cmd.index("--max-restarts") + 1] = "0"
         cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", host, "--master-port", port]
     else:
         cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id]

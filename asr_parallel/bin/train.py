@@ -45,8 +45,9 @@ def restart_store(rank: int, world: int, timeout) -> dict:
         return {}
     if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and rank == 0:
         print("WARNING: torchrun shares its store with the workers on several nodes: after a restart the nodes "
-              "may disagree on it; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (local/launch_train.sh "
-              "does)", file=sys.stderr, flush=True)
+              "may disagree on it; restarts across nodes need the c10d rendezvous with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (local/launch_train.sh sets it; with the static rendezvous it "
+              "turns restarts off)", file=sys.stderr, flush=True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=False, timeout=timeout, multi_tenant=False)
     prefix = f"asr_parallel/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
