@@ -44,9 +44,30 @@ fi
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip "setuptools<82" wheel  # torch 2.11 requires setuptools<82
-# Pinned together first, so that no later resolution pulls another torch.
-"${pip[@]}" install "torch==2.11.0" "torchaudio==2.11.0"
-"${pip[@]}" install -e ".[test]"
+# torch and torchaudio, pinned together first, so that no later resolution pulls another torch.
+# PyPI's torch 2.11 for x86_64 is the CUDA build: about 5.2 GB installed (4.4 GB of it torch,
+# triton and the nvidia-* libraries). pip keeps every wheel of one command until it ends, and its
+# cache keeps them after, which would double that, so: no cache, and one wheel per pip command
+# (measured from a fresh clone: 5.4 GB of disk at the peak, 82 s).
+torch_pins=("torch==2.11.0" "torchaudio==2.11.0")
+if ! "$venv/bin/python" -c 'import torch, torchaudio; assert torch.__version__.split("+")[0] == "2.11.0"' 2>/dev/null; then
+  need_gb=6
+  free_kb=$(df -Pk "$venv" | awk 'NR==2 {print $4}')
+  if [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+    echo "setup: torch 2.11 and its CUDA libraries need about $need_gb GB free where $venv lies;" \
+         "only $((free_kb / 1024 / 1024)) GB is free there (df -h $venv). Free some space, then run this again." >&2
+    exit 1
+  fi
+  plan="$venv/torch-install-plan.json"
+  "${pip[@]}" install --no-cache-dir --dry-run --ignore-installed --report "$plan" "${torch_pins[@]}"
+  "$venv/bin/python" -c 'import json, sys
+for item in json.load(open(sys.argv[1]))["install"]:
+    print(item["metadata"]["name"] + "==" + item["metadata"]["version"])' "$plan" |
+    while read -r req; do "${pip[@]}" install --no-cache-dir --no-deps "$req"; done
+  rm -f "$plan"
+fi
+"${pip[@]}" install --no-cache-dir "${torch_pins[@]}"  # everything is there: this checks the set
+"${pip[@]}" install --no-cache-dir -e ".[test]"
 "$venv/bin/python" -c 'import torch, torchaudio, lhotse, sentencepiece, kaldifst, kaldi_decoder, kaldilm, kaldialign, pyroomacoustics, soundfile' \
   || { echo "setup: the installed packages do not import; see the error above" >&2; exit 1; }
 echo "$want" > "$stamp"
