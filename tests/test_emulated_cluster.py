@@ -102,11 +102,13 @@ def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy
 def test_uneven_placement_puts_the_server_and_one_worker_on_node_0(prepared, tmp_path):
     """``train.ranks_per_node: [2, 1]``: the parameter server (rank 0) and worker 0 (rank 1) run on node
     0, worker 1 (rank 2) alone on node 1 (torchrun's ranks read back per rank); the server's sends
-    to the worker beside it stay off the link, so node 0's link carries less than all it sent."""
+    to the worker beside it stay off the link, so node 0's link carries less than all it sent. Worker 1
+    is a straggler (``train.slow_ranks``): only it sleeps, by its training thread's CPU clock."""
     from test_recipe_end_to_end import run_sh
 
     r = run_sh(prepared, tmp_path / "exp", "train.world_size=3", "train.emulate_nodes=2", "train.link_rate=200mbit",
-               "train.ranks_per_node=[2, 1]", "strategy.name=async_ps", "model.mlp.hidden_dim=512", stop_stage=5)
+               "train.ranks_per_node=[2, 1]", "strategy.name=async_ps", "model.mlp.hidden_dim=512",
+               "train.slow_ranks={2: 2.0}", stop_stage=5)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "--nproc-per-node 2" in r.stderr and "--nproc-per-node 1" in r.stderr
     import json
@@ -114,6 +116,9 @@ def test_uneven_placement_puts_the_server_and_one_worker_on_node_0(prepared, tmp
     run = next((tmp_path / "exp").glob("mlp_async_ps*_w3_2nodes_200mbit_2-1"))
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["nodes"] == 2 and summary["node_of_rank"] == [0, 0, 1]
+    slept = summary["slow_seconds_per_rank"]
+    assert slept[0] == slept[1] == 0 and slept[2] > 0, slept
+    assert summary["slow_basis"] == "training thread CPU time" and summary["slow_ranks"] == {"2": 2.0}
     server_sent, wire = summary["bytes_sent_per_rank"], summary["wire"]["bytes_sent_per_rank"]
     pushes = summary["strategy_figures"]["pushes_per_worker"]
     assert min(pushes) > 0, pushes  # both workers trained

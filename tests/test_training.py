@@ -3,6 +3,8 @@ one, and NaN losses are skipped and counted, then stop the run."""
 
 from pathlib import Path
 
+import time
+
 import pytest
 import torch
 
@@ -191,17 +193,36 @@ def test_the_wait_for_the_others_at_a_pause_counts_as_training(monkeypatch, tmp_
     assert fake.train_seconds == 15.0
 
 
-def test_a_slow_rank_waits_its_step_time_again_per_factor(monkeypatch, tmp_path):
-    """train.slow_ranks {rank: f}: after each step the rank sleeps (f - 1) times the step's own time."""
+def test_a_slow_rank_waits_its_compute_time_again_per_factor(monkeypatch, tmp_path):
+    """train.slow_ranks {rank: f}: after each step the rank sleeps (f - 1) times the step's compute
+    time, measured on the training thread's CPU clock, so that time spent waiting (for an
+    all-reduce, a server) is not scaled."""
     from types import SimpleNamespace
 
     from asr_parallel.train import trainer as trainer_module
 
+    # the clock: a wait inside the step does not advance it, computation does
+    fake = SimpleNamespace(device=torch.device("cpu"))
+    clock = trainer_module.Trainer._compute_clock
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c0 = clock(fake)
+        time.sleep(0.3)
+        waited = clock(fake) - c0
+        c0, t0 = clock(fake), time.time()
+        a = torch.randn(256, 256)
+        while time.time() - t0 < 0.3:
+            a = torch.tanh(a @ a)
+        computed = clock(fake) - c0
+    finally:
+        torch.set_num_threads(threads)
+    assert waited < 0.05 and computed > 0.1, (waited, computed)
+
     slept = []
     monkeypatch.setattr(trainer_module.time, "sleep", slept.append)
-    monkeypatch.setattr(trainer_module.time, "time", lambda: 100.5)
-    fake = SimpleNamespace(slow=3.0, device=torch.device("cpu"), slow_seconds=0.0)
-    trainer_module.Trainer._straggle(fake, 100.0)  # a step of 0.5 s
+    fake = SimpleNamespace(slow=3.0, device=torch.device("cpu"), slow_seconds=0.0, _compute_clock=lambda: 100.5)
+    trainer_module.Trainer._straggle(fake, 100.0)  # a step of 0.5 s of computation
     assert slept == [1.0] and fake.slow_seconds == 1.0
     fake.slow = 1.0
     trainer_module.Trainer._straggle(fake, 100.0)

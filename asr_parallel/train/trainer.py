@@ -576,10 +576,10 @@ class Trainer:
             t_log, frames_log = time.time(), 0
             t_iter = time.time()
             for batch in loader(self.dataset, todo, self.tc.num_workers):
-                t_step = time.time()
+                c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"step {self.step + 1}'s collectives ({self.cfg.strategy['name']})"
                 out = self.train_step(batch)
-                self._straggle(t_step)
+                self._straggle(c_step)
                 self._inject_fault()
                 self.batch_in_epoch += 1
                 self.frames_total += out["frames"]
@@ -622,15 +622,32 @@ class Trainer:
             self.save_checkpoint()
         return self._finish()
 
-    def _straggle(self, t_step: float) -> None:
-        """A slow rank (``train.slow_ranks``): wait (factor - 1) times the step's own time, so the rank
-        takes ``factor`` times as long per step as it would. The step's time includes any wait inside
-        it (for a server's reply, or an all-reduce), so a rank that waits is slowed by more than its
-        computation's factor."""
+    def _compute_clock(self) -> float:
+        """The clock a slow rank's factor scales (``train.slow_ranks``): on CPU with one thread per
+        rank, the CPU time of the training thread (``time.thread_time``). A wait inside the step (an
+        all-reduce, a server's reply, a peer's gossip) blocks that thread without using it, and gloo
+        does its transfers and reductions on threads of its own, so only the step's computation
+        counts. With more threads per rank the process's CPU time (gloo's threads included); on
+        GPU the step's wall time after a synchronisation (waits included)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.time()
+        return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
+
+    def _slow_basis(self) -> str | None:
+        """What ``train.slow_ranks`` scales in this run, for the run summary."""
+        if not self.tc.slow_ranks:
+            return None
+        if self.device.type == "cuda":
+            return "step wall time (GPU; waits included)"
+        return "training thread CPU time" if torch.get_num_threads() == 1 else "process CPU time"
+
+    def _straggle(self, c_step: float) -> None:
+        """A slow rank (``train.slow_ranks``): sleep (factor - 1) times the step's compute time
+        (``_compute_clock`` since ``c_step``), so that its computation takes ``factor`` times as long
+        as it would, while its waits for others stay what they are."""
         if self.slow > 1.0:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            extra = (self.slow - 1.0) * (time.time() - t_step)
+            extra = (self.slow - 1.0) * max(0.0, self._compute_clock() - c_step)
             time.sleep(extra)
             self.slow_seconds += extra
 
@@ -696,10 +713,10 @@ class Trainer:
             batches = list(self.sampler)
             t_iter = time.time()
             for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.tc.num_workers):
-                t_step = time.time()
+                c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"a worker's step ({self.cfg.strategy['name']}, its step {self.step + 1})"
                 out = st.train_step(batch, ctx)
-                self._straggle(t_step)
+                self._straggle(c_step)
                 self._inject_fault()
                 self.batch_in_epoch += 1
                 self.frames_total += out["frames"]
@@ -826,29 +843,30 @@ class Trainer:
         ``calls``: what the counter holds for this process; ``process_group_calls``: the process
         groups' own sequence numbers (default group since the trainer started, plus the strategy's
         subgroups) -- the same number when every call is counted; ``node``: the node (torchrun's
-        ``GROUP_RANK``) each rank ran on."""
+        ``GROUP_RANK``) each rank ran on; ``slow_seconds``: what each rank slept as a straggler
+        (``train.slow_ranks``)."""
         k = self.dist.world_size
         tx, rx = self._wire_now()
         counted = self.strategy.comm.calls - self.calls_offset + 1  # + this gather
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors only
         node = int(os.environ.get("GROUP_RANK", 0))
-        v = torch.zeros(5 * k, dtype=torch.float64, device=dev)
-        v[5 * self.dist.rank:5 * self.dist.rank + 5] = torch.tensor([tx, rx, counted, 0, node], dtype=torch.float64,
-                                                                     device=dev)
+        v = torch.zeros(6 * k, dtype=torch.float64, device=dev)
+        v[6 * self.dist.rank:6 * self.dist.rank + 6] = torch.tensor([tx, rx, counted, 0, node, self.slow_seconds],
+                                                                     dtype=torch.float64, device=dev)
         if self.dist.distributed and k > 1:
             import torch.distributed as tdist
 
             self._count_control(v)
             groups = [None] + list(self.strategy.process_groups())
             measured = process_group_calls(groups) - self.pg_calls_start + 1
-            v[5 * self.dist.rank + 3] = measured
+            v[6 * self.dist.rank + 3] = measured
             tdist.all_reduce(v)
         else:
             v[3] = counted
-        rows = v.view(k, 5).tolist()
+        rows = v.view(k, 6).tolist()
         return {"wire_tx": [int(r[0]) for r in rows], "wire_rx": [int(r[1]) for r in rows],
                 "calls": [int(r[2]) for r in rows], "process_group_calls": [int(r[3]) for r in rows],
-                "node": [int(r[4]) for r in rows]}
+                "node": [int(r[4]) for r in rows], "slow_seconds": [round(r[5], 2) for r in rows]}
 
     def _finish(self) -> dict:
         summary = {}
@@ -878,6 +896,8 @@ class Trainer:
                 "train_seconds": round(self.train_seconds, 2), "frames_per_rank": self.frames_total,
                 "threads_per_rank": torch.get_num_threads() if self.device.type == "cpu" else None,
                 "slow_ranks": {str(k): v for k, v in self.tc.slow_ranks.items()},
+                "slow_basis": self._slow_basis(),
+                "slow_seconds_per_rank": ranks["slow_seconds"],
                 "nodes": nodes, "node_of_rank": ranks["node"], "link_rate": self.cfg.train.link_rate if nodes > 1 and self.cfg.train.emulate_nodes > 1 else None,
                 "frames_per_second": round(self.frames_total * self.strategy.replicas
                                            / max(1e-9, self.elapsed_before + self._elapsed()), 1),
