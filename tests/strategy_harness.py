@@ -108,6 +108,7 @@ def run_trainer(cfg, dist, steps: int, resume_after: int | None = None, tmp=None
             "optimizer_steps": max((int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s),
                                    default=0),
             "buckets": trainer.strategy.summary_figures().get("ddp_bucket_bytes"), "averaged_buffers": averaged,
+            "figures": trainer.strategy.summary_figures(),
             "lr": trainer.optimizer.param_groups[0]["lr"]}
 
 

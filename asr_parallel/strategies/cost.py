@@ -12,6 +12,16 @@ strategy, over ``steps`` optimiser steps:
 * ``sync_sgd``: per step one all-reduce per DDP bucket of (bucket + 2) values (the 2: the rank's
   utterance count and bad-loss flag). The first step uses one bucket of all parameters; from the
   second DDP's rebuilt buckets, read from DDP (``buckets``; without them, one bucket).
+  With ``compression`` (from step ``start_step`` + 1; the steps before as above) each step adds
+  one all-reduce of 2 values (utterances and the non-finite flag, 4 bytes each) and, per bucket of
+  n values: ``bf16``/``fp16`` an all-reduce of n values of 2 bytes; ``powersgd`` three all-reduces
+  of 4-byte values: the tensors left uncompressed, all P (n_i r per compressed matrix n_i x m_i) and
+  all Q (m_i r), a matrix being compressed when n_i m_i > (n_i + m_i) r min_rate (Vogels et al.
+  2019); ``onebit`` an all-to-all in which this rank sends the quantised stripes of the K - 1 other
+  ranks (ceil(values / 8) + 8 * columns bytes each) and a ring all-gather of the stripes padded to
+  the largest, K - 1 of them sent (Seide et al. 2014); a column belongs to the stripe of the rank
+  that owns it by its place in the model. These need the buckets' tensors (``bucket_shapes``:
+  per bucket [tensor index, shape] in bucket order, the indices those of ``model.parameters()``).
 * ``model_averaging``: one broadcast of P + buffers at the start (none with a synchronous warm-up:
   DDP's construction broadcasts, counted as ``ddp_setup``), the warm-up (synchronous: W steps as
   ``sync_sgd`` and one all-reduce of the buffers at step W; ``local_broadcast``: one broadcast of
@@ -29,6 +39,7 @@ they are counted, and reported apart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from asr_parallel.strategies.base import broadcast_sends, ring_allreduce_bytes
@@ -60,10 +71,65 @@ def sync_count(steps: int, sync_period: int, warmup_steps: int = 0) -> int:
     return max(0, (steps - warmup_steps) // sync_period)
 
 
+def _columns(shape) -> list[int]:
+    """A tensor's columns for 1-bit quantisation: d0 columns of d1 * ... values; a vector is one."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not numel:
+        return []
+    return [numel // shape[0]] * shape[0] if len(shape) >= 2 else [numel]
+
+
+def onebit_bucket_bytes(bucket: list, model_shapes: list, world_size: int, rank: int) -> tuple[int, int]:
+    """Bytes ``rank`` sends for one bucket under 1-bit SGD: (its all-to-all, its all-gather).
+    ``bucket``: [(tensor index, shape)] in bucket order; ``model_shapes``: every tensor's shape in
+    model order. The columns of the model, in model order, go to K contiguous ranges of about N / K
+    values: a column starting after s values belongs to rank floor(K s / N). Rank k's stripe of the
+    bucket is the bucket's columns that belong to it: ceil(values / 8) bytes of signs and 8 bytes of
+    two float32 means per column."""
+    sizes = []
+    for shape in model_shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        sizes.append(n)
+    total = max(1, sum(sizes))
+    first = [sum(sizes[:i]) for i in range(len(sizes))]
+    values = [0] * world_size
+    count = [0] * world_size
+    for i, shape in bucket:
+        cols = _columns(shape)
+        for j, c in enumerate(cols):
+            k = (first[i] + j * c) * world_size // total
+            values[k] += c
+            count[k] += 1
+    payload = [-(-values[k] // 8) + 8 * count[k] for k in range(world_size)]
+    return sum(b for k, b in enumerate(payload) if k != rank), (world_size - 1) * max(payload)
+
+
+def powersgd_bucket_values(shapes, rank: int, min_rate: float) -> tuple[int, int, int]:
+    """Values of PowerSGD's three all-reduces for one bucket: (uncompressed tensors, P, Q)."""
+    plain = p_vals = q_vals = 0
+    for shape in shapes:
+        numel = 1
+        for d in shape:
+            numel *= d
+        n = shape[0] if len(shape) else 1
+        m = numel // n if n else 0
+        r = min(n, m, rank)
+        if numel and n * m > (n + m) * r * min_rate:
+            p_vals, q_vals = p_vals + n * r, q_vals + m * r
+        else:
+            plain += numel
+    return plain, p_vals, q_vals
+
+
 def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_world_size: int | None = None,
-            buckets: list[int] | None = None, rank: int = 0) -> dict:
+            buckets: list[int] | None = None, rank: int = 0, bucket_shapes: list | None = None) -> dict:
     """Predicted bytes sent by global rank ``rank`` (0: the rank that broadcasts), collective calls
-    and bytes per label, for a strategy section; ``buckets``: DDP's rebuilt buckets in values."""
+    and bytes per label, for a strategy section; ``buckets``: DDP's rebuilt buckets in values;
+    ``bucket_shapes``: the shapes of their tensors (compressed ``sync_sgd``)."""
     from asr_parallel.strategies import parse_strategy
 
     name = section["name"]
@@ -106,7 +172,33 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         add(label, model_state + extra + 1, k, syncs)
         return syncs
 
-    if name == "sync_sgd":
+    if name == "sync_sgd" and getattr(p, "compression", "none") != "none":
+        plain = min(steps, p.start_step)
+        ddp("gradients", world_size, plain)
+        compressed = steps - plain
+        k = world_size
+        if k > 1 and compressed > 0:
+            if bucket_shapes is None:
+                raise ValueError("the bytes of compressed sync_sgd need the shapes of the buckets' tensors")
+            calls, nbytes = compressed, compressed * ring_allreduce_bytes(2, 4, k)  # utterances and flag
+            model_shapes = [shape for _, shape in sorted((i, tuple(sh)) for bucket in bucket_shapes
+                                                         for i, sh in bucket)]
+            for bucket in bucket_shapes:
+                shapes = [tuple(sh) for _, sh in bucket]
+                n = sum(math.prod(sh) for sh in shapes)
+                if p.compression in ("bf16", "fp16"):
+                    calls, nbytes = calls + compressed, nbytes + compressed * ring_allreduce_bytes(n, 2, k)
+                elif p.compression == "powersgd":
+                    parts = powersgd_bucket_values(shapes, p.powersgd_rank, p.powersgd_min_compression_rate)
+                    calls += 3 * compressed
+                    nbytes += compressed * sum(ring_allreduce_bytes(v, 4, k) for v in parts)
+                else:  # onebit
+                    calls += 2 * compressed
+                    nbytes += compressed * sum(onebit_bucket_bytes(bucket, model_shapes, k, rank))
+            entry = by_label.setdefault("gradients", [0, 0])
+            entry[0] += nbytes
+            entry[1] += calls
+    elif name == "sync_sgd":
         ddp("gradients", world_size, steps)
     elif name in ("model_averaging", "bmuf", "easgd"):
         periodic(p, world_size, "params", True, rank)

@@ -38,12 +38,14 @@ class HookState:
     world: int
     weight: torch.Tensor | None = None  # (utterances, non-finite loss) of this rank's step
     rebuilt: bool = False
+    compression: object = None  # asr_parallel.strategies.compression.CompressionState (sync_sgd)
 
 
 def ddp_wrap(model: nn.Module, dist, comm: CommCounter, group=None, label: str = "gradients",
-             bucket_cap_mb: float = 0.0, find_unused_parameters: bool = False):
+             bucket_cap_mb: float = 0.0, find_unused_parameters: bool = False, compression=None):
     """DDP over ``group`` (None: all ranks) with the counting, globally averaging hook; returns
-    (the DDP module, its hook state)."""
+    (the DDP module, its hook state). ``compression``: a
+    :class:`~asr_parallel.strategies.compression.CompressionState` (``sync_sgd``)."""
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -60,7 +62,7 @@ def ddp_wrap(model: nn.Module, dist, comm: CommCounter, group=None, label: str =
     comm.add(nbytes * (world - 1) if is_root else 0, calls, "ddp_setup")
     if not is_root:
         comm.bytes_received += nbytes
-    state = HookState(comm, group, label, world)
+    state = HookState(comm, group, label, world, compression=compression)
     ddp.register_comm_hook(state, _hook)
     return ddp, state
 
@@ -93,6 +95,10 @@ def note_rebuild(ddp, state: HookState) -> None:
 def _hook(state: HookState, bucket):
     import torch.distributed as tdist
 
+    if state.compression is not None and state.compression.compressing():
+        from asr_parallel.strategies.compression import compressed_hook
+
+        return compressed_hook(state, bucket)
     buf = bucket.buffer()
     if state.weight is None:  # no utterance count given: the mean over ranks, as DDP's default
         state.comm.all_reduce(buf.numel(), buf.element_size(), state.world, state.label)
@@ -113,5 +119,16 @@ def _hook(state: HookState, bucket):
 
 
 def set_weight(state: HookState, utterances: int, loss: torch.Tensor) -> None:
+    """This rank's utterance count and non-finite-loss flag for the step's buckets; a compressing step
+    sums them over the ranks first (one all-reduce of 2 values), as its buckets cannot carry them."""
     flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
     state.weight = torch.cat([torch.full((1,), float(utterances), device=flag.device), flag])
+    cs = state.compression
+    if cs is not None:
+        cs.step += 1
+        if cs.compressing():
+            import torch.distributed as tdist
+
+            state.comm.all_reduce(2, 4, state.world, state.label)
+            cs.total = state.weight.clone()
+            tdist.all_reduce(cs.total, group=state.group)

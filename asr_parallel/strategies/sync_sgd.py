@@ -14,6 +14,10 @@ all-reduce runs inside backward, bucket by bucket, each as soon as its gradients
 DDP with its own bucketing: :mod:`asr_parallel.strategies.ddp`). Only the buckets ready before the
 end of backward can overlap computation: for the default conformer the first bucket (1 MiB of the
 last layers) does, while the second, about 91% of the model, is ready only when backward ends.
+
+``compression`` (``none``, ``bf16``, ``fp16``, ``powersgd``, ``onebit``) compresses the buckets from
+step ``start_step`` + 1 on: :mod:`asr_parallel.strategies.compression` gives each scheme, its paper
+and its traffic.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from asr_parallel.strategies.base import Strategy
+from asr_parallel.strategies.compression import SCHEMES, CompressionState
 from asr_parallel.strategies.ddp import bucket_bytes, ddp_wrap, note_rebuild, set_weight
 
 
@@ -35,8 +40,24 @@ class SyncSGD(Strategy):
         # DDP's unused-parameter search all-reduces a map of used parameters every step outside the
         # communication hook (uncounted) and changes the first step's buckets: not supported
         find_unused_parameters: bool = False
+        compression: str = "none"  # none | bf16 | fp16 | powersgd | onebit
+        powersgd_rank: int = 1  # PowerSGD's matrix approximation rank r
+        powersgd_min_compression_rate: float = 2.0  # compress a matrix only if it shrinks by this much
+        start_step: int = 2  # steps 1..start_step all-reduce plainly (torch's start_powerSGD_iter)
 
         def __post_init__(self):
+            if self.compression not in SCHEMES:
+                raise ValueError(f"strategy.compression must be one of {', '.join(SCHEMES)}, got {self.compression!r}")
+            if self.powersgd_rank < 1:
+                raise ValueError(f"strategy.powersgd_rank must be >= 1, got {self.powersgd_rank}")
+            if self.powersgd_min_compression_rate < 0:
+                raise ValueError("strategy.powersgd_min_compression_rate must be >= 0, got "
+                                 f"{self.powersgd_min_compression_rate}")
+            least = 2 if self.compression == "powersgd" else 1
+            if self.compression != "none" and self.start_step < least:
+                raise ValueError(f"strategy.start_step must be >= {least} with compression {self.compression}, "
+                                 f"got {self.start_step}: DDP rebuilds its buckets after the first step"
+                                 + (", and torch's PowerSGD needs two plain steps" if least == 2 else ""))
             if self.bucket_cap_mb < 0:
                 raise ValueError(f"strategy.bucket_cap_mb must be >= 0, got {self.bucket_cap_mb}")
             if self.find_unused_parameters:
@@ -48,12 +69,17 @@ class SyncSGD(Strategy):
         super().__init__(params, dist)
         self.ddp = None
         self.hook = None
+        p = self.params
+        self.compression = None if p.compression == "none" else CompressionState(
+            p.compression, p.start_step, p.powersgd_rank, p.powersgd_min_compression_rate)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if not self.dist.distributed:
             return model
+        if self.compression is not None:
+            self.compression.attach(model)
         self.ddp, self.hook = ddp_wrap(model, self.dist, self.comm, None, "gradients", self.params.bucket_cap_mb,
-                                       self.params.find_unused_parameters)
+                                       self.params.find_unused_parameters, self.compression)
         return self.ddp
 
     def averages_gradients(self, step: int) -> bool:
@@ -70,4 +96,24 @@ class SyncSGD(Strategy):
         return model.module if hasattr(model, "module") else model
 
     def summary_figures(self) -> dict:
-        return {"ddp_bucket_bytes": bucket_bytes(self.ddp)} if self.ddp is not None else {}
+        if self.ddp is None:
+            return {}
+        out = {"ddp_bucket_bytes": bucket_bytes(self.ddp)}
+        if self.compression is not None:  # the buckets' tensors as compressed, for the cost model
+            out["compressed_bucket_shapes"] = [self.compression.shapes[i] for i in sorted(self.compression.shapes)]
+            ps = self.compression.powersgd
+            if ps is not None:  # what torch's PowerSGD hook allocated for P and Q, per bucket
+                out["powersgd_memory"] = [[ps.p_memory_dict[i].numel(), ps.q_memory_dict[i].numel()]
+                                          for i in sorted(ps.p_memory_dict)]
+        return out
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        if self.compression is not None:  # this rank's error and warm-start buffers
+            out["compression"] = self.compression.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.compression is not None and "compression" in state:
+            self.compression.load_state_dict(state["compression"])

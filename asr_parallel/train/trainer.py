@@ -833,9 +833,10 @@ class Trainer:
             return own
         size = ModelSize.of(self.model, self.optimizer)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
-        buckets = [n // size.element_size for n in self.strategy.summary_figures().get("ddp_bucket_bytes", [])]
+        figures = self.strategy.summary_figures()
+        buckets = [n // size.element_size for n in figures.get("ddp_bucket_bytes", [])]
         return predict(self.cfg.strategy, size, self.dist.world_size, self.step, local, buckets or None,
-                       rank=self.dist.rank)
+                       rank=self.dist.rank, bucket_shapes=figures.get("compressed_bucket_shapes"))
 
     def _gather_rank_figures(self) -> dict:
         """Every rank's wire bytes and call counts, gathered on all ranks (one counted all-reduce).

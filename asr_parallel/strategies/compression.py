@@ -1,0 +1,431 @@
+"""Gradient compression for synchronous SGD (``sync_sgd``'s ``compression``), inside the counting hook.
+
+Schemes (``strategy.compression``):
+
+* ``none``: the plain all-reduce of :mod:`asr_parallel.strategies.ddp`.
+* ``bf16`` / ``fp16``: each bucket, divided by the utterances of all ranks, is rounded to 16 bits,
+  summed by an all-reduce in that type and copied back (torch's ``bf16_compress_hook`` /
+  ``fp16_compress_hook`` do the same with the mean over ranks): half the bytes.
+* ``powersgd`` (Vogels, Karimireddy, Jaggi, "PowerSGD: practical low-rank gradient compression for
+  distributed optimization", NeurIPS 2019): torch's ``powerSGD_hook`` (error feedback and warm start
+  on): per weight matrix M (n x m) of a bucket P = M Q, all-reduce P, orthogonalise, Q = M^T P,
+  all-reduce Q, M ~ P Q^T; vectors and matrices that would not shrink by ``powersgd_min_compression_rate``
+  go in one plain all-reduce. Three all-reduces per bucket; at rank r a compressed matrix sends
+  2(K-1)/K * 4 r (n + m) bytes instead of 2(K-1)/K * 4 n m.
+* ``onebit`` (Seide, Fu, Droppo, Li, Yu, "1-bit stochastic gradient descent and its application to
+  data-parallel distributed training of speech DNNs", Interspeech 2014): the carried quantisation
+  error is added to the gradient, only the sign of each value is kept, and each column is
+  reconstructed from the mean of its positive and the mean of its other values; the difference
+  between the input and the reconstruction is carried to the next step (error feedback). Each rank
+  aggregates a stripe of columns (the model's columns dealt to the K ranks in K contiguous ranges
+  of about equal size, whatever DDP's buckets): every rank sends stripe k of its quantised bucket
+  to rank k (an all-to-all), rank k decodes and sums the K of them, quantises the sum again with an error buffer
+  of its own, and the re-quantised stripes are gathered by every rank (an all-gather). The signs
+  travel packed 8 to a byte (uint8), each column with two float32 reconstruction values, so a
+  column of n values costs ceil(n / 8) + 8 bytes in place of 4 n.
+
+  A "column" here is a row of PyTorch's row-major (out, in) weight: the values a contiguous block of
+  the bucket holds (CNTK, the paper's toolkit, stores matrices column-major, where a column is
+  contiguous too); a vector (bias, normalisation) is one column.
+
+Common to every compressing scheme: the first ``start_step`` steps use the plain all-reduce (DDP
+rebuilds its buckets after the first step; torch's PowerSGD needs two plain steps before warm start
+and error feedback), and from then on each step begins with one all-reduce of two values, the
+rank's utterance count and a non-finite-loss flag, so that the compressed buckets carry the global
+mean of the loss (as the plain path does) and a non-finite loss on any rank makes every rank's
+gradients NaN (the step is skipped everywhere). Error and warm-start buffers are cleared of
+non-finite values after every step, so that one bad batch does not poison the steps after it.
+
+Counted: every all-reduce, all-to-all and all-gather with the bytes this rank sends (the all-to-all:
+the stripes for the other ranks; the ring all-gather: K - 1 copies of the padded stripe).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEMES = ("none", "bf16", "fp16", "powersgd", "onebit")
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_signs(positive: torch.Tensor) -> torch.Tensor:
+    """Booleans packed 8 to a byte (first value in the lowest bit), ceil(n / 8) bytes."""
+    n = positive.numel()
+    pad = (-n) % 8
+    bits = torch.nn.functional.pad(positive.reshape(-1).to(torch.uint8), (0, pad)).view(-1, 8)
+    return (bits * _BITS.to(bits.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_signs`: ``n`` booleans."""
+    bits = packed.unsqueeze(1).bitwise_and(_BITS.to(packed.device)).ne(0)
+    return bits.view(-1)[:n]
+
+
+@dataclass
+class Stripe:
+    """A contiguous range [start, end) of a bucket holding whole columns: ``group`` gives each value's
+    column (0-based within the stripe), ``sizes`` the values per column."""
+
+    start: int
+    end: int
+    group: torch.Tensor
+    sizes: torch.Tensor
+
+    @property
+    def columns(self) -> int:
+        return self.sizes.numel()
+
+
+def column_sizes(shapes: list[tuple[int, ...]]) -> list[int]:
+    """The columns of a bucket's tensors, in order: a tensor of shape (d0, d1, ...) has d0 columns of
+    d1 * ... values; a vector or scalar is one column."""
+    sizes: list[int] = []
+    for shape in shapes:
+        numel = math.prod(shape)
+        if len(shape) >= 2 and numel:
+            sizes += [numel // shape[0]] * shape[0]
+        elif numel:
+            sizes.append(numel)
+    return sizes
+
+
+def stripe_of(sizes: list[int], device=None) -> Stripe:
+    """One stripe of whole columns of these sizes, in order."""
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)) \
+        if sizes else torch.zeros(0, dtype=torch.long)
+    return Stripe(0, sum(sizes), group.to(device), torch.tensor(sizes, dtype=torch.float32, device=device))
+
+
+def quantize(x: torch.Tensor, stripe: Stripe) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-bit quantisation of ``x`` (a stripe's values): (payload, reconstruction). The payload is
+    the float32 pairs (mean of the positive values, mean of the others) per column followed by the
+    packed signs; the reconstruction gives each value its column's mean of its side."""
+    g = stripe.group
+    positive = x > 0
+    cols = stripe.columns
+    x32 = x.float()
+    pos_count = torch.zeros(cols, device=x.device).index_add_(0, g, positive.float())
+    pos_sum = torch.zeros(cols, device=x.device).index_add_(0, g, torch.where(positive, x32, 0.0))
+    all_sum = torch.zeros(cols, device=x.device).index_add_(0, g, x32)
+    means = torch.stack([pos_sum / pos_count.clamp(min=1.0),
+                         (all_sum - pos_sum) / (stripe.sizes - pos_count).clamp(min=1.0)], 1)  # (cols, 2)
+    recon = torch.where(positive, means[g, 0], means[g, 1]).to(x.dtype)
+    payload = torch.cat([means.reshape(-1).view(torch.uint8), pack_signs(positive)])
+    return payload, recon
+
+
+def dequantize(payload: torch.Tensor, stripe: Stripe, dtype=torch.float32) -> torch.Tensor:
+    """The reconstruction a payload of :func:`quantize` stands for."""
+    n, head = stripe.end - stripe.start, 8 * stripe.columns
+    means = payload[:head].clone().view(torch.float32).view(-1, 2)  # a copy: aligned for float32
+    positive = unpack_signs(payload[head:head + math.ceil(n / 8)], n)
+    g = stripe.group
+    return torch.where(positive, means[g, 0], means[g, 1]).to(dtype)
+
+
+
+
+def column_owners(shapes: list[tuple[int, ...]], world: int) -> list[torch.Tensor]:
+    """For the model's tensors (in ``model.parameters()`` order), the rank that aggregates each column:
+    the columns, in that order, are dealt to K contiguous ranges of about N / K values each (N in
+    all), a column going to rank floor(K s / N) for s the number of values before it. Fixed by the
+    model, not by DDP's buckets, so that the second quantisation's error stays with its rank when
+    DDP rebuilds its buckets (after the first step, and again after every restart)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    total = max(1, sum(sizes))
+    owners, start = [], 0
+    for shape, numel in zip(shapes, sizes):
+        cols = column_sizes([shape])
+        width = cols[0] if cols else 0
+        starts = start + torch.arange(len(cols), dtype=torch.long) * width
+        owners.append(starts * world // total)
+        start += numel
+    return owners
+
+
+@dataclass
+class OneBitLayout:
+    """A bucket seen by 1-bit SGD: its tensors (model indices, offsets in the bucket), the bucket's
+    positions in stripe order (``perm``: the values of rank 0's columns, then rank 1's, ...) and the
+    stripes as ranges of that order."""
+
+    params: tuple
+    offsets: list[int]
+    perm: torch.Tensor
+    stripes: list[Stripe]
+
+
+def onebit_layout(params: tuple, shapes: list, offsets: list[int], owners: list[torch.Tensor], world: int,
+                  device) -> OneBitLayout:
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    widths: list[list[int]] = [[] for _ in range(world)]
+    for i, shape, offset in zip(params, shapes, offsets):
+        cols = column_sizes([shape])
+        if not cols:
+            continue
+        width = cols[0]
+        for k in range(world):
+            mine = (owners[i] == k).nonzero().flatten()
+            if mine.numel():
+                pieces[k].append((offset + mine[:, None] * width + torch.arange(width)).flatten())
+                widths[k] += [width] * mine.numel()
+    stripes, perm, start = [], [], 0
+    for k in range(world):
+        stripe = stripe_of(widths[k], device)
+        stripe.start, stripe.end = start, start + stripe.end
+        stripes.append(stripe)
+        perm += pieces[k]
+        start = stripe.end
+    perm_t = torch.cat(perm) if perm else torch.zeros(0, dtype=torch.long)
+    return OneBitLayout(params, offsets, perm_t.to(device), stripes)
+
+
+@dataclass
+class CompressionState:
+    """What the compressing hook keeps between steps (per rank). Error and warm-start buffers are kept
+    per model tensor (``error``, ``error_sum``: 1-bit SGD's two quantisations; ``psgd_error``,
+    ``psgd_q``: PowerSGD's, moved between torch's per-bucket dictionaries and these when DDP's
+    buckets change), so that checkpoints do not depend on DDP's bucket layout."""
+
+    scheme: str
+    start_step: int
+    powersgd_rank: int = 1
+    powersgd_min_compression_rate: float = 2.0
+    step: int = 0  # steps begun (set_weight calls)
+    total: torch.Tensor | None = None  # this step's (utterances, non-finite losses) summed over ranks
+    index_of: dict = field(default_factory=dict)  # id(parameter) -> its place in model.parameters()
+    param_shapes: list = field(default_factory=list)  # shapes in model.parameters() order
+    owners: list | None = None  # 1-bit SGD: per tensor, the rank of each column
+    layouts: dict = field(default_factory=dict)  # bucket index -> OneBitLayout
+    error: dict = field(default_factory=dict)  # tensor index -> 1-bit error of this rank's gradient
+    error_sum: dict = field(default_factory=dict)  # tensor index -> 1-bit error of the sums this rank made
+    powersgd: object = None  # torch's PowerSGDState, made at the first compressed step
+    psgd_meta: dict = field(default_factory=dict)  # bucket index -> (tensor indices, shapes) of torch's dicts
+    psgd_error: dict = field(default_factory=dict)  # tensor index -> PowerSGD error (between layouts)
+    psgd_q: dict = field(default_factory=dict)  # tensor index -> PowerSGD warm-start Q (between layouts)
+    psgd_iter: int | None = None
+    shapes: dict = field(default_factory=dict)  # bucket index -> [(tensor index, shape)], as compressed
+
+    def attach(self, model) -> None:
+        params = list(model.parameters())
+        self.index_of = {id(p): i for i, p in enumerate(params)}
+        self.param_shapes = [tuple(p.shape) for p in params]
+
+    def compressing(self) -> bool:
+        return self.scheme != "none" and self.step > self.start_step
+
+    def state_dict(self) -> dict:
+        out = {"step": self.step, "error": dict(self.error), "error_sum": dict(self.error_sum)}
+        if self.powersgd is not None:
+            err, q = powersgd_per_tensor(self)
+            out.update(psgd_iter=self.powersgd.iter, psgd_error={**self.psgd_error, **err},
+                       psgd_q={**self.psgd_q, **q})
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.error = dict(state.get("error", {}))
+        self.error_sum = dict(state.get("error_sum", {}))
+        self.psgd_error = dict(state.get("psgd_error", {}))
+        self.psgd_q = dict(state.get("psgd_q", {}))
+        self.psgd_iter = state.get("psgd_iter")
+        self.layouts, self.psgd_meta, self.powersgd = {}, {}, None
+
+
+def _compressed_order(params: tuple, shapes: list, rank: int, min_rate: float) -> list:
+    """The tensors torch's PowerSGD hook compresses, in the order of its Q memory (grouped by shape,
+    shapes in the order first met), each as (tensor index, m, r)."""
+    groups: dict = {}
+    for i, shape in zip(params, shapes):
+        numel = math.prod(shape)
+        n = shape[0] if shape else 1
+        m = numel // n if n else 0
+        r = min(n, m, rank)
+        if numel and n * m > (n + m) * r * min_rate:
+            groups.setdefault((n, m), []).append((i, m, r))
+    return [t for members in groups.values() for t in members]
+
+
+def powersgd_per_tensor(cs: CompressionState) -> tuple[dict, dict]:
+    """torch's per-bucket PowerSGD error and Q memories, split per model tensor."""
+    ps, err, q = cs.powersgd, {}, {}
+    for index, (params, shapes) in cs.psgd_meta.items():
+        if index in ps.error_dict:
+            for i, piece in zip(params, ps.error_dict[index].split([math.prod(s) for s in shapes])):
+                err[i] = piece.clone()
+        if index in ps.q_memory_dict:
+            order = _compressed_order(params, shapes, ps.matrix_approximation_rank, ps.min_compression_rate)
+            for (i, m, r), piece in zip(order, ps.q_memory_dict[index].split([m * r for _, m, r in order])):
+                q[i] = piece.clone()
+    return err, q
+
+
+def _powersgd_bucket(cs: CompressionState, index: int, params: tuple, shapes: list) -> None:
+    """Keep torch's per-bucket dictionaries right for this bucket: when DDP's layout changed, move
+    them to per-tensor form; when the bucket is new to them, fill them from that form."""
+    ps = cs.powersgd
+    known = cs.psgd_meta.get(index)
+    if known is not None and known[0] != params:
+        err, q = powersgd_per_tensor(cs)
+        cs.psgd_error.update(err)
+        cs.psgd_q.update(q)
+        for d in (ps.error_dict, ps.p_memory_dict, ps.q_memory_dict):
+            d.clear()
+        cs.psgd_meta.clear()
+    if index in cs.psgd_meta:
+        return
+    cs.psgd_meta[index] = (params, shapes)
+    if all(i in cs.psgd_error for i in params):
+        ps.error_dict[index] = torch.cat([cs.psgd_error[i].reshape(-1) for i in params])
+    order = _compressed_order(params, shapes, ps.matrix_approximation_rank, ps.min_compression_rate)
+    if order and all(i in cs.psgd_q for i, _, _ in order):
+        ps.q_memory_dict[index] = torch.cat([cs.psgd_q[i].reshape(-1) for i, _, _ in order])
+        total_p = sum(math.prod(shapes[params.index(i)][:1]) * r for i, _, r in order)
+        ps.p_memory_dict[index] = torch.empty(total_p, dtype=ps.q_memory_dict[index].dtype,
+                                              device=ps.q_memory_dict[index].device)
+
+
+def make_powersgd_state(cs: CompressionState, group):
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+
+    ps = PowerSGDState(process_group=group, matrix_approximation_rank=cs.powersgd_rank,
+                       start_powerSGD_iter=max(2, cs.start_step),
+                       min_compression_rate=cs.powersgd_min_compression_rate,
+                       use_error_feedback=True, warm_start=True, random_seed=0)
+    ps.iter = cs.psgd_iter if cs.psgd_iter is not None else cs.step - 1  # the plain steps before this one
+    return ps
+
+
+def powersgd_split(shapes: list[tuple[int, ...]], rank: int, min_rate: float) -> tuple[int, int, int]:
+    """What torch's ``powerSGD_hook`` sends for a bucket of tensors of these shapes: (values of the
+    plain all-reduce of the tensors it does not compress, values of all P, values of all Q)."""
+    order = _compressed_order(tuple(range(len(shapes))), shapes, rank, min_rate)
+    compressed = {i for i, _, _ in order}
+    plain = sum(math.prod(s) for j, s in enumerate(shapes) if j not in compressed)
+    return plain, sum(shapes[i][0] * r for i, _, r in order), sum(m * r for _, m, r in order)
+
+
+def _clean(t: torch.Tensor) -> None:
+    torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _per_tensor(store: dict, layout: OneBitLayout, shapes: list, like: torch.Tensor) -> torch.Tensor:
+    """A bucket-shaped copy of per-tensor buffers (zeros where none yet)."""
+    flat = torch.zeros_like(like)
+    for i, shape, offset in zip(layout.params, shapes, layout.offsets):
+        if i in store:
+            n = math.prod(shape)
+            flat[offset:offset + n] = store[i]
+    return flat
+
+
+def _store(store: dict, layout: OneBitLayout, shapes: list, flat: torch.Tensor) -> None:
+    for i, shape, offset in zip(layout.params, shapes, layout.offsets):
+        store[i] = flat[offset:offset + math.prod(shape)].clone()
+
+
+def compressed_hook(hs, bucket):
+    """The hook for a compressing step (``hs``: :class:`asr_parallel.strategies.ddp.HookState`)."""
+    import torch.distributed as tdist
+
+    cs: CompressionState = hs.compression
+    buf = bucket.buffer()
+    total = cs.total
+    inv = 1.0 / total[0].clamp(min=1.0)  # the utterances of all ranks
+    bad = total[1] > 0
+    index = bucket.index()
+    grads = bucket.gradients()
+    shapes = [tuple(g.shape) for g in grads]
+    params = tuple(cs.index_of[id(p)] for p in bucket.parameters())
+    cs.shapes[index] = [[i, list(s)] for i, s in zip(params, shapes)]
+
+    def finish(result: torch.Tensor) -> torch.Tensor:
+        if result.data_ptr() != buf.data_ptr():
+            buf.copy_(result)
+        buf.masked_fill_(bad, float("nan"))  # a tensor condition: no wait for the device
+        return buf
+
+    if cs.scheme in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if cs.scheme == "bf16" else torch.float16
+        half = (buf * inv).to(dtype)
+        hs.comm.all_reduce(half.numel(), half.element_size(), hs.world, hs.label)
+        fut = tdist.all_reduce(half, group=hs.group, async_op=True).get_future()
+        return fut.then(lambda f: finish(f.value()[0]))
+
+    if cs.scheme == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import powerSGD_hook
+
+        if cs.powersgd is None:
+            cs.powersgd = make_powersgd_state(cs, hs.group)
+        ps = cs.powersgd
+        _powersgd_bucket(cs, index, params, shapes)
+        buf.mul_(inv * hs.world)  # torch's hook takes the mean over ranks: the global mean of the loss
+        if ps.iter < ps.start_powerSGD_iter:
+            hs.comm.all_reduce(buf.numel(), buf.element_size(), hs.world, hs.label)
+        else:
+            for numel in powersgd_split(shapes, ps.matrix_approximation_rank, ps.min_compression_rate):
+                hs.comm.all_reduce(numel, buf.element_size(), hs.world, hs.label)
+
+        def clean(f):
+            for d in (ps.error_dict, ps.q_memory_dict):
+                if index in d:
+                    _clean(d[index])
+            return finish(f.value())
+
+        return powerSGD_hook(ps, bucket).then(clean)
+
+    # onebit
+    k, me = hs.world, tdist.get_rank(hs.group)
+    if cs.owners is None:
+        cs.owners = column_owners(cs.param_shapes, k)
+    layout = cs.layouts.get(index)
+    if layout is None or layout.params != params:
+        offsets = [(g.data_ptr() - buf.data_ptr()) // buf.element_size() for g in grads]
+        layout = cs.layouts[index] = onebit_layout(params, shapes, offsets, cs.owners, k, buf.device)
+    perm, stripes, mine = layout.perm, layout.stripes, layout.stripes[me]
+    x = buf * inv + _per_tensor(cs.error, layout, shapes, buf)
+    xp = x[perm]
+    payloads, recon = [], torch.empty_like(xp)
+    for s in stripes:
+        payload, r = quantize(xp[s.start:s.end], s)
+        payloads.append(payload)
+        recon[s.start:s.end] = r
+    error = torch.empty_like(x)
+    error[perm] = xp - recon
+    _clean(error)
+    _store(cs.error, layout, shapes, error)
+    sizes = [p.numel() for p in payloads]  # bytes (uint8)
+    size = sizes[me]  # what every rank sends this one: its stripe, laid out alike on every rank
+    out = torch.empty(k * size, dtype=torch.uint8, device=buf.device)
+    hs.comm.add(sum(b for j, b in enumerate(sizes) if j != me), 1, hs.label)
+    hs.comm.bytes_received += (k - 1) * size
+    work = tdist.all_to_all_single(out, torch.cat(payloads), [size] * k, sizes, group=hs.group, async_op=True)
+
+    def gather(f):
+        parts = out.view(k, size)
+        summed = sum(dequantize(parts[j], mine, buf.dtype) for j in range(k))
+        where = perm[mine.start:mine.end]
+        error_sum = _per_tensor(cs.error_sum, layout, shapes, buf)
+        y = summed + error_sum[where]
+        payload, r = quantize(y, mine)
+        error_sum[where] = y - r
+        _clean(error_sum)
+        _store(cs.error_sum, layout, shapes, error_sum)
+        width = max(sizes)
+        padded = torch.zeros(width, dtype=torch.uint8, device=buf.device)
+        padded[:payload.numel()] = payload
+        hs.comm.add((k - 1) * padded.numel(), 1, hs.label)  # a ring: K - 1 stripes forwarded
+        hs.comm.bytes_received += (k - 1) * width
+        gathered = [torch.empty(width, dtype=torch.uint8, device=buf.device) for _ in range(k)]
+        tdist.all_gather(gathered, padded, group=hs.group)
+        result = torch.empty_like(xp)
+        for s, p in zip(stripes, gathered):
+            result[s.start:s.end] = dequantize(p, s, buf.dtype)
+        buf[perm] = result
+        return finish(buf)
+
+    return work.get_future().then(gather)
