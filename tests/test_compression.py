@@ -224,3 +224,43 @@ def test_compression_parameter_errors():
         parse_strategy({"name": "sync_sgd", "compression": "powersgd", "start_step": 1})
     with pytest.raises(ValueError, match="powersgd_rank must be >= 1"):
         parse_strategy({"name": "sync_sgd", "compression": "powersgd", "powersgd_rank": 0})
+
+
+def _drive_bad_batch(spec, dist):
+    """4 steps of 1-bit SGD or PowerSGD; at step 4 rank 1's features are NaN (a non-finite loss)."""
+    from asr_parallel.train.trainer import Trainer
+    from strategy_harness import batch, build
+
+    cfg = config(spec, MLP, SGD)
+    trainer = Trainer.for_benchmark(cfg, dist, build(cfg))
+    seen = []
+    for s in range(1, 6):
+        b = batch(s, dist.rank)
+        if s == 4 and dist.rank == 1:
+            b.feats[0, 0, 0] = float("nan")
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        out = trainer.train_step(b)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+        seen.append((bool(out["bad"]), moved))
+    cs = trainer.strategy.compression
+    buffers = list(cs.error.values()) + list(cs.error_sum.values())
+    if cs.powersgd is not None:
+        buffers += list(cs.powersgd.error_dict.values()) + list(cs.powersgd.q_memory_dict.values())
+    return {"seen": seen, "finite": all(bool(torch.isfinite(t).all()) for t in buffers), "buffers": len(buffers),
+            "params": torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])}
+
+
+def test_a_non_finite_loss_skips_the_step_everywhere_and_spares_the_error_buffers(tmp_path):
+    """Rank 1's loss is NaN at step 4 (a compressed step): every rank skips that step (no parameter
+    moves), the error and warm-start buffers stay finite, and step 5 trains again on both ranks."""
+    from strategy_harness import gloo_ranks
+
+    scenarios = {"onebit": {"name": "sync_sgd", "compression": "onebit"},
+                 "powersgd": {"name": "sync_sgd", "compression": "powersgd", "powersgd_min_compression_rate": 0.0}}
+    results = gloo_ranks(2, _drive_bad_batch, scenarios, tmp_path)
+    for name in scenarios:
+        for rank in (0, 1):
+            res = results[rank][name]
+            assert res["seen"] == [(False, True)] * 3 + [(True, False), (False, True)], (name, rank, res["seen"])
+            assert res["finite"] and res["buffers"] > 0, name
+        assert torch.equal(results[0][name]["params"], results[1][name]["params"])

@@ -33,8 +33,9 @@ rebuilds its buckets after the first step; torch's PowerSGD needs two plain step
 and error feedback), and from then on each step begins with one all-reduce of two values, the
 rank's utterance count and a non-finite-loss flag, so that the compressed buckets carry the global
 mean of the loss (as the plain path does) and a non-finite loss on any rank makes every rank's
-gradients NaN (the step is skipped everywhere). Error and warm-start buffers are cleared of
-non-finite values after every step, so that one bad batch does not poison the steps after it.
+gradients NaN (the step is skipped everywhere). Error buffers are cleared of non-finite values
+after every step, and a non-finite PowerSGD warm-start Q is drawn afresh, so that one bad batch
+does not poison the steps after it (tested).
 
 Counted: every all-reduce, all-to-all and all-gather with the bytes this rank sends (the all-to-all:
 the stripes for the other ranks; the ring all-gather: K - 1 copies of the padded stripe).
@@ -371,9 +372,11 @@ def compressed_hook(hs, bucket):
                 hs.comm.all_reduce(numel, buf.element_size(), hs.world, hs.label)
 
         def clean(f):
-            for d in (ps.error_dict, ps.q_memory_dict):
-                if index in d:
-                    _clean(d[index])
+            if index in ps.error_dict:
+                _clean(ps.error_dict[index])
+            q = ps.q_memory_dict.get(index)
+            if q is not None and not bool(torch.isfinite(q).all()):  # a bad batch: draw Q afresh next step
+                del ps.q_memory_dict[index], ps.p_memory_dict[index]
             return finish(f.value())
 
         return powerSGD_hook(ps, bucket).then(clean)
