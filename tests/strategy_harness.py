@@ -275,11 +275,13 @@ def flat_state(state: dict, model_cfg) -> torch.Tensor:
     return torch.cat([state[n].reshape(-1) for n in names])
 
 
-def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool) -> torch.Tensor:
+def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: bool = False) -> torch.Tensor:
     """Two-stage pipelined back-propagation (Chen et al. 2012) simulated in one process, clock tick by
     clock tick: stage 0 runs the forward pass of minibatch t and then the backward pass of minibatch
     t - 2 (at its weights of now, or with ``stash`` at the weights its forward pass used); stage 1 runs
-    forward and backward of minibatch t - 1 and updates at once. Returns the final parameters."""
+    forward and backward of minibatch t - 1 and updates at once. With ``locked`` (forward-locked:
+    features replay, or DDG with ``stash``) stage 1 takes minibatch t in the same tick and stage 0's
+    backward pass is of minibatch t - 1. Returns the final parameters."""
     from asr_parallel.train.loss import ctc_loss
 
     model = build(cfg)
@@ -293,13 +295,14 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool) -> torch.Te
         return x, lengths
 
     sent, weights_then, grad_in = {}, {}, {}
-    for t in range(steps + 2):
+    upper_lag, lower_lag = (0, 1) if locked else (1, 2)
+    for t in range(steps + lower_lag):
         if t < steps:
             b = batch(t + 1, 0)
             with torch.no_grad():
                 sent[t] = run(lower, b.feats, b.feat_lens)
             weights_then[t] = [p.detach().clone() for p in p0]
-        n = t - 1
+        n = t - upper_lag
         if 0 <= n < steps:
             y, lengths = sent[n]
             y = y.clone().requires_grad_(True)
@@ -309,7 +312,7 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool) -> torch.Te
             grad_in[n] = grads[-1]
             for p, g in zip(p1, grads[:-1]):
                 p.data -= LR * g
-        n = t - 2
+        n = t - lower_lag
         if 0 <= n < steps:
             b = batch(n + 1, 0)
             now = [p.detach().clone() for p in p0]

@@ -25,6 +25,13 @@ S = {"model": MLP, "train": SGD, "steps": STEPS}
 SCENARIOS = {
     "pbp": {**S, "strategy": {"name": "pipelined_bp"}},
     "pbp_stash": {**S, "strategy": {"name": "pipelined_bp", "weight_stashing": True}},
+    # forward-locked: features replay (recompute) and DDG (stash)
+    "fr": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked"}},
+    "ddg": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked", "weight_stashing": True}},
+    "ddg_ckpt": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked", "weight_stashing": True},
+                 "checkpoint": 3},
+    "ddg_resume": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked",
+                                     "weight_stashing": True}, "checkpoint": 3, "resume": True},
     "pbp_conformer": {**S, "model": CONFORMER, "strategy": {"name": "pipelined_bp"}},
     "gpipe": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 1}},
     "1f1b": {**S, "strategy": {"name": "one_f_one_b", "microbatches": 2, "pad_frames": 1}},
@@ -183,6 +190,41 @@ def test_pipelined_bp_matches_clocked_simulation(two_stages, name, stash):
     assert not torch.allclose(got, other, atol=1e-5)  # stashing makes a measurable difference
 
 
+@pytest.mark.parametrize("name, stash", [("fr", False), ("ddg", True)])
+def test_forward_locked_matches_clocked_simulation(two_stages, name, stash):
+    """Forward-locked pipelined back-propagation: features replay (recompute at the current weights;
+    Huo, Gu, Huang 2018) and DDG (weights stashed; Huo, Gu, Yang, Huang 2018) equal the one-process
+    simulation with stage 1 on minibatch t and stage 0's backward pass on t - 1; neither equals the
+    other variant, nor Chen et al.'s pipelined schedule."""
+    cfg = config({"name": "single"})
+    start = two_stages[0][name]["starts"][1]
+    expected = reference_pipelined_bp(cfg, STEPS, start, stash, locked=True)
+    got = flat_state(two_stages[0][name]["eval"], cfg)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    for other in (reference_pipelined_bp(cfg, STEPS, start, not stash, locked=True),
+                  reference_pipelined_bp(cfg, STEPS, start, stash)):
+        assert not torch.allclose(got, other, atol=1e-5)
+
+
+def test_forward_locked_delay_per_stage_and_resume(two_stages):
+    """Stage s applies gradients S-1-s updates old (measured: 1 on stage 0 once full, 0 on stage 1),
+    against 2(S-1-s) for the pipelined schedule; a checkpoint drains in S-1 ticks and a resumed run
+    ends as the uninterrupted one."""
+    for name in ("fr", "ddg"):
+        delays0 = dict(two_stages[0][name]["delays"])
+        assert [delays0[n] for n in range(1, STEPS)] == [1] * (STEPS - 1) and delays0[0] == 0
+        assert set(dict(two_stages[1][name]["delays"]).values()) == {0}
+        assert two_stages[0][name]["summary"]["staleness"] == [1.0, 0.0]
+    res = two_stages[0]["ddg_ckpt"]
+    assert len(res["outs"]) == STEPS + 1 + 1  # one drain tick after step 3's checkpoint, one at the end
+    assert [d for _, d in res["delays"]] == [0, 1, 1, 0, 1, 1]  # filled again after the checkpoint
+    cfg = config({"name": "single"})
+    straight = flat_state(two_stages[0]["ddg_ckpt"]["eval"], cfg)
+    assert torch.equal(flat_state(two_stages[0]["ddg_resume"]["eval"], cfg), straight)
+    start = two_stages[0]["ddg"]["starts"][1]
+    assert not torch.allclose(straight, reference_pipelined_bp(cfg, STEPS, start, True, locked=True), atol=1e-5)
+
+
 def test_pipelined_bp_matches_clocked_simulation_on_the_conformer(two_stages):
     cfg = config({"name": "single"}, CONFORMER)
     start = two_stages[0]["pbp_conformer"]["starts"][1]
@@ -314,7 +356,8 @@ def test_pipelined_bp_checkpoint_drains_the_pipeline(two_stages):
 # ---------------------------------------------------------------- every call counted
 
 
-@pytest.mark.parametrize("name", ["pbp_ckpt", "pbp_resume", "gpipe_ckpt", "gpipe_resume", "pbp_nan", "1f1b"])
+@pytest.mark.parametrize("name", ["pbp_ckpt", "pbp_resume", "gpipe_ckpt", "gpipe_resume", "pbp_nan", "1f1b",
+                                  "ddg_ckpt", "ddg_resume"])
 def test_counted_calls_equal_gloo_sequence_numbers(two_stages, name):
     """Each step, drain, checkpoint and the evaluation gather: the calls the strategy counted are the
     calls gloo made (its sequence number counts every collective, send and receive)."""

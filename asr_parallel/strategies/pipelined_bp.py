@@ -15,7 +15,20 @@ clock tick t (one trainer step) each part s
   clips its gradient and updates its weights.
 
 So part s applies gradients of minibatches whose forward pass used weights 2(S-1-s) updates older
-(the last part: none). That delay is measured for every update (weight version at the update minus
+(the last part: none).
+
+``schedule: forward_locked`` keeps the forward pass locked, as in decoupled parallel
+back-propagation: at tick t every part runs the forward pass of minibatch t, one after the other
+within the tick (part s receives part s - 1's activation of the same tick), and part s runs the
+backward pass of minibatch t - (S-1-s) with the gradient part s + 1 sent at tick t - 1. Part s then
+applies gradients S-1-s updates old instead of 2(S-1-s), and the forward passes no longer overlap.
+With the recomputation at the current weights (the default) this is features replay (Huo, Gu,
+Huang, "Training neural networks using features replay", NeurIPS 2018); with ``weight_stashing``
+it is decoupled parallel back-propagation with delayed gradients (DDG: Huo, Gu, Yang, Huang,
+"Decoupled parallel backpropagation with convergence guarantee", ICML 2018), whose module k
+computes the gradient at the weights of its forward pass. The 2 x 2 grid {pipelined,
+forward_locked} x {recompute, stash} is Chen et al.'s pipeline, PipeDream-style stashing, FR and
+DDG. That delay is measured for every update (weight version at the update minus
 the version the forward pass used) and logged per stage.
 
 Gradient clipping: the update applied at a tick is one vector over all parts (part s's slice being
@@ -47,11 +60,13 @@ Recomputing costs a second forward pass on parts 0..S-2 (about a third more comp
 the pipeline's state small: stage inputs only.
 
 Fill and drain: the pipeline fills at the start of every epoch and after every checkpoint, and is
-drained (ticks without new input until every minibatch has been through part 0's backward pass) at
+drained (ticks without new input until every minibatch has been through part 0's backward pass,
+2(S-1) ticks, S-1 when forward-locked) at
 every epoch end and before every checkpoint (:meth:`PipelinedBP.prepare_checkpoint`, every
 ``train.checkpoint_every_steps`` steps), so that a checkpoint holds no minibatch in flight and a
 resumed run continues exactly as an uninterrupted one. Drain ticks update the weights but advance
-neither the learning-rate schedule nor the step counter; each drain costs 2(S-1) ticks, and the
+neither the learning-rate schedule nor the step counter; each drain costs 2(S-1) ticks (S-1
+forward-locked), and the
 minibatches after it see the delays of a filling pipeline (0, 1, ... on part 0). So
 ``checkpoint_every_steps`` changes what this strategy computes.
 Traffic per boundary per minibatch: B*T*D*b activation bytes forward (plus a header and the lengths)
@@ -87,6 +102,7 @@ class PipelinedBP(PipelineStrategy):
     @dataclass
     class Params:
         weight_stashing: bool = False  # backward passes use their forward pass's weights (PipeDream)
+        schedule: str = "pipelined"  # "pipelined" (Chen et al. 2012) or "forward_locked" (FR, DDG)
         balance: str = "flops"  # cut balanced by "flops" or "params"
         boundaries: list[int] = field(default_factory=list)  # or explicit start stage of parts 1..S-1
         recv_timeout: float = 300.0  # seconds a stage waits for a neighbour before stopping with an error
@@ -96,6 +112,8 @@ class PipelinedBP(PipelineStrategy):
                 raise ValueError(f"strategy.balance must be 'flops' or 'params', got '{self.balance}'")
             if self.recv_timeout <= 0:
                 raise ValueError(f"strategy.recv_timeout must be > 0, got {self.recv_timeout}")
+            if self.schedule not in ("pipelined", "forward_locked"):
+                raise ValueError(f"strategy.schedule must be 'pipelined' or 'forward_locked', got '{self.schedule}'")
 
     def __init__(self, params, dist):
         super().__init__(params, dist)
@@ -109,6 +127,17 @@ class PipelinedBP(PipelineStrategy):
         self.delays: list[tuple[int, int]] = []  # (minibatch, measured delay) of the last 1000 updates
         self.sends: list = []  # this tick's sends (work handles and their buffers)
         self.previous_sends: list = []
+
+    # -- the schedule: which minibatch each part works on at a tick
+    def forward_lag(self, s: int) -> int:
+        """Ticks between a minibatch entering part 0 and part s's forward pass of it."""
+        return 0 if self.params.schedule == "forward_locked" else s
+
+    def backward_lag(self, s: int) -> int:
+        """Ticks between a minibatch entering part 0 and part s's backward pass of it (part 0's is the
+        largest: the minibatch is done then)."""
+        S = self.num_parts
+        return S - 1 - s if self.params.schedule == "forward_locked" else 2 * (S - 1) - s
 
     # -- the trainer's hooks
     def train_step(self, batch, ctx) -> dict:
@@ -130,7 +159,7 @@ class PipelinedBP(PipelineStrategy):
     def _drain(self, ctx) -> list[dict]:
         outs = []
         if self.injected:
-            while self.tick < self.injected + 2 * (self.num_parts - 1):
+            while self.tick < self.injected + self.backward_lag(0):
                 outs.append(self._tick(None, ctx))
         self.finish_sends(self.previous_sends)
         self.previous_sends = []
@@ -172,7 +201,7 @@ class PipelinedBP(PipelineStrategy):
             if self.last:
                 self.targets[self.injected - 1] = batch.tokens
         tick = self.tick
-        n_f, n_b = tick - s, tick - 2 * (S - 1) + s
+        n_f, n_b = tick - self.forward_lag(s), tick - self.backward_lag(s)
         self.part.train()
         loss = None
         if self._valid(n_f):
@@ -217,8 +246,8 @@ class PipelinedBP(PipelineStrategy):
             ctx.apply(torch.zeros(1, device=dev))
             self.version += 1
             self.busy += time.perf_counter() - t1
-        bad_ids = [i for p in range(S) if figures["bad"][p] for i in self.ids.get(tick - 2 * (S - 1) + p, [])]
-        self.ids.pop(tick - 2 * (S - 1), None)  # part 0's backward pass was that minibatch's last
+        bad_ids = [i for p in range(S) if figures["bad"][p] for i in self.ids.get(tick - self.backward_lag(p), [])]
+        self.ids.pop(tick - self.backward_lag(0), None)  # part 0's backward pass was that minibatch's last
         if figures["any_bad"]:
             cut_ids = bad_ids
         else:
