@@ -39,6 +39,9 @@ SCENARIOS = {
     # The conformer with its default conv_norm (layer): padding-invariant, so against unpadded batches.
     "gpipe_conformer": {**S, "model": CONFORMER, "strategy": {"name": "gpipe", "microbatches": 2}},
     "1f1b_conformer": {**S, "model": CONFORMER, "strategy": {"name": "one_f_one_b", "microbatches": 2}},
+    # frames and micro-batch sizes padded up to a geometric ladder (4, 8, 16, 32, 64 frames: all 64)
+    "gpipe_conformer_growth": {**S, "model": CONFORMER,
+                               "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 4, "pad_growth": 2.0}},
     # The negative control: torchaudio's BatchNorm normalises each micro-batch on its own.
     "gpipe_conformer_bn": {**S, "model": CONFORMER_BN, "strategy": {"name": "gpipe", "microbatches": 2}},
     # A checkpoint after step 3 (2) (drain, state saved and reloaded), without and with a fresh model.
@@ -393,7 +396,7 @@ def test_micro_batch_pipelines_equal_non_pipelined_training(two_stages, name):
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("name", ["gpipe_conformer", "1f1b_conformer"])
+@pytest.mark.parametrize("name", ["gpipe_conformer", "1f1b_conformer", "gpipe_conformer_growth"])
 def test_micro_batch_pipelines_equal_non_pipelined_training_on_the_conformer(two_stages, name):
     """The default conformer (conv_norm: layer) under GPipe and 1F1B, with a dummy utterance in every
     batch of 3 and the frames padded to 16 (the default), equals one process on the unpadded batches."""
@@ -403,6 +406,26 @@ def test_micro_batch_pipelines_equal_non_pipelined_training_on_the_conformer(two
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(got, flat(build(cfg)), atol=1e-3)  # it trained
     assert all(o["bad"] == 0 and o["loss"] is not None for o in two_stages[0][name]["outs"][:STEPS])
+
+
+def test_padding_to_a_ladder_reuses_the_built_stages(two_stages):
+    """pad_growth: frames (and micro-batch sizes) go up to rungs of a geometric ladder, so fewer
+    shapes occur: the test batches (40, 46, 52 frames; 2 or 3 utterances) make 4 distinct shapes
+    padded to 16 frames, and 2 on the ladder 4, 8, 16, 32, 64. A stage is built once per shape and
+    the run summary reports the builds, lookups and hit rate of the stage cache."""
+    from asr_parallel.strategies.micro_pipeline import ladder
+
+    assert [ladder(v, 16, 1.25) for v in (1, 17, 65, 81, 1000)] == [16, 32, 80, 112, 1200]
+    assert all(ladder(v, 16, 1.0) == -(-v // 16) * 16 for v in range(1, 500))  # growth 1: multiples of 16
+    for name, expected in (("gpipe_conformer", 4), ("gpipe_conformer_growth", 2)):
+        p = SCENARIOS[name]["strategy"]
+        shapes = {(ladder(-(-batch(s, 0).feats.shape[0] // 2), 1, p.get("pad_growth", 1.0)),
+                   ladder(batch(s, 0).feats.shape[1], p.get("pad_frames", 16), p.get("pad_growth", 1.0)))
+                  for s in range(1, STEPS + 1)}
+        assert len(shapes) == expected
+        cache = two_stages[0][name]["summary"]["stage_cache"]
+        assert cache["lookups"] == STEPS and cache["builds"] == expected, cache
+        assert cache["hit_rate"] == round(1 - expected / STEPS, 4)
 
 
 def test_batch_norm_conformer_is_not_exact_under_gpipe(two_stages):

@@ -20,9 +20,12 @@ How speech batches fit torch's pipeline stages, which fix their shapes when buil
 * the batch is padded to a multiple of M utterances with dummy utterances of zero features and
   the full padded length (a valid length: every stage sees ordinary input, so nothing non-finite
   arises in them), whose loss weight is zero (left out of the loss); and the frames to a multiple
-  of ``pad_frames``; SpecAugment (on part 0) draws its masks on the batch before the padding, as the
+  of ``pad_frames`` (with ``pad_growth`` > 1 both the micro-batch size and the frames go up to a
+  geometric ladder, :func:`ladder`, so that fewer shapes occur); SpecAugment (on part 0) draws its
+  masks on the batch before the padding, as the
   non-pipelined step does; a stage and schedule are built for every (micro-batch size, frames) met,
-  with explicit shapes (no shape-inference traffic), and the last ``cache_size`` are kept;
+  with explicit shapes (no shape-inference traffic), and the last ``cache_size`` are kept (builds,
+  lookups and the hit rate go to the run summary, ``stage_cache``);
 * activations cross in float32 (bf16 autocast stays inside the parts).
 
 Every call of the schedule's batched point-to-point operations is counted, one per send and one per
@@ -51,6 +54,9 @@ class MicroParams:
     balance: str = "flops"  # cut balanced by "flops" or "params"
     boundaries: list[int] = field(default_factory=list)  # or explicit start stage of parts 1..S-1
     pad_frames: int = 16  # frames padded to a multiple of this (fewer distinct shapes to build)
+    # > 1: frames and micro-batch sizes padded up to a geometric ladder (each rung at least this
+    # factor above the one before), so that few shapes recur and the built stages are reused
+    pad_growth: float = 1.0
     cache_size: int = 16  # built stages kept, per distinct shape
     recv_timeout: float = 300.0  # seconds a wait on a neighbour may take before stopping with an error
 
@@ -61,6 +67,19 @@ class MicroParams:
             raise ValueError(f"strategy.balance must be 'flops' or 'params', got '{self.balance}'")
         if self.pad_frames < 1 or self.cache_size < 1 or self.recv_timeout <= 0:
             raise ValueError("strategy.pad_frames and strategy.cache_size must be >= 1, recv_timeout > 0")
+        if self.pad_growth < 1.0:
+            raise ValueError(f"strategy.pad_growth must be >= 1.0, got {self.pad_growth}")
+
+
+def ladder(value: int, unit: int, growth: float) -> int:
+    """The smallest rung >= ``value`` of the ladder unit, ..., where each rung is the smallest multiple
+    of ``unit`` at least ``growth`` times the one before (and at least one unit more): with growth 1,
+    the multiples of ``unit``; with growth 1.25 from 16 frames, 16, 32, 48, 64, 80, 112, 144, 192, ...
+    (padding by at most about a quarter)."""
+    rung = unit
+    while rung < value:
+        rung = max(rung + unit, unit * math.ceil(rung * growth / unit - 1e-9))
+    return rung
 
 
 class _PartModule(nn.Module):
@@ -105,6 +124,7 @@ class MicroPipeline(PipelineStrategy):
         self.schedules: OrderedDict = OrderedDict()
         self.utterances = 1
         self.builds = 0
+        self.lookups = 0
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         part = super().wrap_model(model)
@@ -114,6 +134,7 @@ class MicroPipeline(PipelineStrategy):
     # -- shapes and schedules
     def _schedule(self, micro: int, frames: int, feat_dim: int, device):
         key = (micro, frames)
+        self.lookups += 1
         if key in self.schedules:
             self.schedules.move_to_end(key)
             return self.schedules[key]
@@ -200,8 +221,8 @@ class MicroPipeline(PipelineStrategy):
     def train_step(self, batch, ctx) -> dict:
         m, dev = self.params.microbatches, ctx.device
         b, frames, feat_dim = batch.feats.shape
-        total = -(-b // m) * m
-        padded_frames = -(-frames // self.params.pad_frames) * self.params.pad_frames
+        total = ladder(-(-b // m), 1, self.params.pad_growth) * m
+        padded_frames = ladder(frames, self.params.pad_frames, self.params.pad_growth)
         feats = batch.feats.to(dev, non_blocking=True)
         if self.first:
             feats = ctx.augment(feats)  # on the real batch, as the non-pipelined step draws its masks
@@ -248,4 +269,8 @@ class MicroPipeline(PipelineStrategy):
         return self.step_output(figures, batch.num_frames, list(batch.cut_ids))
 
     def summary_figures(self) -> dict:
-        return {**super().summary_figures(), "grad_clip": "global norm over all parts"}
+        """Besides the pipeline's figures: how often a step found its stage already built."""
+        hits = self.lookups - self.builds
+        return {**super().summary_figures(), "grad_clip": "global norm over all parts",
+                "stage_cache": {"builds": self.builds, "lookups": self.lookups,
+                                "hit_rate": round(hits / self.lookups, 4) if self.lookups else None}}
