@@ -275,13 +275,16 @@ def flat_state(state: dict, model_cfg) -> torch.Tensor:
     return torch.cat([state[n].reshape(-1) for n in names])
 
 
-def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: bool = False) -> torch.Tensor:
+def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: bool = False,
+                           predict: bool = False) -> torch.Tensor:
     """Two-stage pipelined back-propagation (Chen et al. 2012) simulated in one process, clock tick by
     clock tick: stage 0 runs the forward pass of minibatch t and then the backward pass of minibatch
     t - 2 (at its weights of now, or with ``stash`` at the weights its forward pass used); stage 1 runs
     forward and backward of minibatch t - 1 and updates at once. With ``locked`` (forward-locked:
     features replay, or DDG with ``stash``) stage 1 takes minibatch t in the same tick and stage 0's
-    backward pass is of minibatch t - 1. Returns the final parameters."""
+    backward pass is of minibatch t - 1. With ``predict`` (SpecTrain) stage 0's forward and backward
+    passes of a minibatch use its weights plus D times its last update (D = 2, or 1 locked), taken
+    when the forward pass ran. Returns the final parameters."""
     from asr_parallel.train.loss import ctc_loss
 
     model = build(cfg)
@@ -296,12 +299,22 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
 
     sent, weights_then, grad_in = {}, {}, {}
     upper_lag, lower_lag = (0, 1) if locked else (1, 2)
+    last_update = None
     for t in range(steps + lower_lag):
         if t < steps:
             b = batch(t + 1, 0)
+            if predict and last_update is not None:
+                weights_then[t] = [p.detach() + lower_lag * u for p, u in zip(p0, last_update)]
+            else:
+                weights_then[t] = [p.detach().clone() for p in p0]
+            now = [p.detach().clone() for p in p0]
             with torch.no_grad():
+                if predict:
+                    for p, w in zip(p0, weights_then[t]):
+                        p.data.copy_(w)
                 sent[t] = run(lower, b.feats, b.feat_lens)
-            weights_then[t] = [p.detach().clone() for p in p0]
+                for p, w in zip(p0, now):
+                    p.data.copy_(w)
         n = t - upper_lag
         if 0 <= n < steps:
             y, lengths = sent[n]
@@ -316,11 +329,12 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
         if 0 <= n < steps:
             b = batch(n + 1, 0)
             now = [p.detach().clone() for p in p0]
-            if stash:
+            if stash or predict:
                 for p, w in zip(p0, weights_then[n]):
                     p.data.copy_(w)
             y, _ = run(lower, b.feats, b.feat_lens)
             grads = torch.autograd.grad(y, p0, grad_in[n])
             for p, w, g in zip(p0, now, grads):
                 p.data.copy_(w - LR * g)
+            last_update = [-LR * g for g in grads]
     return flat(model)

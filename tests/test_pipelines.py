@@ -28,6 +28,13 @@ SCENARIOS = {
     # forward-locked: features replay (recompute) and DDG (stash)
     "fr": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked"}},
     "ddg": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked", "weight_stashing": True}},
+    # SpecTrain's weight prediction, on both schedules
+    "spectrain": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}},
+    "spectrain_locked": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True,
+                                           "schedule": "forward_locked"}},
+    "spectrain_ckpt": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}, "checkpoint": 3},
+    "spectrain_resume": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}, "checkpoint": 3,
+                         "resume": True},
     "ddg_ckpt": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked", "weight_stashing": True},
                  "checkpoint": 3},
     "ddg_resume": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked",
@@ -226,6 +233,24 @@ def test_forward_locked_delay_per_stage_and_resume(two_stages):
     assert torch.equal(flat_state(two_stages[0]["ddg_resume"]["eval"], cfg), straight)
     start = two_stages[0]["ddg"]["starts"][1]
     assert not torch.allclose(straight, reference_pipelined_bp(cfg, STEPS, start, True, locked=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, locked", [("spectrain", False), ("spectrain_locked", True)])
+def test_weight_prediction_matches_clocked_simulation(two_stages, name, locked):
+    """SpecTrain (Chen, Yang, Cheng 2018): stage 0 runs the forward and backward passes of a minibatch
+    at its weights plus D times its last update (D = 2 pipelined, 1 forward-locked); equals the
+    one-process simulation, differs from the same schedule without prediction, and a run resumed
+    from a checkpoint (the last update kept in it) ends as the uninterrupted one."""
+    cfg = config({"name": "single"})
+    start = two_stages[0][name]["starts"][1]
+    expected = reference_pipelined_bp(cfg, STEPS, start, False, locked=locked, predict=True)
+    got = flat_state(two_stages[0][name]["eval"], cfg)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    for stash in (False, True):
+        assert not torch.allclose(got, reference_pipelined_bp(cfg, STEPS, start, stash, locked=locked), atol=1e-5)
+    if not locked:
+        assert torch.equal(flat_state(two_stages[0]["spectrain_resume"]["eval"], cfg),
+                           flat_state(two_stages[0]["spectrain_ckpt"]["eval"], cfg))
 
 
 def test_pipelined_bp_matches_clocked_simulation_on_the_conformer(two_stages):

@@ -28,7 +28,15 @@ it is decoupled parallel back-propagation with delayed gradients (DDG: Huo, Gu, 
 "Decoupled parallel backpropagation with convergence guarantee", ICML 2018), whose module k
 computes the gradient at the weights of its forward pass. The 2 x 2 grid {pipelined,
 forward_locked} x {recompute, stash} is Chen et al.'s pipeline, PipeDream-style stashing, FR and
-DDG. That delay is measured for every update (weight version at the update minus
+DDG.
+
+``weight_prediction`` (SpecTrain: Chen, Yang, Cheng, "Efficient and robust parallel DNN training
+through model parallelism on multi-GPU platform", 2018): part s runs the forward pass of a minibatch
+with its weights predicted D updates ahead, D = the delay its gradient will have (2(S-1-s), or S-1-s
+forward-locked), from the optimiser's smoothed update (:meth:`PipelinedBP.predicted_weights`), and
+the backward pass recomputes at the same predicted weights (kept as a stash), so the gradient is
+taken near the weights it will be applied to. Without momentum the "smoothed" update is the last
+gradient step, which SpecTrain's authors did not use. That delay is measured for every update (weight version at the update minus
 the version the forward pass used) and logged per stage.
 
 Gradient clipping: the update applied at a tick is one vector over all parts (part s's slice being
@@ -103,6 +111,7 @@ class PipelinedBP(PipelineStrategy):
     class Params:
         weight_stashing: bool = False  # backward passes use their forward pass's weights (PipeDream)
         schedule: str = "pipelined"  # "pipelined" (Chen et al. 2012) or "forward_locked" (FR, DDG)
+        weight_prediction: bool = False  # SpecTrain: forward (and backward) at weights predicted ahead
         balance: str = "flops"  # cut balanced by "flops" or "params"
         boundaries: list[int] = field(default_factory=list)  # or explicit start stage of parts 1..S-1
         recv_timeout: float = 300.0  # seconds a stage waits for a neighbour before stopping with an error
@@ -127,6 +136,7 @@ class PipelinedBP(PipelineStrategy):
         self.delays: list[tuple[int, int]] = []  # (minibatch, measured delay) of the last 1000 updates
         self.sends: list = []  # this tick's sends (work handles and their buffers)
         self.previous_sends: list = []
+        self.last_update: list | None = None  # weight_prediction: the update this part applied last
 
     # -- the schedule: which minibatch each part works on at a tick
     def forward_lag(self, s: int) -> int:
@@ -175,6 +185,8 @@ class PipelinedBP(PipelineStrategy):
         state = super().state_dict()
         state["pipelined_bp"] = {"version": self.version, "done_before": self.done_before,
                                  "delays": [list(d) for d in self.delays]}
+        if self.last_update is not None:  # weight_prediction's last update
+            state["pipelined_bp"]["last_update"] = [u.clone() for u in self.last_update]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -183,6 +195,8 @@ class PipelinedBP(PipelineStrategy):
         if p is not None:
             self.version, self.done_before = p["version"], p["done_before"]
             self.delays = [tuple(d) for d in p["delays"]]
+            if "last_update" in p:
+                self.last_update = [u.to(w.device) for u, w in zip(p["last_update"], self.part.parameters())]
 
     def summary_figures(self) -> dict:
         return {**super().summary_figures(),
@@ -221,9 +235,20 @@ class PipelinedBP(PipelineStrategy):
                 self.in_flight[n_f] = _InFlight(x_in, lengths, tuple(logits.shape), logits.dtype, self.version,
                                                 rng, cuda_rng)
             else:
-                stash = [p.detach().clone() for p in self.part.parameters()] if self.params.weight_stashing else None
+                if self.params.weight_prediction:  # SpecTrain: the weights this gradient will meet
+                    stash = self.predicted_weights(self.backward_lag(s) - self.forward_lag(s))
+                elif self.params.weight_stashing:
+                    stash = [p.detach().clone() for p in self.part.parameters()]
+                else:
+                    stash = None
                 with torch.no_grad(), ctx.autocast():
-                    y, y_lens = self.part(x, lengths)
+                    if stash is not None and self.params.weight_prediction:
+                        from torch.func import functional_call
+
+                        names = [name for name, _ in self.part.named_parameters()]
+                        y, y_lens = functional_call(self.part, dict(zip(names, stash)), (x, lengths))
+                    else:
+                        y, y_lens = self.part(x, lengths)
                 self.sends += self.send_activation(y, y_lens)
                 self.in_flight[n_f] = _InFlight(x, lengths, tuple(y.shape), y.dtype, self.version, rng, cuda_rng,
                                                 stash)
@@ -243,7 +268,10 @@ class PipelinedBP(PipelineStrategy):
             t1 = time.perf_counter()
             params = [p for p in self.part.parameters() if p.grad is not None]
             ctx.clip(params, torch.tensor(figures["sq_norm"] ** 0.5, dtype=torch.float32, device=dev))
+            before = [p.detach().clone() for p in self.part.parameters()] if self.params.weight_prediction else None
             ctx.apply(torch.zeros(1, device=dev))
+            if before is not None:
+                self.last_update = [p.detach() - b for p, b in zip(self.part.parameters(), before)]
             self.version += 1
             self.busy += time.perf_counter() - t1
         bad_ids = [i for p in range(S) if figures["bad"][p] for i in self.ids.get(tick - self.backward_lag(p), [])]
@@ -253,6 +281,16 @@ class PipelinedBP(PipelineStrategy):
         else:
             cut_ids = list(batch.cut_ids) if batch is not None else []
         return self.step_output(figures, batch.num_frames if batch is not None else 0, cut_ids)
+
+    def predicted_weights(self, ahead: int) -> list:
+        """SpecTrain's prediction of this part's weights ``ahead`` updates from now: the current weights
+        plus ``ahead`` times the update applied last, which is the optimiser's smoothed step (SGD with
+        momentum: -lr times its momentum buffer, as Chen, Yang, Cheng 2018 predict; Adam and AdamW:
+        -lr times m / (sqrt(v) + eps), with the decoupled decay); before any update, the weights."""
+        weights = [p.detach() for p in self.part.parameters()]
+        if self.last_update is None or ahead <= 0:
+            return [w.clone() for w in weights]
+        return [w + ahead * u for w, u in zip(weights, self.last_update)]
 
     def _backward(self, n: int, loss, ctx) -> tuple[int | None, dict]:
         """Minibatch ``n``'s backward pass on this part and the input gradient sent back. Returns
