@@ -275,6 +275,21 @@ def flat_state(state: dict, model_cfg) -> torch.Tensor:
     return torch.cat([state[n].reshape(-1) for n in names])
 
 
+def _two_stages(cfg, start: int):
+    """A fresh model (seed 0) cut before stage ``start``: (model, lower stages, upper stages, their
+    parameters)."""
+    model = build(cfg)
+    lower, upper = list(model.stages)[:start], list(model.stages)[start:]
+    return (model, lower, upper, [p for s in lower for p in s.parameters()],
+            [p for s in upper for p in s.parameters()])
+
+
+def _run_stages(stages, x, lengths):
+    for s in stages:
+        x, lengths = s(x, lengths)
+    return x, lengths
+
+
 def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: bool = False,
                            predict: bool = False) -> torch.Tensor:
     """Two-stage pipelined back-propagation (Chen et al. 2012) simulated in one process, clock tick by
@@ -287,15 +302,8 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
     when the forward pass ran. Returns the final parameters."""
     from asr_parallel.train.loss import ctc_loss
 
-    model = build(cfg)
-    lower, upper = list(model.stages)[:start], list(model.stages)[start:]
-    p0 = [p for s in lower for p in s.parameters()]
-    p1 = [p for s in upper for p in s.parameters()]
-
-    def run(stages, x, lengths):
-        for s in stages:
-            x, lengths = s(x, lengths)
-        return x, lengths
+    model, lower, upper, p0, p1 = _two_stages(cfg, start)
+    run = _run_stages
 
     sent, weights_then, grad_in = {}, {}, {}
     upper_lag, lower_lag = (0, 1) if locked else (1, 2)
@@ -337,4 +345,70 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
             for p, w, g in zip(p0, now, grads):
                 p.data.copy_(w - LR * g)
             last_update = [-LR * g for g in grads]
+    return flat(model)
+
+
+def reference_synthetic_gradients(cfg, steps: int, start: int, synth_lr: float, hidden: int,
+                                  conditioned: bool = False) -> torch.Tensor:
+    """Two-stage decoupled neural interfaces (Jaderberg et al. 2017) simulated in one process, clock
+    tick by clock tick: stage 0 runs the forward pass of minibatch t, back-propagates the synthetic
+    gradient M(h) (a per-frame MLP, hidden layer drawn from N(0, 1/fan_in) with generator seed 1000,
+    output layer zero; with ``conditioned`` its input also holds the utterance's token counts over
+    the target length) and updates; stage 1 runs forward and backward of minibatch t - 1 through the
+    CTC loss and updates; then M takes one SGD step on the mean squared error over real frames
+    between M(h) and the true gradient of minibatch t - 2. Returns the final parameters."""
+    import math
+
+    from asr_parallel.train.loss import ctc_loss
+
+    model, lower, upper, p0, p1 = _two_stages(cfg, start)
+    run = _run_stages
+
+    dim = lower[-1].output_dim
+    extra = VOCAB if conditioned else 0
+    g = torch.Generator().manual_seed(1000)
+    w1 = (torch.randn(hidden, dim + extra, generator=g) / math.sqrt(dim + extra)).requires_grad_(True)
+    b1 = torch.zeros(hidden, requires_grad=True)
+    w2 = torch.zeros(dim, hidden, requires_grad=True)
+    b2 = torch.zeros(dim, requires_grad=True)
+
+    def synth(h, mask, cond):
+        if cond is not None:
+            h = torch.cat([h, cond[:, None, :].expand(-1, h.shape[1], -1)], dim=-1)
+        return (torch.relu(h @ w1.T + b1) @ w2.T + b2) * mask[..., None].float()
+
+    def bag(tokens):
+        out = torch.zeros(len(tokens), VOCAB)
+        for i, t in enumerate(tokens):
+            for tok in t:
+                out[i, tok] += 1.0 / len(t)
+        return out
+
+    kept, true_grad = {}, {}
+    for t in range(steps + 2):
+        if t < steps:
+            b = batch(t + 1, 0)
+            h, lens = run(lower, b.feats, b.feat_lens)
+            mask = torch.arange(h.shape[1])[None, :] < lens[:, None]
+            cond = bag(b.tokens) if conditioned else None
+            with torch.no_grad():
+                g_hat = synth(h.detach(), mask, cond)
+            for p, gr in zip(p0, torch.autograd.grad(h, p0, g_hat)):
+                p.data -= LR * gr
+            kept[t] = (h.detach(), lens, mask, cond)
+        n = t - 1
+        if 0 <= n < steps:
+            y = kept[n][0].clone().requires_grad_(True)
+            logits, out_lens = run(upper, y, kept[n][1])
+            tokens = batch(n + 1, 0).tokens
+            grads = torch.autograd.grad(ctc_loss(logits, out_lens, tokens) / len(tokens), p1 + [y])
+            for p, gr in zip(p1, grads[:-1]):
+                p.data -= LR * gr
+            true_grad[n] = grads[-1]
+        n = t - 2
+        if 0 <= n < steps:
+            h, _, mask, cond = kept.pop(n)
+            mse = ((synth(h, mask, cond) - true_grad.pop(n) * mask[..., None]) ** 2).sum() / (mask.sum() * dim)
+            for w, gr in zip((w1, b1, w2, b2), torch.autograd.grad(mse, (w1, b1, w2, b2))):
+                w.data -= synth_lr * gr
     return flat(model)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from strategy_harness import (CONFORMER, CONFORMER_BN, LR, MLP, SGD, batch, build, config, flat, flat_state,
-                              reference_pipelined_bp, spawn_and_reap)
+                              reference_pipelined_bp, reference_synthetic_gradients, spawn_and_reap)
 
 STEPS = 6
 CLIP = 0.05
@@ -35,6 +35,14 @@ SCENARIOS = {
     "spectrain_ckpt": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}, "checkpoint": 3},
     "spectrain_resume": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}, "checkpoint": 3,
                          "resume": True},
+    # synthetic gradients (DNI), SGD on the synthesiser so that the simulation can follow it
+    "sg": {**S, "strategy": {"name": "synthetic_gradients", "synth_optimizer": "sgd", "synth_lr": 0.5,
+                             "synth_hidden": 16}},
+    "sg_cond": {**S, "strategy": {"name": "synthetic_gradients", "synth_optimizer": "sgd", "synth_lr": 0.5,
+                                  "synth_hidden": 16, "conditioned": True}},
+    "sg_ckpt": {**S, "strategy": {"name": "synthetic_gradients", "synth_hidden": 16}, "checkpoint": 3},
+    "sg_resume": {**S, "strategy": {"name": "synthetic_gradients", "synth_hidden": 16}, "checkpoint": 3,
+                  "resume": True},
     "ddg_ckpt": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked", "weight_stashing": True},
                  "checkpoint": 3},
     "ddg_resume": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked",
@@ -253,6 +261,39 @@ def test_weight_prediction_matches_clocked_simulation(two_stages, name, locked):
                            flat_state(two_stages[0]["spectrain_ckpt"]["eval"], cfg))
 
 
+@pytest.mark.parametrize("name, conditioned", [("sg", False), ("sg_cond", True)])
+def test_synthetic_gradients_match_clocked_simulation(two_stages, name, conditioned):
+    """Decoupled neural interfaces (Jaderberg et al. 2017), plain and conditioned on the targets
+    (cDNI): stage 0 updates at once with its synthesiser's prediction, which learns from the true
+    gradient two ticks later; equals the one-process simulation, and stage 0 did move (its
+    synthesiser, zero at the start, learnt to predict)."""
+    cfg = config({"name": "single"})
+    start = two_stages[0][name]["starts"][1]
+    p = SCENARIOS[name]["strategy"]
+    expected = reference_synthetic_gradients(cfg, STEPS, start, p["synth_lr"], p["synth_hidden"], conditioned)
+    got = flat_state(two_stages[0][name]["eval"], cfg)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    first = build(cfg)
+    lower = torch.cat([q.detach().reshape(-1) for s in list(first.stages)[:start] for q in s.parameters()])
+    assert not torch.allclose(got[:lower.numel()], lower, atol=1e-7)
+    if conditioned:
+        plain = reference_synthetic_gradients(cfg, STEPS, start, p["synth_lr"], p["synth_hidden"], False)
+        assert not torch.allclose(got, plain, atol=1e-6)
+    assert set(dict(two_stages[0][name]["delays"]).values()) == {0}  # no stale gradient applied
+
+
+def test_synthetic_gradients_resume_exactly(two_stages):
+    """A checkpoint after step 3 drains S = 2 ticks; a fresh trainer loading it (synthesisers and their
+    Adam state included) ends as the uninterrupted run; every call is counted."""
+    cfg = config({"name": "single"})
+    assert torch.equal(flat_state(two_stages[0]["sg_resume"]["eval"], cfg),
+                       flat_state(two_stages[0]["sg_ckpt"]["eval"], cfg))
+    assert len(two_stages[0]["sg_ckpt"]["outs"]) == STEPS + 2 + 2
+    for rank in (0, 1):
+        for name in ("sg_ckpt", "sg_resume"):
+            assert all(seq == counted for _, seq, counted in two_stages[rank][name]["calls"])
+
+
 def test_pipelined_bp_matches_clocked_simulation_on_the_conformer(two_stages):
     cfg = config({"name": "single"}, CONFORMER)
     start = two_stages[0]["pbp_conformer"]["starts"][1]
@@ -299,6 +340,16 @@ def test_one_stage_equals_plain_sgd_with_clipping():
     got = flat_state(res["eval"], config({"name": "single"}))
     assert torch.allclose(got, plain_training(STEPS, grad_clip=CLIP), atol=1e-6)
     assert not torch.allclose(got, plain_training(STEPS), atol=1e-6)  # clipping was active
+    assert res["comm"]["calls"] == 0 and res["steps"] == STEPS
+
+
+def test_one_part_of_synthetic_gradients_is_plain_sgd():
+    """With one rank the only part is the last: the true loss, no synthesiser; plain SGD."""
+    from asr_parallel.strategies.base import DistContext
+
+    spec = {**S, "strategy": {"name": "synthetic_gradients"}}
+    res = drive(spec, DistContext(), None)
+    assert torch.allclose(flat_state(res["eval"], config({"name": "single"})), plain_training(STEPS), atol=1e-6)
     assert res["comm"]["calls"] == 0 and res["steps"] == STEPS
 
 
@@ -400,7 +451,7 @@ def test_counted_calls_equal_gloo_sequence_numbers(two_stages, name):
 
 
 @pytest.mark.parametrize("name", ["pbp", "pbp_stash", "gpipe", "1f1b", "gpipe_padded", "gpipe_conformer",
-                                  "pbp_ckpt", "pbp_resume", "gpipe_resume"])
+                                  "pbp_ckpt", "pbp_resume", "gpipe_resume", "sg", "sg_ckpt", "fr", "spectrain"])
 def test_counted_bytes_equal_the_strategys_prediction(two_stages, name):
     for rank in (0, 1):
         strategy = two_stages[rank][name]

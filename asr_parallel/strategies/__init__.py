@@ -24,11 +24,13 @@ from asr_parallel.strategies.one_f_one_b import OneFOneB
 from asr_parallel.strategies.pipelined_bp import PipelinedBP
 from asr_parallel.strategies.single import SingleProcess
 from asr_parallel.strategies.sync_sgd import SyncSGD
+from asr_parallel.strategies.synthetic_gradients import SyntheticGradients
 from asr_parallel.typed import coerce
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (SingleProcess, SyncSGD, ModelAveraging, BMUF,
                                                                    EASGD, Hierarchical, PipelinedBP, GPipe,
-                                                                   OneFOneB, AsyncPS, DCASGD, ADPSGD, Hogwild)}
+                                                                   OneFOneB, AsyncPS, DCASGD, ADPSGD, Hogwild,
+                                                                   SyntheticGradients)}
 
 
 def parse_strategy(section: dict):

@@ -219,11 +219,7 @@ class PipelinedBP(PipelineStrategy):
         self.part.train()
         loss = None
         if self._valid(n_f):
-            if self.first:
-                x, lengths = batch.feats.to(dev, non_blocking=True), batch.feat_lens.to(dev)
-                x = ctx.augment(x)
-            else:
-                x, lengths = self.recv_activation(dev)
+            x, lengths = self.part_input(batch, ctx)
             rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
             if self.last:  # forward and backward of the same minibatch in this tick: keep the graph
@@ -291,6 +287,14 @@ class PipelinedBP(PipelineStrategy):
         if self.last_update is None or ahead <= 0:
             return [w.clone() for w in weights]
         return [w + ahead * u for w, u in zip(weights, self.last_update)]
+
+    def part_input(self, batch, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input of this part's forward pass: the batch's features (augmented) on part 0, else the
+        activation the part below sent at the previous tick."""
+        if self.first:
+            x = batch.feats.to(ctx.device, non_blocking=True)
+            return ctx.augment(x), batch.feat_lens.to(ctx.device)
+        return self.recv_activation(ctx.device)
 
     def _backward(self, n: int, loss, ctx) -> tuple[int | None, dict]:
         """Minibatch ``n``'s backward pass on this part and the input gradient sent back. Returns

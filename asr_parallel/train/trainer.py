@@ -107,7 +107,7 @@ def training_fingerprint(cfg: RecipeConfig) -> str:
 
     d = cfg.to_dict()
     operational = set(OPERATIONAL_KEYS)
-    if d["strategy"].get("name") == "pipelined_bp":  # its checkpoints and a max_steps stop drain the
+    if d["strategy"].get("name") in ("pipelined_bp", "synthetic_gradients"):  # checkpoints and max_steps drain the
         operational.discard("checkpoint_every_steps")  # pipeline: other updates
         operational.discard("max_steps")
     train = {k: v for k, v in d["train"].items()
