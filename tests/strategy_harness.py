@@ -298,8 +298,8 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
     forward and backward of minibatch t - 1 and updates at once. With ``locked`` (forward-locked:
     features replay, or DDG with ``stash``) stage 1 takes minibatch t in the same tick and stage 0's
     backward pass is of minibatch t - 1. With ``predict`` (SpecTrain) stage 0's forward and backward
-    passes of a minibatch use its weights plus D times its last update (D = 2, or 1 locked), taken
-    when the forward pass ran. Returns the final parameters."""
+    passes of minibatch n use its weights plus min(D, n) times its last update (D = 2, or 1 locked:
+    the delay the gradient will have), taken when the forward pass ran. Returns the final parameters."""
     from asr_parallel.train.loss import ctc_loss
 
     model, lower, upper, p0, p1 = _two_stages(cfg, start)
@@ -312,7 +312,7 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
         if t < steps:
             b = batch(t + 1, 0)
             if predict and last_update is not None:
-                weights_then[t] = [p.detach() + lower_lag * u for p, u in zip(p0, last_update)]
+                weights_then[t] = [p.detach() + min(lower_lag, t) * u for p, u in zip(p0, last_update)]
             else:
                 weights_then[t] = [p.detach().clone() for p in p0]
             now = [p.detach().clone() for p in p0]

@@ -279,7 +279,6 @@ def test_synthetic_gradients_match_clocked_simulation(two_stages, name, conditio
     if conditioned:
         plain = reference_synthetic_gradients(cfg, STEPS, start, p["synth_lr"], p["synth_hidden"], False)
         assert not torch.allclose(got, plain, atol=1e-6)
-    assert set(dict(two_stages[0][name]["delays"]).values()) == {0}  # no stale gradient applied
 
 
 def test_synthetic_gradients_resume_exactly(two_stages):

@@ -17,16 +17,15 @@ Schemes (``strategy.compression``):
   error is added to the gradient, only the sign of each value is kept, and each column is
   reconstructed from the mean of its positive and the mean of its other values; the difference
   between the input and the reconstruction is carried to the next step (error feedback). Each rank
-  aggregates a stripe of columns (the model's columns dealt to the K ranks in K contiguous ranges
-  of about equal size, whatever DDP's buckets): every rank sends stripe k of its quantised bucket
-  to rank k (an all-to-all), rank k decodes and sums the K of them, quantises the sum again with an error buffer
+  aggregates a stripe of columns (the model's columns dealt to the K ranks round robin, whatever
+  DDP's buckets): every rank sends stripe k of its quantised bucket to rank k (an all-to-all), rank k decodes and sums the K of them, quantises the sum again with an error buffer
   of its own, and the re-quantised stripes are gathered by every rank (an all-gather). The signs
   travel packed 8 to a byte (uint8), each column with two float32 reconstruction values, so a
   column of n values costs ceil(n / 8) + 8 bytes in place of 4 n.
 
-  A "column" here is a row of PyTorch's row-major (out, in) weight: the values a contiguous block of
-  the bucket holds (CNTK, the paper's toolkit, stores matrices column-major, where a column is
-  contiguous too); a vector (bias, normalisation) is one column.
+  A "column" here is a row of PyTorch's (out, in) weight, one output unit's fan-in, contiguous in
+  memory; a vector (bias, normalisation) is one column. This departs from the paper: in CNTK's
+  column-major (out, in) matrices a column is one input's fan-out.
 
 Common to every compressing scheme: the first ``start_step`` steps use the plain all-reduce (DDP
 rebuilds its buckets after the first step; torch's PowerSGD needs two plain steps before warm start
@@ -132,19 +131,16 @@ def dequantize(payload: torch.Tensor, stripe: Stripe, dtype=torch.float32) -> to
 
 def column_owners(shapes: list[tuple[int, ...]], world: int) -> list[torch.Tensor]:
     """For the model's tensors (in ``model.parameters()`` order), the rank that aggregates each column:
-    the columns, in that order, are dealt to K contiguous ranges of about N / K values each (N in
-    all), a column going to rank floor(K s / N) for s the number of values before it. Fixed by the
-    model, not by DDP's buckets, so that the second quantisation's error stays with its rank when
-    DDP rebuilds its buckets (after the first step, and again after every restart)."""
-    sizes = [math.prod(shape) for shape in shapes]
-    total = max(1, sum(sizes))
-    owners, start = [], 0
-    for shape, numel in zip(shapes, sizes):
-        cols = column_sizes([shape])
-        width = cols[0] if cols else 0
-        starts = start + torch.arange(len(cols), dtype=torch.long) * width
-        owners.append(starts * world // total)
-        start += numel
+    the columns, numbered in that order, are dealt round robin (column j to rank j mod K). Fixed by
+    the model, not by DDP's buckets, so that the second quantisation's error stays with its rank when
+    DDP rebuilds its buckets (after the first step, and again after every restart); and balanced
+    inside every bucket, so that no rank receives more than its share of an all-to-all and the
+    all-gather's padding stays small."""
+    owners, first = [], 0
+    for shape in shapes:
+        cols = len(column_sizes([shape]))
+        owners.append((first + torch.arange(cols, dtype=torch.long)) % world)
+        first += cols
     return owners
 
 
@@ -210,6 +206,26 @@ class CompressionState:
     psgd_q: dict = field(default_factory=dict)  # tensor index -> PowerSGD warm-start Q (between layouts)
     psgd_iter: int | None = None
     shapes: dict = field(default_factory=dict)  # bucket index -> [(tensor index, shape)], as compressed
+    ddp: object = None  # the DDP module, whose bucket rebuild changes the layout
+    rebuilt_seen: bool = False
+
+    def begin_step(self) -> None:
+        """At a step's start (after its forward pass, where DDP rebuilds its buckets): when the layout
+        changed, move PowerSGD's per-bucket buffers to per-tensor form and forget the old layouts."""
+        self.step += 1
+        rebuilt = bool(getattr(self.ddp, "_has_rebuilt_buckets", False))
+        if rebuilt == self.rebuilt_seen:
+            return
+        self.rebuilt_seen = rebuilt
+        if self.powersgd is not None:
+            err, q = powersgd_per_tensor(self)
+            self.psgd_error.update(err)
+            self.psgd_q.update(q)
+            for d in (self.powersgd.error_dict, self.powersgd.p_memory_dict, self.powersgd.q_memory_dict):
+                d.clear()
+            self.psgd_meta.clear()
+        self.layouts.clear()
+        self.shapes.clear()
 
     def attach(self, model) -> None:
         params = list(model.parameters())
@@ -266,18 +282,14 @@ def powersgd_per_tensor(cs: CompressionState) -> tuple[dict, dict]:
 
 
 def _powersgd_bucket(cs: CompressionState, index: int, params: tuple, shapes: list) -> None:
-    """Keep torch's per-bucket dictionaries right for this bucket: when DDP's layout changed, move
-    them to per-tensor form; when the bucket is new to them, fill them from that form."""
+    """Keep torch's per-bucket dictionaries right for this bucket: when it is new to them (the first
+    compressed step, a resume, a new layout: :meth:`CompressionState.begin_step`), fill them from the
+    per-tensor form."""
     ps = cs.powersgd
     known = cs.psgd_meta.get(index)
-    if known is not None and known[0] != params:
-        err, q = powersgd_per_tensor(cs)
-        cs.psgd_error.update(err)
-        cs.psgd_q.update(q)
-        for d in (ps.error_dict, ps.p_memory_dict, ps.q_memory_dict):
-            d.clear()
-        cs.psgd_meta.clear()
-    if index in cs.psgd_meta:
+    if known is not None:
+        if known[0] != params:
+            raise RuntimeError(f"PowerSGD: bucket {index} changed its tensors without DDP rebuilding its buckets")
         return
     cs.psgd_meta[index] = (params, shapes)
     if all(i in cs.psgd_error for i in params):
@@ -329,8 +341,23 @@ def _store(store: dict, layout: OneBitLayout, shapes: list, flat: torch.Tensor) 
         store[i] = flat[offset:offset + math.prod(shape)].clone()
 
 
+def _done(value: torch.Tensor):
+    fut = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
 def compressed_hook(hs, bucket):
-    """The hook for a compressing step (``hs``: :class:`asr_parallel.strategies.ddp.HookState`)."""
+    """The hook for a compressing step (``hs``: :class:`asr_parallel.strategies.ddp.HookState`).
+
+    PowerSGD and 1-bit SGD make several collectives per bucket, each depending on the one before.
+    They run to the end inside the hook, on DDP's thread, one bucket after the other: gloo runs a
+    future's callbacks on its own worker threads, where a collective started for one bucket could
+    queue in a different order on different ranks than another bucket's (and block a worker). So
+    their communication does not overlap the rest of the backward pass; bf16 and fp16 (one
+    all-reduce) still do. A step that a non-finite loss on any rank makes bad communicates as any
+    other (so that the counts stay those of the cost model) but leaves the error and warm-start
+    buffers as they were."""
     import torch.distributed as tdist
 
     cs: CompressionState = hs.compression
@@ -357,6 +384,7 @@ def compressed_hook(hs, bucket):
         fut = tdist.all_reduce(half, group=hs.group, async_op=True).get_future()
         return fut.then(lambda f: finish(f.value()[0]))
 
+    skip = bool(bad)  # the buffers stay as they were (a host read: these schemes wait anyway)
     if cs.scheme == "powersgd":
         from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import powerSGD_hook
 
@@ -364,22 +392,28 @@ def compressed_hook(hs, bucket):
             cs.powersgd = make_powersgd_state(cs, hs.group)
         ps = cs.powersgd
         _powersgd_bucket(cs, index, params, shapes)
+        saved = {name: d[index].clone() for name, d in (("error", ps.error_dict), ("p", ps.p_memory_dict),
+                                                         ("q", ps.q_memory_dict)) if index in d} if skip else None
         buf.mul_(inv * hs.world)  # torch's hook takes the mean over ranks: the global mean of the loss
         if ps.iter < ps.start_powerSGD_iter:
             hs.comm.all_reduce(buf.numel(), buf.element_size(), hs.world, hs.label)
         else:
             for numel in powersgd_split(shapes, ps.matrix_approximation_rank, ps.min_compression_rate):
                 hs.comm.all_reduce(numel, buf.element_size(), hs.world, hs.label)
-
-        def clean(f):
+        result = powerSGD_hook(ps, bucket).wait()
+        if saved is not None:
+            for name, d in (("error", ps.error_dict), ("p", ps.p_memory_dict), ("q", ps.q_memory_dict)):
+                if name in saved:
+                    d[index] = saved[name]
+                else:
+                    d.pop(index, None)
+        else:
             if index in ps.error_dict:
                 _clean(ps.error_dict[index])
             q = ps.q_memory_dict.get(index)
-            if q is not None and not bool(torch.isfinite(q).all()):  # a bad batch: draw Q afresh next step
+            if q is not None and not bool(torch.isfinite(q).all()):  # draw Q afresh next step
                 del ps.q_memory_dict[index], ps.p_memory_dict[index]
-            return finish(f.value())
-
-        return powerSGD_hook(ps, bucket).then(clean)
+        return _done(finish(result))
 
     # onebit
     k, me = hs.world, tdist.get_rank(hs.group)
@@ -397,38 +431,39 @@ def compressed_hook(hs, bucket):
         payload, r = quantize(xp[s.start:s.end], s)
         payloads.append(payload)
         recon[s.start:s.end] = r
-    error = torch.empty_like(x)
-    error[perm] = xp - recon
-    _clean(error)
-    _store(cs.error, layout, shapes, error)
+    if not skip:
+        error = torch.empty_like(x)
+        error[perm] = xp - recon
+        _clean(error)
+        _store(cs.error, layout, shapes, error)
+    # stripe k of every rank's quantised bucket to rank k (an all-to-all of packed bytes)
     sizes = [p.numel() for p in payloads]  # bytes (uint8)
     size = sizes[me]  # what every rank sends this one: its stripe, laid out alike on every rank
     out = torch.empty(k * size, dtype=torch.uint8, device=buf.device)
     hs.comm.add(sum(b for j, b in enumerate(sizes) if j != me), 1, hs.label)
     hs.comm.bytes_received += (k - 1) * size
-    work = tdist.all_to_all_single(out, torch.cat(payloads), [size] * k, sizes, group=hs.group, async_op=True)
-
-    def gather(f):
-        parts = out.view(k, size)
-        summed = sum(dequantize(parts[j], mine, buf.dtype) for j in range(k))
-        where = perm[mine.start:mine.end]
-        error_sum = _per_tensor(cs.error_sum, layout, shapes, buf)
-        y = summed + error_sum[where]
-        payload, r = quantize(y, mine)
+    tdist.all_to_all_single(out, torch.cat(payloads), [size] * k, sizes, group=hs.group)
+    # this rank's stripe: the sum of the K decoded stripes, quantised again with its own error
+    parts = out.view(k, size)
+    summed = sum(dequantize(parts[j], mine, buf.dtype) for j in range(k))
+    where = perm[mine.start:mine.end]
+    error_sum = _per_tensor(cs.error_sum, layout, shapes, buf)
+    y = summed + error_sum[where]
+    payload, r = quantize(y, mine)
+    if not skip:
         error_sum[where] = y - r
         _clean(error_sum)
         _store(cs.error_sum, layout, shapes, error_sum)
-        width = max(sizes)
-        padded = torch.zeros(width, dtype=torch.uint8, device=buf.device)
-        padded[:payload.numel()] = payload
-        hs.comm.add((k - 1) * padded.numel(), 1, hs.label)  # a ring: K - 1 stripes forwarded
-        hs.comm.bytes_received += (k - 1) * width
-        gathered = [torch.empty(width, dtype=torch.uint8, device=buf.device) for _ in range(k)]
-        tdist.all_gather(gathered, padded, group=hs.group)
-        result = torch.empty_like(xp)
-        for s, p in zip(stripes, gathered):
-            result[s.start:s.end] = dequantize(p, s, buf.dtype)
-        buf[perm] = result
-        return finish(buf)
-
-    return work.get_future().then(gather)
+    # every rank's re-quantised stripe to every rank (a ring all-gather, padded to the largest)
+    width = max(sizes)
+    padded = torch.zeros(width, dtype=torch.uint8, device=buf.device)
+    padded[:payload.numel()] = payload
+    hs.comm.add((k - 1) * padded.numel(), 1, hs.label)  # a ring: K - 1 stripes forwarded
+    hs.comm.bytes_received += (k - 1) * width
+    gathered = [torch.empty(width, dtype=torch.uint8, device=buf.device) for _ in range(k)]
+    tdist.all_gather(gathered, padded, group=hs.group)
+    result = torch.empty_like(xp)
+    for s, p in zip(stripes, gathered):
+        result[s.start:s.end] = dequantize(p, s, buf.dtype)
+    buf[perm] = result
+    return _done(finish(buf))

@@ -19,8 +19,9 @@ strategy, over ``steps`` optimiser steps:
   all Q (m_i r), a matrix being compressed when n_i m_i > (n_i + m_i) r min_rate (Vogels et al.
   2019); ``onebit`` an all-to-all in which this rank sends the quantised stripes of the K - 1 other
   ranks (ceil(values / 8) + 8 * columns bytes each) and a ring all-gather of the stripes padded to
-  the largest, K - 1 of them sent (Seide et al. 2014); a column belongs to the stripe of the rank
-  that owns it by its place in the model. These need the buckets' tensors (``bucket_shapes``:
+  the largest, K - 1 of them sent (Seide et al. 2014); the model's columns belong to the ranks
+  round robin. The layout is the last one DDP built: the first step after a restart, in DDP's
+  initial layout, is predicted with it too. These need the buckets' tensors (``bucket_shapes``:
   per bucket [tensor index, shape] in bucket order, the indices those of ``model.parameters()``).
 * ``model_averaging``: one broadcast of P + buffers at the start (none with a synchronous warm-up:
   DDP's construction broadcasts, counted as ``ddp_setup``), the warm-up (synchronous: W steps as
@@ -84,24 +85,18 @@ def _columns(shape) -> list[int]:
 def onebit_bucket_bytes(bucket: list, model_shapes: list, world_size: int, rank: int) -> tuple[int, int]:
     """Bytes ``rank`` sends for one bucket under 1-bit SGD: (its all-to-all, its all-gather).
     ``bucket``: [(tensor index, shape)] in bucket order; ``model_shapes``: every tensor's shape in
-    model order. The columns of the model, in model order, go to K contiguous ranges of about N / K
-    values: a column starting after s values belongs to rank floor(K s / N). Rank k's stripe of the
-    bucket is the bucket's columns that belong to it: ceil(values / 8) bytes of signs and 8 bytes of
-    two float32 means per column."""
-    sizes = []
+    model order. The model's columns, numbered in model order, belong round robin to the ranks
+    (column j to rank j mod K); rank k's stripe of the bucket is the bucket's columns that belong to
+    it: ceil(values / 8) bytes of signs and 8 bytes of two float32 means per column."""
+    first, n = [], 0
     for shape in model_shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        sizes.append(n)
-    total = max(1, sum(sizes))
-    first = [sum(sizes[:i]) for i in range(len(sizes))]
+        first.append(n)
+        n += len(_columns(shape))
     values = [0] * world_size
     count = [0] * world_size
     for i, shape in bucket:
-        cols = _columns(shape)
-        for j, c in enumerate(cols):
-            k = (first[i] + j * c) * world_size // total
+        for j, c in enumerate(_columns(shape)):
+            k = (first[i] + j) % world_size
             values[k] += c
             count[k] += 1
     payload = [-(-values[k] // 8) + 8 * count[k] for k in range(world_size)]

@@ -125,7 +125,7 @@ def set_weight(state: HookState, utterances: int, loss: torch.Tensor) -> None:
     state.weight = torch.cat([torch.full((1,), float(utterances), device=flag.device), flag])
     cs = state.compression
     if cs is not None:
-        cs.step += 1
+        cs.begin_step()
         if cs.compressing():
             import torch.distributed as tdist
 

@@ -75,7 +75,8 @@ def ladder(value: int, unit: int, growth: float) -> int:
     """The smallest rung >= ``value`` of the ladder unit, ..., where each rung is the smallest multiple
     of ``unit`` at least ``growth`` times the one before (and at least one unit more): with growth 1,
     the multiples of ``unit``; with growth 1.25 from 16 frames, 16, 32, 48, 64, 80, 112, 144, 192, ...
-    (padding by at most about a quarter)."""
+    (far up the ladder a length grows by at most about growth times, plus one unit; near its foot
+    by up to one unit: 17 frames become 32)."""
     rung = unit
     while rung < value:
         rung = max(rung + unit, unit * math.ceil(rung * growth / unit - 1e-9))

@@ -33,9 +33,10 @@ DDG.
 ``weight_prediction`` (SpecTrain: Chen, Yang, Cheng, "Efficient and robust parallel DNN training
 through model parallelism on multi-GPU platform", 2018): part s runs the forward pass of a minibatch
 with its weights predicted D updates ahead, D = the delay its gradient will have (2(S-1-s), or S-1-s
-forward-locked), from the optimiser's smoothed update (:meth:`PipelinedBP.predicted_weights`), and
-the backward pass recomputes at the same predicted weights (kept as a stash), so the gradient is
-taken near the weights it will be applied to. Without momentum the "smoothed" update is the last
+forward-locked, once the pipeline is full; n for the n-th minibatch after a fill), from the
+optimiser's smoothed update (:meth:`PipelinedBP.predicted_weights`), and the backward pass
+recomputes at the same predicted weights (kept as a stash, not predicted again at backward time:
+our choice), so the gradient is taken near the weights it will be applied to. Without momentum the "smoothed" update is the last
 gradient step, which SpecTrain's authors did not use. That delay is measured for every update (weight version at the update minus
 the version the forward pass used) and logged per stage.
 
@@ -232,7 +233,9 @@ class PipelinedBP(PipelineStrategy):
                                                 rng, cuda_rng)
             else:
                 if self.params.weight_prediction:  # SpecTrain: the weights this gradient will meet
-                    stash = self.predicted_weights(self.backward_lag(s) - self.forward_lag(s))
+                    # the delay this minibatch's gradient will have: D once the pipeline is full,
+                    # n for the n-th minibatch after a fill (0, 1, ...)
+                    stash = self.predicted_weights(min(self.backward_lag(s) - self.forward_lag(s), n_f))
                 elif self.params.weight_stashing:
                     stash = [p.detach().clone() for p in self.part.parameters()]
                 else:

@@ -80,6 +80,8 @@ class SyncSGD(Strategy):
             self.compression.attach(model)
         self.ddp, self.hook = ddp_wrap(model, self.dist, self.comm, None, "gradients", self.params.bucket_cap_mb,
                                        self.params.find_unused_parameters, self.compression)
+        if self.compression is not None:
+            self.compression.ddp = self.ddp
         return self.ddp
 
     def averages_gradients(self, step: int) -> bool:

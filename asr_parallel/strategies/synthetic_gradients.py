@@ -29,7 +29,7 @@ gradient skips its update (and the synthesiser its step). One part equals plain 
 Fill and drain as ``pipelined_bp``: ticks without new input until part S-2 has the target of the
 last minibatch (S ticks) at every epoch end and before every checkpoint, so checkpoints hold no
 minibatch in flight; the synthesisers and their optimisers are in the checkpoints. Traffic per
-boundary per minibatch: the activation forward and one gradient back, as ``pipelined_bp``.
+boundary per minibatch: the activation forward and one gradient back, both in float32.
 """
 
 from __future__ import annotations
@@ -66,13 +66,13 @@ class Synthesiser(nn.Module):
 
 
 def bag_of_tokens(tokens: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """(B, vocab): each utterance's token counts divided by its target length (cDNI's condition)."""
-    out = torch.zeros(len(tokens), vocab, device=device)
+    """(B, vocab): each utterance's token counts divided by its target length (cDNI's condition),
+    built on the CPU and moved once."""
+    out = torch.zeros(len(tokens), vocab)
     for i, t in enumerate(tokens):
-        for tok in t:
-            out[i, tok] += 1.0
-        out[i] /= max(1, len(t))
-    return out
+        if t:
+            out[i].index_add_(0, torch.tensor(t, dtype=torch.long), torch.full((len(t),), 1.0 / len(t)))
+    return out.to(device)
 
 
 def frame_mask(lengths: torch.Tensor, frames: int) -> torch.Tensor:
@@ -221,7 +221,8 @@ class SyntheticGradients(PipelinedBP):
                 update = True
             else:
                 self.skipped += 1
-                mine["bad"] = True
+                # counted once, where it arose: not on the parts above a non-finite activation
+                mine["bad"] = self.first or bool(torch.isfinite(x).all())
                 ctx.optimizer.zero_grad(set_to_none=True)
         if not self.last and self._valid(n_t):
             kept = self.kept.pop(n_t)
