@@ -412,3 +412,134 @@ def reference_synthetic_gradients(cfg, steps: int, start: int, synth_lr: float, 
             for w, gr in zip((w1, b1, w2, b2), torch.autograd.grad(mse, (w1, b1, w2, b2))):
                 w.data -= synth_lr * gr
     return flat(model)
+
+
+def _stage_grads(stages, params, x, lengths, with_input: bool, n: int, out_grad=None):
+    """A stage's forward pass and the gradients of its parameters (and of its input, ``with_input``):
+    through the CTC loss of minibatch ``n`` when ``out_grad`` is None (the last stage), else for the
+    output gradient ``out_grad(y, output lengths)``. Returns (y, output lengths, gradients)."""
+    from asr_parallel.train.loss import ctc_loss
+
+    x_in = x.clone().requires_grad_(with_input)
+    y, out_lens = _run_stages(stages, x_in, lengths)
+    wrt = params + ([x_in] if with_input else [])
+    if out_grad is None:
+        tokens = batch(n + 1, 0).tokens
+        return y, out_lens, torch.autograd.grad(ctc_loss(y, out_lens, tokens) / len(tokens), wrt)
+    return y, out_lens, torch.autograd.grad(y, wrt, out_grad(y, out_lens))
+
+
+def _parts(model, starts: list[int]) -> list[list]:
+    bounds = list(starts) + [len(model.stages)]
+    return [list(model.stages)[bounds[i]:bounds[i + 1]] for i in range(len(starts))]
+
+
+def reference_forward_locked(cfg, steps: int, starts: list[int], stash: bool) -> torch.Tensor:
+    """Forward-locked pipelined back-propagation on S stages in one process (features replay, or DDG
+    with ``stash``): at tick t the forward pass of minibatch t runs through every stage at the weights
+    of the moment; stage S-1 back-propagates minibatch t, stage s < S-1 minibatch t - (S-1-s) with the
+    input gradient stage s + 1 computed at tick t - 1, recomputing its forward pass at its current
+    weights (or at those its forward pass used); then every stage updates. Final parameters."""
+
+    model = build(cfg)
+    parts = _parts(model, starts)
+    S = len(parts)
+    params = [[p for st in part for p in st.parameters()] for part in parts]
+    inputs: dict = {}  # (stage, minibatch) -> (input, lengths, weights of the forward pass)
+    grad_out: dict = {}  # (stage, minibatch) -> gradient of the stage's output
+    for t in range(steps + S - 1):
+        if t < steps:
+            b = batch(t + 1, 0)
+            x, lengths = b.feats, b.feat_lens
+            for s, part in enumerate(parts):
+                inputs[(s, t)] = (x, lengths, [p.detach().clone() for p in params[s]])
+                with torch.no_grad():
+                    x, lengths = _run_stages(part, x, lengths)
+        updates = []
+        for s in reversed(range(S)):
+            n = t - (S - 1 - s)
+            if not 0 <= n < steps:
+                continue
+            x, lengths, then = inputs.pop((s, n))
+            now = [p.detach().clone() for p in params[s]]
+            if stash:
+                for p, w in zip(params[s], then):
+                    p.data.copy_(w)
+            _, _, grads = _stage_grads(parts[s], params[s], x, lengths, s > 0, n,
+                                       None if s == S - 1 else lambda y, lens: grad_out.pop((s, n)))
+            if s > 0:
+                grad_out[(s - 1, n)] = grads[-1]
+            for p, w in zip(params[s], now):
+                p.data.copy_(w)
+            updates.append((params[s], grads[:len(params[s])]))
+        for ps, gs in updates:
+            for p, g in zip(ps, gs):
+                p.data -= LR * g
+    return flat(model)
+
+
+def reference_synthetic_gradients_stack(cfg, steps: int, starts: list[int], synth_lr: float,
+                                        hidden: int) -> torch.Tensor:
+    """Decoupled neural interfaces on S stages in one process: at tick t stage s runs minibatch t - s
+    (its input the output stage s - 1 made at tick t - 1), back-propagates its synthesiser's
+    prediction (the last stage: the CTC loss) through itself and updates; the gradient of its input
+    is the target of stage s - 1's synthesiser (bootstrapped below S-2); then stage s's synthesiser
+    (hidden layer from N(0, 1/fan_in) with generator seed 1000 + s, output layer zero) takes one SGD
+    step on the mean squared error over real frames for minibatch t - s - 2. Final parameters."""
+    import math
+
+
+    model = build(cfg)
+    parts = _parts(model, starts)
+    S = len(parts)
+    params = [[p for st in part for p in st.parameters()] for part in parts]
+    synths = []
+    for s in range(S - 1):
+        dim = parts[s][-1].output_dim
+        g = torch.Generator().manual_seed(1000 + s)
+        synths.append([(torch.randn(hidden, dim, generator=g) / math.sqrt(dim)).requires_grad_(True),
+                       torch.zeros(hidden, requires_grad=True), torch.zeros(dim, hidden, requires_grad=True),
+                       torch.zeros(dim, requires_grad=True)])
+
+    def synth(s, h, mask):
+        w1, b1, w2, b2 = synths[s]
+        return (torch.relu(h @ w1.T + b1) @ w2.T + b2) * mask[..., None].float()
+
+    outputs: dict = {}  # (stage, minibatch) -> (output, lengths), kept for the stage above and the synthesiser
+    targets: dict = {}  # (stage, minibatch) -> gradient of that stage's output from the stage above
+    for t in range(steps + S):
+        made, updates, trains = {}, [], []
+        for s in range(S):
+            n = t - s
+            if 0 <= n < steps:
+                if s == 0:
+                    b = batch(n + 1, 0)
+                    x, lengths = b.feats, b.feat_lens
+                else:
+                    x, lengths = outputs[(s - 1, n)]
+                def predicted(y, out_lens, s=s):
+                    with torch.no_grad():
+                        return synth(s, y.detach(), torch.arange(y.shape[1])[None, :] < out_lens[:, None])
+
+                y, out_lens, grads = _stage_grads(parts[s], params[s], x, lengths, s > 0, n,
+                                                  None if s == S - 1 else predicted)
+                if s < S - 1:
+                    made[(s, n)] = (y.detach(), out_lens)
+                if s > 0:
+                    targets[(s - 1, n)] = grads[-1]
+                updates.append((params[s], grads[:len(params[s])]))
+            m = t - s - 2
+            if s < S - 1 and 0 <= m < steps:
+                trains.append((s, m))
+        for s, m in trains:  # the targets the stages above made at tick t - 1
+            h, lens = outputs.pop((s, m))
+            mask = torch.arange(h.shape[1])[None, :] < lens[:, None]
+            target = targets.pop((s, m))
+            mse = ((synth(s, h, mask) - target * mask[..., None]) ** 2).sum() / (mask.sum() * h.shape[2])
+            for w, gr in zip(synths[s], torch.autograd.grad(mse, synths[s])):
+                w.data -= synth_lr * gr
+        for ps, gs in updates:
+            for p, g in zip(ps, gs):
+                p.data -= LR * g
+        outputs.update(made)
+    return flat(model)

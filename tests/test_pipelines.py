@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from strategy_harness import (CONFORMER, CONFORMER_BN, LR, MLP, SGD, batch, build, config, flat, flat_state,
-                              reference_pipelined_bp, reference_synthetic_gradients, spawn_and_reap)
+                              reference_forward_locked, reference_pipelined_bp, reference_synthetic_gradients,
+                              reference_synthetic_gradients_stack, spawn_and_reap)
 
 STEPS = 6
 CLIP = 0.05
@@ -157,14 +158,65 @@ def _worker(rank, world, store, out, scenarios, tmp):
     tdist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_stages(tmp_path_factory):
+CUT3 = [2, 3]  # splice and layer 1 | layer 2 | output
+THREE = {
+    "fr3": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked", "boundaries": CUT3}},
+    "ddg3": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked", "weight_stashing": True,
+                               "boundaries": CUT3}},
+    "sg3": {**S, "strategy": {"name": "synthetic_gradients", "synth_optimizer": "sgd", "synth_lr": 0.5,
+                              "synth_hidden": 16, "boundaries": CUT3}},
+}
+
+
+def _run_stages(world: int, scenarios: dict, tmp) -> list[dict]:
+    """Every scenario on ``world`` gloo ranks, one part each; every rank's results."""
     import torch.multiprocessing as mp
 
-    tmp = tmp_path_factory.mktemp("pipelines")
     out = tmp / "results"
-    mp.spawn(_worker, args=(2, str(tmp / "store"), str(out), SCENARIOS, str(tmp)), nprocs=2, join=True)
-    return [torch.load(f"{out}-{r}.pt", weights_only=True) for r in range(2)]
+    mp.spawn(_worker, args=(world, str(tmp / "store"), str(out), scenarios, str(tmp)), nprocs=world, join=True)
+    return [torch.load(f"{out}-{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def three_stages(tmp_path_factory):
+    return _run_stages(3, THREE, tmp_path_factory.mktemp("pipelines3"))
+
+
+@pytest.mark.parametrize("name, stash", [("fr3", False), ("ddg3", True)])
+def test_forward_locked_on_three_stages(three_stages, name, stash):
+    """Features replay and DDG on 3 ranks equal the S-stage simulation; the measured staleness is
+    S-1-s per stage (2, 1, 0) once full, and every call is counted."""
+    cfg = config({"name": "single"})
+    got = flat_state(three_stages[0][name]["eval"], cfg)
+    expected = reference_forward_locked(cfg, STEPS, [0] + CUT3, stash)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert not torch.allclose(got, reference_forward_locked(cfg, STEPS, [0] + CUT3, not stash), atol=1e-5)
+    assert three_stages[0][name]["summary"]["staleness"] == [2.0, 1.0, 0.0]
+    for rank in range(3):
+        assert dict(three_stages[rank][name]["delays"])[STEPS - 1] == 2 - rank
+        assert all(seq == counted for _, seq, counted in three_stages[rank][name]["calls"])
+
+
+def test_synthetic_gradients_on_three_stages(three_stages):
+    """A stack of two synthesisers on 3 ranks: the middle stage back-propagates its own prediction and
+    sends the result down as the bootstrapped target of the lowest synthesiser; equals the S-stage
+    simulation, and every call is counted."""
+    cfg = config({"name": "single"})
+    p = THREE["sg3"]["strategy"]
+    got = flat_state(three_stages[0]["sg3"]["eval"], cfg)
+    expected = reference_synthetic_gradients_stack(cfg, STEPS, [0] + CUT3, p["synth_lr"], p["synth_hidden"])
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    model = build(cfg)
+    first = flat(model)
+    lower = sum(q.numel() for st in list(model.stages)[:CUT3[1]] for q in st.parameters())
+    assert not torch.allclose(got[:lower], first[:lower], atol=1e-7)  # the synthesised stages learnt
+    for rank in range(3):
+        assert all(seq == counted for _, seq, counted in three_stages[rank]["sg3"]["calls"])
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory):
+    return _run_stages(2, SCENARIOS, tmp_path_factory.mktemp("pipelines"))
 
 
 def plain_training(steps: int, model=MLP, pad_frames: int = 1, grad_clip: float | None = None) -> torch.Tensor:
