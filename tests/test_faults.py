@@ -290,6 +290,21 @@ def test_a_checkpoint_set_aside_for_its_replacement_is_restored(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000004"]
 
 
+def test_pruning_keeps_the_newest_checkpoints_set_aside_as_unusable(tmp_path):
+    """Checkpoints a resume could not read (``*.unusable-<time>``) neither count toward
+    ``keep_checkpoints`` nor pile up: a save keeps the ``keep`` most recently set aside, by their time,
+    and the ``keep`` newest checkpoints."""
+    from asr_parallel.train import checkpoint as ckpt
+
+    for when in (30, 10, 20, 40):  # set aside at these times (not in name order)
+        (tmp_path / f"checkpoint-0000000{when // 10}.unusable-{when}").mkdir()
+    for step in (1, 2, 3):
+        ckpt.save(tmp_path, step, 0, 1, {"w": torch.ones(1)}, lambda: None, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-00000002", "checkpoint-00000003", "checkpoint-00000003.unusable-30",
+        "checkpoint-00000004.unusable-40"]
+
+
 def test_the_slurm_head_node_comes_from_scontrol(tmp_path, monkeypatch):
     """Inside a SLURM step without MASTER_ADDR, node 0 is the first host that ``scontrol show
     hostnames`` gives for the job's node list (a stand-in scontrol here), and the port is the job's."""

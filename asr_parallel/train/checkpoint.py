@@ -22,6 +22,7 @@ import torch
 from asr_parallel.utils.io import atomic_path
 
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
+_UNUSABLE = re.compile(r"^checkpoint-\d{8}\.unusable-(\d+)$")  # set aside by a resume that could not read it
 
 
 def rng_state() -> dict:
@@ -151,10 +152,14 @@ def load(path: Path, rank: int, device: torch.device | str = "cpu") -> dict:
 
 
 def prune(exp_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` step checkpoints (epoch models are kept separately)."""
+    """Keep the newest ``keep`` step checkpoints (epoch models are kept separately), and the ``keep``
+    checkpoints most recently set aside as unreadable (``*.unusable-<time>``, for inspection)."""
     ckpts = sorted(d for d in exp_dir.iterdir() if _NAME.match(d.name))
-    for d in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(d, ignore_errors=True)
+    unusable = sorted((d for d in exp_dir.iterdir() if _UNUSABLE.match(d.name)),
+                      key=lambda d: int(_UNUSABLE.match(d.name).group(1)))
+    for group in (ckpts, unusable):
+        for d in group[:-keep] if keep > 0 else []:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def save_model(path: Path, model_state: dict, meta: dict) -> None:
