@@ -76,12 +76,14 @@ SCENARIOS = {
 # ---------------------------------------------------------------- in the spawned ranks (or in-process)
 
 
-def _sequence_number(dist) -> int:
+def _sequence_number(dist, strategy) -> int:
+    """The calls gloo made so far on the default group and the strategy's subgroups (their sequence
+    numbers)."""
     if not dist.initialized:
         return 0
-    from torch.distributed.distributed_c10d import _get_default_group
+    from asr_parallel.strategies.base import process_group_calls
 
-    return _get_default_group()._get_sequence_number_for_group()
+    return process_group_calls([None] + list(strategy.process_groups()))
 
 
 def _fresh(cfg, dist, seed: int):
@@ -106,16 +108,16 @@ def drive(spec: dict, dist, tmp) -> dict:
     busy_at_checkpoint = None
 
     def counted(what, fn, *args):
-        seq0, calls0 = _sequence_number(dist), st.comm.calls
+        seq0, calls0 = _sequence_number(dist, st), st.comm.calls
         result = fn(*args)
-        calls.append((what, _sequence_number(dist) - seq0, st.comm.calls - calls0))
+        calls.append((what, _sequence_number(dist, st) - seq0, st.comm.calls - calls0))
         return result
 
     nan_grad = {"on": False}
     if spec.get("nan_grad") and dist.rank == 0:
         next(part.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")) if nan_grad["on"] else g)
     for s in range(1, spec["steps"] + 1):
-        b = batch(s, 0)
+        b = batch(s, st.data_shard()[0])  # every pipeline's own shard (one pipeline: shard 0)
         if spec.get("nan_feats") == s:
             b.feats = torch.full_like(b.feats, float("nan"))
         nan_grad["on"] = spec.get("nan_grad") == s
@@ -212,6 +214,48 @@ def test_synthetic_gradients_on_three_stages(three_stages):
     assert not torch.allclose(got[:lower], first[:lower], atol=1e-7)  # the synthesised stages learnt
     for rank in range(3):
         assert all(seq == counted for _, seq, counted in three_stages[rank]["sg3"]["calls"])
+
+
+HYBRID = {"hybrid": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 1, "pipeline_replicas": 2}}}
+
+
+@pytest.fixture(scope="module")
+def four_ranks_hybrid(tmp_path_factory):
+    return _run_stages(4, HYBRID, tmp_path_factory.mktemp("hybrid"))
+
+
+def union_training(steps: int) -> torch.Tensor:
+    """One process on the union of the two shards' minibatches of each step (the same frames), the
+    CTC loss summed over all their utterances and divided by their number."""
+    from asr_parallel.train.loss import ctc_loss
+
+    net = build(config({"name": "single"}))
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    for step in range(1, steps + 1):
+        a, b = batch(step, 0), batch(step, 1)
+        feats, lens = torch.cat([a.feats, b.feats]), torch.cat([a.feat_lens, b.feat_lens])
+        opt.zero_grad()
+        logits, out_lens = net(feats, lens)
+        (ctc_loss(logits, out_lens, a.tokens + b.tokens) / (len(a.tokens) + len(b.tokens))).backward()
+        opt.step()
+    return flat(net)
+
+
+def test_hybrid_data_and_pipeline_equals_one_process_on_the_union(four_ranks_hybrid):
+    """pipeline_replicas 2 on 4 ranks: two GPipe pipelines of 2 stages, each on its own shard, each
+    stage averaging its gradients with its replica: the update of one process on the union of both
+    shards' minibatches; only the first pipeline gathers the model, and every call (the replicas'
+    all-reduce included) is counted and predicted."""
+    cfg = config({"name": "single"})
+    got = flat_state(four_ranks_hybrid[0]["hybrid"]["eval"], cfg)
+    assert torch.allclose(got, union_training(STEPS), atol=1e-5), (got - union_training(STEPS)).abs().max()
+    assert not torch.allclose(got, plain_training(STEPS), atol=1e-4)  # not one shard's training
+    assert [r["hybrid"]["eval"] is None for r in four_ranks_hybrid] == [False, True, True, True]
+    for rank, res in enumerate(four_ranks_hybrid):
+        res = res["hybrid"]
+        assert all(seq == counted for _, seq, counted in res["calls"]), (rank, res["calls"])
+        assert res["comm"]["by_label"]["replicas"][1] == STEPS
+        assert res["comm"]["by_label"] == res["predicted"]["by_label"], rank
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,10 @@ class MicroParams:
     # factor above the one before), so that few shapes recur and the built stages are reused
     pad_growth: float = 1.0
     cache_size: int = 16  # built stages kept, per distinct shape
+    # hybrid data x pipeline (Yadan et al. 2013; PipeDream's replicated stages): R pipelines of
+    # world_size / R stages, each reading its own shard; each stage averages its gradients over its R
+    # replicas every step
+    pipeline_replicas: int = 1
     recv_timeout: float = 300.0  # seconds a wait on a neighbour may take before stopping with an error
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class MicroParams:
             raise ValueError(f"strategy.balance must be 'flops' or 'params', got '{self.balance}'")
         if self.pad_frames < 1 or self.cache_size < 1 or self.recv_timeout <= 0:
             raise ValueError("strategy.pad_frames and strategy.cache_size must be >= 1, recv_timeout > 0")
+        if self.pipeline_replicas < 1:
+            raise ValueError(f"strategy.pipeline_replicas must be >= 1, got {self.pipeline_replicas}")
         if self.pad_growth < 1.0:
             raise ValueError(f"strategy.pad_growth must be >= 1.0, got {self.pad_growth}")
 
@@ -119,9 +125,9 @@ class MicroPipeline(PipelineStrategy):
 
     def __init__(self, params, dist):
         super().__init__(params, dist)
-        if self.schedule_name == "Schedule1F1B" and params.microbatches < dist.world_size:
+        if self.schedule_name == "Schedule1F1B" and params.microbatches < self.num_parts:
             raise ValueError(f"strategy 'one_f_one_b' needs microbatches >= the number of stages "
-                             f"({dist.world_size}), got {params.microbatches}")
+                             f"({self.num_parts}), got {params.microbatches}")
         self.schedules: OrderedDict = OrderedDict()
         self.utterances = 1
         self.builds = 0
@@ -152,7 +158,7 @@ class MicroPipeline(PipelineStrategy):
         else:
             outputs = (meta(shapes[self.part_index + 1]),)
         stage = pp.PipelineStage(self.stage_module, self.part_index, self.num_parts, device,
-                                 input_args=inputs, output_args=outputs)
+                                 input_args=inputs, output_args=outputs, group=self.pipe_group)
         schedule = getattr(pp, self.schedule_name)(stage, self.params.microbatches, loss_fn=self._loss,
                                                    scale_grads=False)
         self.schedules[key] = schedule
@@ -189,9 +195,9 @@ class MicroPipeline(PipelineStrategy):
                 if desc is None:
                     label = "handshake"
                 elif send:
-                    label = "forward" if op.peer == strategy.part_index + 1 else "backward"
+                    label = "forward" if op.peer == strategy.global_rank(strategy.part_index + 1) else "backward"
                 else:
-                    label = "forward" if op.peer == strategy.part_index - 1 else "backward"
+                    label = "forward" if op.peer == strategy.global_rank(strategy.part_index - 1) else "backward"
                 if send:
                     strategy.comm.add(nbytes, 1, label)
                     if label == "forward":
@@ -255,6 +261,8 @@ class MicroPipeline(PipelineStrategy):
             else:
                 schedule.step(lengths=lengths)
         self.busy += time.perf_counter() - t0 - (self.idle - idle0)
+        if self.pipeline_replicas > 1:
+            self._average_over_replicas(b)
         loss = float(sum(l.detach().float() for l in losses)) if self.last else None
         params = [p for p in self.part.parameters() if p.grad is not None]
         sq_norm = float(ctx.grad_sq_norm(params)) if params else 0.0
@@ -268,6 +276,31 @@ class MicroPipeline(PipelineStrategy):
             ctx.apply(torch.zeros(1, device=dev))
         ctx.advance()
         return self.step_output(figures, batch.num_frames, list(batch.cut_ids))
+
+    def _average_over_replicas(self, utterances: int) -> None:
+        """Hybrid data x pipeline: this stage's gradients (of the mean loss over this pipeline's
+        ``utterances``) become those of the mean over all R pipelines' utterances: one all-reduce over
+        the stage's replicas of the gradients times the utterances, and the utterance count
+        (counted and predicted as ``replicas``)."""
+        import torch.distributed as tdist
+
+        params = list(self.part.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        dev = grads[0].device if grads else torch.device("cpu")
+        flat = torch.cat([g.reshape(-1).float() * utterances for g in grads]
+                         + [torch.tensor([float(utterances)], device=dev)])
+        for counter in (self.comm, self.predicted):
+            counter.all_reduce(flat.numel(), flat.element_size(), self.pipeline_replicas, "replicas")
+        try:
+            work = tdist.all_reduce(flat, group=self.replica_group, async_op=True)
+        except RuntimeError as e:
+            self._fail("gradients of the other replicas", -1, e)
+        self._wait(work, "gradients of the other replicas", -1)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = (flat[offset:offset + n] / flat[-1]).view_as(p).to(p.dtype)
+            offset += n
 
     def summary_figures(self) -> dict:
         """Besides the pipeline's figures: how often a step found its stage already built."""

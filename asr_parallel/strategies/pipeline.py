@@ -133,8 +133,15 @@ class PipelineStrategy(Strategy):
 
     def __init__(self, params, dist):
         super().__init__(params, dist)
-        self.num_parts = dist.world_size
-        self.part_index = dist.rank
+        self.pipeline_replicas = int(getattr(params, "pipeline_replicas", 1))  # R pipelines (hybrid)
+        if dist.world_size % self.pipeline_replicas:
+            raise ValueError(f"strategy.pipeline_replicas ({self.pipeline_replicas}) must divide train.world_size "
+                             f"({dist.world_size})")
+        self.num_parts = dist.world_size // self.pipeline_replicas
+        self.part_index = dist.rank % self.num_parts
+        self.replica = dist.rank // self.num_parts  # pipeline r holds ranks r S .. r S + S - 1
+        self.pipe_group = None  # with R > 1: this pipeline's ranks, and this stage's R replicas
+        self.replica_group = None
         self.timeout = datetime.timedelta(seconds=float(params.recv_timeout))
         self.busy = 0.0  # seconds this rank computed (and sent), over the run
         self.idle = 0.0  # seconds this rank waited on a neighbour, over the run
@@ -142,9 +149,16 @@ class PipelineStrategy(Strategy):
         self.max_staleness = [0.0] * self.num_parts
         self.figures: dict | None = None  # the last exchange's figures (every stage's)
 
-    # -- data: every rank reads the same batches
+    # -- data: every rank of a pipeline reads the same batches; R pipelines read R shards
     def data_shard(self) -> tuple[int, int]:
-        return 0, 1
+        return self.replica, self.pipeline_replicas
+
+    def global_rank(self, part: int) -> int:
+        """The rank that runs ``part`` in this rank's pipeline."""
+        return self.replica * self.num_parts + part
+
+    def process_groups(self) -> list:
+        return [g for g in (self.pipe_group, self.replica_group) if g is not None]
 
     @property
     def first(self) -> bool:
@@ -156,6 +170,18 @@ class PipelineStrategy(Strategy):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.model = model
+        if self.pipeline_replicas > 1:  # every rank makes every group, in the same order
+            import torch.distributed as tdist
+
+            S, R = self.num_parts, self.pipeline_replicas
+            for r in range(R):
+                group = tdist.new_group([r * S + p for p in range(S)])
+                if r == self.replica:
+                    self.pipe_group = group
+            for p in range(S):
+                group = tdist.new_group([r * S + p for r in range(R)])
+                if p == self.part_index:
+                    self.replica_group = group
         self.starts = model_cut(model, self.num_parts, self.params.balance, list(self.params.boundaries))
         bounds = self.starts + [len(model.stages)]
         self.part = Part(model, bounds[self.part_index], bounds[self.part_index + 1])
@@ -347,7 +373,7 @@ class PipelineStrategy(Strategy):
             v = v.to(self._exchange_device())
             self.comm.all_reduce(v.numel(), v.element_size(), s, "control")
             try:
-                work = tdist.all_reduce(v, async_op=True)
+                work = tdist.all_reduce(v, group=self.pipe_group, async_op=True)
             except RuntimeError as e:
                 self._fail("step figures", -1, e)
             self._wait(work, "step figures", -1)
@@ -402,7 +428,9 @@ class PipelineStrategy(Strategy):
         import torch.distributed as tdist
 
         if self.num_parts == 1:
-            return self.model
+            return self.model if self.replica == 0 else None
+        if self.replica != 0:  # the replicas hold the same model: the first pipeline gathers it
+            return None
         bounds = self.starts + [len(self.model.stages)]
         for p in range(1, self.num_parts):
             tensors = [t for i in range(bounds[p], bounds[p + 1]) for t in
