@@ -41,6 +41,14 @@ fi
 for tool in ip tc; do
   command -v $tool >/dev/null || { echo "ERROR: '$tool' not found (Debian package iproute2)" >&2; exit 3; }
 done
+# One run per cluster name at a time: a second one would delete this one's namespaces as it starts.
+# The lock is held until this script and the commands it started have ended.
+lock=/tmp/emulate_cluster-${prefix}.lock
+exec 9>"$lock"
+if ! flock -n 9; then
+  echo "emulate_cluster: another run holds the emulated cluster '$prefix' ($lock); waiting for it" >&2
+  flock 9
+fi
 
 bridge=${prefix}-br
 cleanup() {

@@ -64,6 +64,24 @@ def test_one_rate_per_node_makes_a_slow_node(tmp_path):
     assert r.returncode == 2 and "give one rate, or one per node (2)" in r.stderr
 
 
+def test_a_second_run_on_the_same_cluster_waits_for_the_first():
+    """Two runs with one cluster name would delete each other's namespaces: the second waits, saying
+    so, until the first has ended (here: until the test releases the lock it holds)."""
+    import fcntl
+    import time
+
+    with open("/tmp/emulate_cluster-apl.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        p = subprocess.Popen(["bash", str(REPO / "local/emulate_cluster.sh"), "--nodes", "2", "--prefix", "apl",
+                              "--", "true"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        assert p.poll() is None  # still waiting
+        fcntl.flock(held, fcntl.LOCK_UN)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err[-2000:]
+    assert "another run holds the emulated cluster 'apl'" in err and "emulate_cluster: 2 nodes" in err
+
+
 @pytest.mark.parametrize("strategy", ["sync_sgd", "model_averaging"])
 def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy):
     """Two emulated nodes: the bytes the link's counters saw (headers, acknowledgements and torchrun's
