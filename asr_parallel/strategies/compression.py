@@ -395,11 +395,9 @@ def compressed_hook(hs, bucket):
         saved = {name: d[index].clone() for name, d in (("error", ps.error_dict), ("p", ps.p_memory_dict),
                                                          ("q", ps.q_memory_dict)) if index in d} if skip else None
         buf.mul_(inv * hs.world)  # torch's hook takes the mean over ranks: the global mean of the loss
-        if ps.iter < ps.start_powerSGD_iter:
-            hs.comm.all_reduce(buf.numel(), buf.element_size(), hs.world, hs.label)
-        else:
-            for numel in powersgd_split(shapes, ps.matrix_approximation_rank, ps.min_compression_rate):
-                hs.comm.all_reduce(numel, buf.element_size(), hs.world, hs.label)
+        # compressing steps come after start_step >= start_powerSGD_iter plain ones: torch compresses
+        for numel in powersgd_split(shapes, ps.matrix_approximation_rank, ps.min_compression_rate):
+            hs.comm.all_reduce(numel, buf.element_size(), hs.world, hs.label)
         result = powerSGD_hook(ps, bucket).wait()
         if saved is not None:
             for name, d in (("error", ps.error_dict), ("p", ps.p_memory_dict), ("q", ps.q_memory_dict)):
