@@ -177,7 +177,7 @@ class TrainConfig:
     spec_augment: bool = True
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 2e-3
-    momentum: float = 0.9  # sgd only
+    momentum: float = 0.9  # explicit momentum: SGD's momentum, Adam/AdamW's beta1 (0.9, their default)
     weight_decay: float = 1e-3
     scheduler: Literal["constant", "warmup_cosine", "warmup_linear"] = "warmup_cosine"
     warmup_steps: int = 200

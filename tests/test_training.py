@@ -237,3 +237,17 @@ def test_a_slow_rank_waits_its_compute_time_again_per_factor(monkeypatch, tmp_pa
     for bad, message in (("{-1: 2.0}", "keys must be ranks"), ("{1: 0.5}", "factors >= 1.0")):
         with pytest.raises(Exception, match=message):
             load_config(REPO / "recipes/chime6_sim.yaml", ["train.world_size=2", f"train.slow_ranks={bad}"])
+
+
+def test_momentum_is_sgds_momentum_and_adams_beta1():
+    """``train.momentum`` sets SGD's momentum and Adam/AdamW's beta1 (the knob of the momentum
+    sweep); its default 0.9 is Adam's own default beta1, so the default optimiser is unchanged."""
+    from asr_parallel.config import TrainConfig
+    from asr_parallel.train.trainer import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for name in ("adam", "adamw"):
+        assert make_optimizer(TrainConfig(optimizer=name), params).param_groups[0]["betas"] == (0.9, 0.999)
+        assert make_optimizer(TrainConfig(optimizer=name, momentum=0.4), params).param_groups[0]["betas"][0] == 0.4
+    assert make_optimizer(TrainConfig(optimizer="sgd", momentum=0.3), params).param_groups[0]["momentum"] == 0.3
+    assert torch.optim.AdamW(params).defaults["betas"] == (0.9, 0.999)

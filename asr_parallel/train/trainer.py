@@ -75,12 +75,13 @@ def lr_lambda(cfg, total_steps: int):
 
 
 def make_optimizer(cfg, params, fused: bool = False):
-    """The configured optimiser; ``fused`` (GPU) selects the single-kernel implementation."""
+    """The configured optimiser; ``fused`` (GPU) selects the single-kernel implementation.
+    ``momentum`` is SGD's momentum and Adam/AdamW's beta1 (default 0.9, Adam's own default)."""
     kw = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kw)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+    return cls(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **kw)
 
 
 # Where a failed collective's error comes from when it is not a torch.distributed.DistError (gloo's
