@@ -140,3 +140,39 @@ def test_emulated_node_comparison_reuses_the_one_node_baseline():
     assert dirs["single"] == "conformer_single_w1"
     assert dirs["sync_sgd"] == "conformer_sync_sgd_w2_2nodes_500mbit"
     assert dirs["pipelined_bp"] == "conformer_pipelined_bp_w2_2nodes_500mbit"
+
+
+def test_runs_that_differ_only_in_training_overrides_get_directories_of_their_own():
+    """A run whose overrides change what is trained but not the directory name (the momentum sweep's
+    train.momentum, the straggler recipe's single process at normal speed) trains under
+    exp_dir/<label>/, whatever else the list holds; overrides that rename the directory (model.name)
+    or change only how it runs (train.ranks_per_node) leave it where it was."""
+    import argparse
+
+    from asr_parallel.bin.compare import plan_runs, run_config
+    from asr_parallel.bin.train import experiment_dir
+    from asr_parallel.config import load_config
+
+    config = str(REPO / "recipes/chime6_sim_async_momentum.yaml")
+    base = load_config(config)
+    plans = plan_runs(argparse.Namespace(config=config, overrides=[]), base)
+    dirs = {p.run_label: experiment_dir(p.cfg) for p in plans}
+    assert len(set(dirs.values())) == len(dirs) == 5
+    assert dirs["async_ps_w3_beta0.9"] == Path("exp/chime6_sim_async_momentum/seed42/conformer_async_ps_w3")
+    assert dirs["async_ps_w3_beta0.65"] == Path("exp/chime6_sim_async_momentum/seed42/async_ps_w3_beta0.65"
+                                                "/conformer_async_ps_w3")
+    assert {p.run_label: p.cfg.train.momentum for p in plans}["async_ps_w3_beta0"] == 0.0
+    # The same run alone in the list goes to the same place.
+    alone = load_config(config, ["compare.runs=[{strategy: {name: async_ps}, world_size: 3, "
+                                 "overrides: [train.momentum=0.65], label: async_ps_w3_beta0.65}]"])
+    (plan,) = plan_runs(argparse.Namespace(config=config, overrides=[]), alone)
+    assert experiment_dir(plan.cfg) == dirs["async_ps_w3_beta0.65"]
+
+    args = argparse.Namespace(config=str(REPO / "recipes/chime6_sim_stragglers_2nodes.yaml"), overrides=[])
+    runs = {r.get("label") or r["strategy"]["name"]: r for r in load_config(args.config).compare.runs}
+    assert experiment_dir(run_config(args, runs["single"])) == Path(
+        "exp/chime6_sim_stragglers/single/conformer_single_w1")
+    assert experiment_dir(run_config(args, runs["async_ps_w3"])).name == "conformer_async_ps_w3_2nodes_500mbit_1-2"
+    args = argparse.Namespace(config=str(REPO / "recipes/chime6_sim_pipelines.yaml"), overrides=[])
+    runs = {r["label"]: r for r in load_config(args.config).compare.runs}
+    assert experiment_dir(run_config(args, runs["mlp_gpipe"])).name == "mlp_gpipe_w2"

@@ -3,7 +3,9 @@
 For each run (a strategy, its number of ranks and optional config overrides) the effective config
 is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 5-7 run on it (a finished
 training or decoding is reused). With ``compare.seeds`` every run is trained once per seed
-(``train.seed=<s>``, into ``exp_dir/seed<s>/``, labelled ``<label>_seed<s>``). With
+(``train.seed=<s>``, into ``exp_dir/seed<s>/``, labelled ``<label>_seed<s>``). A run whose overrides
+change what is trained but not the directory's name (``train.lr``, ``train.momentum``: a sweep) trains
+under ``<label>/`` of that directory, so that it never meets the run without them. With
 ``train.emulate_nodes`` N > 1 the runs of two or more ranks are spread over N emulated nodes
 (``local/emulate_cluster.sh``) and everything goes to ``exp_dir/compare_{N}nodes_{rate}/`` instead;
 the single-process runs are those of one node. Then, in that folder (``exp_dir/compare/`` for one
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -58,14 +61,30 @@ def run_label(run: dict) -> str:
 def run_config(args, run: dict, seed: int | None = None, exp_dir: str | None = None):
     """The effective config of ``run``; with ``seed``, trained with ``train.seed=seed`` into ``exp_dir``."""
     seeded = [] if seed is None else [f"train.seed={seed}", f"exp_dir={exp_dir}"]
-    cfg = load_config(args.config, list(args.overrides) + list(run.get("overrides", []))
-                      + [f"train.world_size={run.get('world_size', 1)}"] + seeded)
-    cfg.strategy = dict(run["strategy"])
-    if cfg.train.world_size < max(2, cfg.train.emulate_nodes):
-        # a run of fewer ranks than emulated nodes (the single-process baseline) sends nothing over the
-        # links: it runs, and is reused, as on one node
-        cfg.train.emulate_nodes = 0
-        cfg.train.ranks_per_node = []
+
+    def build(own: list[str]):
+        cfg = load_config(args.config, list(args.overrides) + own
+                          + [f"train.world_size={run.get('world_size', 1)}"] + seeded)
+        cfg.strategy = dict(run["strategy"])
+        if cfg.train.world_size < max(2, cfg.train.emulate_nodes):
+            # a run of fewer ranks than emulated nodes (the single-process baseline) sends nothing over
+            # the links: it runs, and is reused, as on one node
+            cfg.train.emulate_nodes = 0
+            cfg.train.ranks_per_node = []
+        return cfg
+
+    cfg = build(list(run.get("overrides", [])))
+    if run.get("overrides"):
+        # A run whose overrides change what is trained (train.lr, train.momentum, ...) but not the
+        # experiment directory's name (model, strategy, ranks) would share that directory with the run
+        # without them: it trains under exp_dir/<label>/ instead, whichever other runs the list holds.
+        from asr_parallel.bin.train import experiment_dir
+        from asr_parallel.train.trainer import training_fingerprint
+
+        plain = build([])
+        if (experiment_dir(cfg) == experiment_dir(plain)
+                and training_fingerprint(cfg) != training_fingerprint(plain)):
+            cfg.exp_dir = str(Path(cfg.exp_dir) / re.sub(r"[^A-Za-z0-9._=+-]", "_", run_label(run)))
     from asr_parallel.config import validate
 
     validate(cfg)
