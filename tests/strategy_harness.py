@@ -21,6 +21,7 @@ CONFORMER = ["model.name=conformer", "model.conformer.model_dim=16", "model.conf
              "model.conformer.num_heads=2", "model.conformer.ffn_dim=32", "model.conformer.kernel=3",
              "model.conformer.dropout=0.0"]
 CONFORMER_BN = CONFORMER + ["model.conformer.conv_norm=batch"]  # batch-norm buffers in the conv module
+CONFORMER_ROTARY = CONFORMER + ["model.conformer.block=rotary"]  # the project's block
 SGD = ["train.optimizer=sgd", "train.momentum=0.0", "train.weight_decay=0.0", f"train.lr={LR}",
        "train.scheduler=constant", "train.grad_clip=1e9", "train.spec_augment=false", "train.device=cpu"]
 

@@ -12,8 +12,9 @@ TINY = ["model.name=conformer", "model.conformer.model_dim=16", "model.conformer
         "model.conformer.dropout=0.0"]
 
 
-def tiny(conv_norm=None):
+def tiny(conv_norm=None, block=None):
     extra = [f"model.conformer.conv_norm={conv_norm}"] if conv_norm else []
+    extra += [f"model.conformer.block={block}"] if block else []
     cfg = load_config("recipes/chime6_sim.yaml", TINY + extra)
     torch.manual_seed(0)
     return cfg, build_model(cfg.model, 80, 10)
@@ -49,10 +50,11 @@ def test_layer_conv_module_is_torchaudios_without_padding():
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("conv_norm, independent", [("layer", True), ("batch", False)])
-def test_an_utterance_does_not_see_its_batch(conv_norm, independent):
+@pytest.mark.parametrize("conv_norm, block, independent", [("layer", None, True), ("batch", None, False),
+                                                            (None, "rotary", True)])
+def test_an_utterance_does_not_see_its_batch(conv_norm, block, independent):
     """Output and gradient of one utterance alone equal those it gets in a padded batch of three."""
-    _, model = tiny(conv_norm)
+    _, model = tiny(conv_norm, block)
     model.train()
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(3, 75, 80, generator=g)
@@ -70,3 +72,75 @@ def test_an_utterance_does_not_see_its_batch(conv_norm, independent):
     same_out = torch.allclose(out[0, :out_lens[0]], alone[0], atol=1e-5)
     same_grad = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grad_batch, grad_alone))
     assert same_out == independent and same_grad == independent
+
+
+def test_rotary_attention_sees_relative_positions():
+    """Rotated queries and keys (RoFormer): the score of a query at position m and a key at n
+    depends on m - n only, and the rotation keeps each vector's norm."""
+    from asr_parallel.models.conformer import rotary_tables, rotate
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    cos, sin = rotary_tables(40, 8, "cpu")
+
+    def score(m, n):
+        return float(rotate(q, cos[m], sin[m]) @ rotate(k, cos[n], sin[n]))
+
+    assert score(3, 1) == pytest.approx(score(30, 28), abs=1e-5)
+    assert score(5, 9) == pytest.approx(score(20, 24), abs=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)  # but it does see the offset
+    assert float(rotate(q, cos[17], sin[17]).norm()) == pytest.approx(float(q.norm()), rel=1e-6)
+
+
+def test_rotary_block_knows_where_a_frame_is():
+    """torchaudio's block has no positional encoding: without the convolution module's edges, its
+    attention output is the same for a sequence and its reversal (permutation equivariance); the
+    rotary block's is not. Tested on the attention sub-module of each."""
+    from asr_parallel.models.conformer import RotarySelfAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 12, 16)
+    attend = torch.ones(1, 1, 1, 12, dtype=torch.bool)
+    rotary = RotarySelfAttention(16, 2, 0.0).eval()
+    plain = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    flip = torch.arange(11, -1, -1)
+    y = plain(x, x, x, need_weights=False)[0]
+    assert torch.allclose(plain(x[:, flip], x[:, flip], x[:, flip], need_weights=False)[0], y[:, flip], atol=1e-5)
+    assert not torch.allclose(rotary(x[:, flip], attend), rotary(x, attend)[:, flip], atol=1e-3)
+
+
+def test_rotary_block_rejects_batch_statistics_and_odd_heads():
+    with pytest.raises(ConfigError, match="conv_norm"):
+        load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.block=rotary", "model.conformer.conv_norm=batch"])
+    with pytest.raises(ConfigError, match="num_heads"):
+        load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.block=rotary", "model.conformer.num_heads=3"])
+    with pytest.raises(ConfigError, match="block"):
+        load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.block=relative"])
+
+
+def test_rotary_conformer_compiles_into_one_graph_and_trains_the_same():
+    """The rotary conformer under ``torch.compile(fullgraph=True)`` (no graph break: no host-side
+    value in its forward pass), here with the aot_eager backend (the captured forward and backward
+    graphs run by eager kernels; inductor's code generation is the GPU script's), gives the eager
+    model's loss and gradients on a padded batch."""
+    from asr_parallel.train.loss import ctc_loss
+
+    _, model = tiny(block="rotary")
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    feats, lens = torch.randn(2, 60, 80, generator=g), torch.tensor([60, 47])
+    tokens = [[1, 4, 2, 7, 3], [5, 5, 9, 2]]
+
+    def step(fn):
+        model.zero_grad()
+        logits, out_lens = fn(feats, lens)
+        loss = ctc_loss(logits, out_lens, tokens)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager_loss, eager_grads = step(model)
+    loss, grads = step(compiled)
+    assert torch.allclose(loss, eager_loss, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, eager_grads))

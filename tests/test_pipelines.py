@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from strategy_harness import (CONFORMER, CONFORMER_BN, LR, MLP, SGD, batch, build, config, flat, flat_state,
-                              reference_forward_locked, reference_pipelined_bp, reference_synthetic_gradients,
+from strategy_harness import (CONFORMER, CONFORMER_BN, CONFORMER_ROTARY, LR, MLP, SGD, batch, build, config, flat,
+                              flat_state, reference_forward_locked, reference_pipelined_bp, reference_synthetic_gradients,
                               reference_synthetic_gradients_stack, spawn_and_reap)
 
 STEPS = 6
@@ -55,6 +55,8 @@ SCENARIOS = {
     # The conformer with its default conv_norm (layer): padding-invariant, so against unpadded batches.
     "gpipe_conformer": {**S, "model": CONFORMER, "strategy": {"name": "gpipe", "microbatches": 2}},
     "1f1b_conformer": {**S, "model": CONFORMER, "strategy": {"name": "one_f_one_b", "microbatches": 2}},
+    # The project's conformer block (rotary positions, scaled_dot_product_attention).
+    "gpipe_rotary": {**S, "model": CONFORMER_ROTARY, "strategy": {"name": "gpipe", "microbatches": 2}},
     # frames and micro-batch sizes padded up to a geometric ladder (4, 8, 16, 32, 64 frames: all 64)
     "gpipe_conformer_growth": {**S, "model": CONFORMER,
                                "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 4, "pad_growth": 2.0}},
@@ -567,13 +569,15 @@ def test_micro_batch_pipelines_equal_non_pipelined_training(two_stages, name):
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("name", ["gpipe_conformer", "1f1b_conformer", "gpipe_conformer_growth"])
+@pytest.mark.parametrize("name", ["gpipe_conformer", "1f1b_conformer", "gpipe_conformer_growth", "gpipe_rotary"])
 def test_micro_batch_pipelines_equal_non_pipelined_training_on_the_conformer(two_stages, name):
-    """The default conformer (conv_norm: layer) under GPipe and 1F1B, with a dummy utterance in every
-    batch of 3 and the frames padded to 16 (the default), equals one process on the unpadded batches."""
-    cfg = config({"name": "single"}, CONFORMER)
+    """The default conformer (conv_norm: layer) and the rotary block under GPipe and 1F1B, with a dummy
+    utterance in every batch of 3 and the frames padded to 16 (the default), equal one process on the
+    unpadded batches."""
+    model = SCENARIOS[name]["model"]
+    cfg = config({"name": "single"}, model)
     got = flat_state(two_stages[0][name]["eval"], cfg)
-    expected = plain_training(STEPS, CONFORMER)
+    expected = plain_training(STEPS, model)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(got, flat(build(cfg)), atol=1e-3)  # it trained
     assert all(o["bad"] == 0 and o["loss"] is not None for o in two_stages[0][name]["outs"][:STEPS])
@@ -665,3 +669,24 @@ def test_dead_or_silent_stage_stops_the_others_with_an_error(tmp_path, mode):
     assert float(elapsed) < 30
     if mode == "silent":  # the last stage waited for stage 0 for the timeout, then stopped
         assert "within 3 s" in message and float(elapsed) >= 2.5
+
+
+def test_only_link_failures_are_reworded_as_a_dead_stage():
+    """A timeout or a broken connection names the stage waited for; any other error (here the one a
+    CPU tensor meets in an NCCL-only group) reaches the user as it was raised."""
+    import datetime
+
+    from asr_parallel.strategies.pipeline import PipelineStrategy
+
+    p = PipelineStrategy.__new__(PipelineStrategy)
+    p.part_index, p.timeout = 1, datetime.timedelta(seconds=7)
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 7000ms for recv operation")
+    with pytest.raises(RuntimeError, match=r"no activation from stage 0 \(rank 0\) within 7 s.*has a stage died"):
+        p._fail("activation", 0, gloo)
+    with pytest.raises(RuntimeError, match="Connection closed by peer.*") as e:
+        p._fail("gradient", 2, RuntimeError("Connection closed by peer [127.0.0.1]:5000"))
+    assert "has a stage died" in str(e.value)
+    other = RuntimeError("No backend type associated with device type cpu")
+    with pytest.raises(RuntimeError) as e:
+        p._fail("control", -1, other)
+    assert e.value is other

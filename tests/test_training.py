@@ -251,3 +251,40 @@ def test_momentum_is_sgds_momentum_and_adams_beta1():
         assert make_optimizer(TrainConfig(optimizer=name, momentum=0.4), params).param_groups[0]["betas"][0] == 0.4
     assert make_optimizer(TrainConfig(optimizer="sgd", momentum=0.3), params).param_groups[0]["momentum"] == 0.3
     assert torch.optim.AdamW(params).defaults["betas"] == (0.9, 0.999)
+
+
+def test_compiled_stages_train_as_the_eager_model(prepared, tmp_path):
+    """``train.compile``: every stage compiled in place (here with the aot_eager backend, whose
+    graphs run eager kernels; inductor is the GPU script's) trains to the eager run's losses and
+    parameters, under the same parameter names (checkpoints are interchangeable)."""
+    eager = make_trainer(prepared, tmp_path / "eager", "train.max_steps=4").fit()
+    torch._dynamo.reset()
+    compiled = make_trainer(prepared, tmp_path / "compiled", "train.max_steps=4", "train.compile=true",
+                            "train.compile_backend=aot_eager")
+    assert all(getattr(s, "_compiled_call_impl", None) is not None for s in compiled.model.stages)
+    summary = compiled.fit()
+    assert summary["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    a = torch.load(tmp_path / "eager" / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "compiled" / "final.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fingerprint_of_runs_from_before_the_conformer_block_key():
+    """``model.conformer.block`` at its default (torchaudio) is left out of the training fingerprint,
+    so a run finished before the key existed keeps its fingerprint; the rotary block changes it."""
+    import hashlib
+    import json
+
+    from asr_parallel.train.trainer import OPERATIONAL_KEYS, training_fingerprint
+
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml")
+    d = cfg.to_dict()
+    del d["model"]["conformer"]["block"]
+    train = {k: v for k, v in d["train"].items() if k not in OPERATIONAL_KEYS and k != "slow_ranks"}
+    before = hashlib.sha256(json.dumps({"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
+                                        "features": d["features"], "train": train},
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    assert training_fingerprint(cfg) == before
+    rotary = load_config(REPO / "recipes/chime6_sim.yaml", ["model.conformer.block=rotary"])
+    assert training_fingerprint(rotary) != before
+    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", ["train.compile=true"])) == before

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks, run on a lent GPU machine through the device tool (see RESULTS.md for what it gave):
 #   1. NCCL: torchrun with one rank, sync_sgd (DDP over NCCL), bf16 autocast, trainer steps;
-#   2. throughput of the project's trainer against a bare PyTorch loop (bf16), conformer and mlp;
+#   2. throughput of the project's trainer against a bare PyTorch loop (bf16): conformer (torchaudio's
+#      block, and the rotary block with and without torch.compile), tdnn and mlp;
+#   3. tests/test_gpu.py: training steps of every model under torch.cuda.set_sync_debug_mode("error");
 # The machine has torch but not lhotse or the kaldi* packages: they travel as wheels in .whl/
 # (python 3.12; tools/gpu_wheels.sh downloads them here). Results are written under $OUT.
 set -uo pipefail
@@ -24,4 +26,9 @@ run nccl_sync_sgd_conformer python3 -m torch.distributed.run --standalone --npro
 run bench_conformer python3 -m asr_parallel.bin.bench_train $big --output "$OUT/bench_conformer.json"
 run bench_mlp python3 -m asr_parallel.bin.bench_train --set model.name=mlp $big --output "$OUT/bench_mlp.json"
 run bench_tdnn python3 -m asr_parallel.bin.bench_train --set model.name=tdnn $big --output "$OUT/bench_tdnn.json"
+run bench_conformer_rotary python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary $big \
+  --output "$OUT/bench_conformer_rotary.json"
+run bench_conformer_rotary_compile python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary \
+  --set train.compile=true $big --output "$OUT/bench_conformer_rotary_compile.json"
+run test_gpu python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 echo "== done"

@@ -49,23 +49,35 @@ def get_batches(cfg, n: int, sp):
 
 
 def bare_loop(model, batches, device, bf16: bool, train_cfg) -> float:
-    from asr_parallel.train.loss import ctc_loss
-    from asr_parallel.train.trainer import make_optimizer
+    """The baseline: the same model, batches and optimiser settings through plain torch calls only
+    (no helper of this project: its loss, optimiser factory and step are what the trainer adds and
+    what this measures)."""
+    import torch.nn.functional as F
 
-    opt = make_optimizer(train_cfg, model.parameters(), fused=device.type == "cuda")
-    clip = train_cfg.grad_clip
+    tc = train_cfg
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if tc.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay, **fused)
+    else:
+        cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        opt = cls(model.parameters(), lr=tc.lr, betas=(tc.momentum, 0.999), weight_decay=tc.weight_decay, **fused)
     model.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for b in batches:
-        b = b.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
-            logits, out_lens = model(b.feats, b.feat_lens)
-        loss = ctc_loss(logits, out_lens, b.tokens) / len(b.tokens)
+        feats = b.feats.to(device, non_blocking=True)
+        targets = torch.tensor([t for seq in b.tokens for t in seq], dtype=torch.long)
+        target_lens = torch.tensor([len(seq) for seq in b.tokens], dtype=torch.long)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
+            logits, _ = model(feats, b.feat_lens.to(device))
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)
+        out_lens = model.output_lengths(b.feat_lens)  # on the host, where CTC reads them (no copy back)
+        loss = F.ctc_loss(log_probs, targets.to(device), out_lens, target_lens, blank=0,
+                          reduction="sum") / len(b.tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
     sync()
     return time.perf_counter() - t0
@@ -109,7 +121,9 @@ def main(argv=None):
         use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
         dist = DistContext(device=torch.device("cuda" if use_cuda else "cpu"))
     device = dist.device
-    bf16 = cfg.train.bf16 and device.type == "cuda"
+    from asr_parallel.train.step import bf16_enabled
+
+    bf16 = bf16_enabled(cfg.train, device)
     vocab = sp.get_piece_size() if sp else 500
     from asr_parallel.models import build_model
 

@@ -1,5 +1,5 @@
 """Acoustic models: ``mlp`` (the survey's DNN), ``tdnn`` (Kaldi-like, TDNN-F optional) and
-``conformer`` (torchaudio). Each is an :class:`AcousticModel`, an ordered list of stages."""
+``conformer`` (torchaudio's blocks or the project's, :mod:`asr_parallel.models.conformer`). Each is an :class:`AcousticModel`, an ordered list of stages."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def build_model(cfg, input_dim: int, vocab_size: int) -> AcousticModel:
 
         c = cfg.conformer
         return build_conformer(input_dim, vocab_size, c.model_dim, c.num_layers, c.num_heads, c.ffn_dim, c.kernel,
-                               c.dropout, c.layers_per_stage, c.conv_norm)
+                               c.dropout, c.layers_per_stage, c.conv_norm, c.block)
     raise ValueError(f"unknown model '{cfg.name}'")
 
 

@@ -32,12 +32,16 @@ weight delay (staleness), updates skipped for a non-finite gradient, and bytes p
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 import torch
 from torch import nn
 
 from asr_parallel.strategies.base import CommCounter, Strategy
+
+# What a receive or send that failed because the peer or the link did says (gloo's and NCCL's texts).
+_LINK_FAILURE = re.compile(r"[Tt]imed? ?out|[Tt]imeout|[Cc]onnection|closed|reset by peer|[Bb]roken pipe|EOF|aborted")
 
 HEADER = 4  # int64 values ahead of every activation: batch, time, feature dims, dtype code
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -238,6 +242,10 @@ class PipelineStrategy(Strategy):
             self._fail(what, peer, e)
 
     def _fail(self, what: str, peer: int, e: Exception):
+        """A timeout or a broken connection is reworded to name the stage it waited for; any other
+        error (a wrong device or dtype, a backend that lacks the operation) is re-raised as it is."""
+        if not (isinstance(e, getattr(torch.distributed, "DistError", ())) or _LINK_FAILURE.search(str(e))):
+            raise e
         source = f"stage {peer} (rank {peer})" if peer >= 0 else "the other stages"
         raise RuntimeError(f"pipeline stage {self.part_index}: no {what} {'' if what.endswith(' to') else 'from '}"
                            f"{source} within {self.timeout.total_seconds():.0f} s, or the connection broke; "

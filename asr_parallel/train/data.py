@@ -27,14 +27,21 @@ class Batch:
     tokens: list[list[int]]
     texts: list[str]
     cut_ids: list[str]
+    host_lens: torch.Tensor | None = None  # feat_lens on the host, kept by to() (no copy back)
+
+    @property
+    def lens_on_host(self) -> torch.Tensor:
+        """The frame counts on the host, read without waiting for a device."""
+        return self.host_lens if self.host_lens is not None else self.feat_lens
 
     @property
     def num_frames(self) -> int:
-        return int(self.feat_lens.sum())
+        return int(self.lens_on_host.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.feats.to(device, non_blocking=True), self.feat_lens.to(device), self.tokens, self.texts,
-                     self.cut_ids)
+        host = self.feat_lens if self.feat_lens.device.type == "cpu" else self.host_lens
+        return Batch(self.feats.to(device, non_blocking=True), self.feat_lens.to(device, non_blocking=True),
+                     self.tokens, self.texts, self.cut_ids, host)
 
 
 class CutDataset(torch.utils.data.Dataset):

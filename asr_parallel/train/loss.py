@@ -14,13 +14,17 @@ import torch.nn.functional as F
 
 
 def ctc_loss(logits: torch.Tensor, out_lens: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
-    """CTC loss summed over the batch (blank = 0), from (B, T, V) logits, in float32."""
+    """CTC loss summed over the batch (blank = 0), from (B, T, V) logits, in float32.
+
+    On GPU the targets go to the device without waiting (pinned, non-blocking), and the two length
+    tensors are best given on the host: ATen's CTC reads lengths on the host, so lengths on the
+    device cost a copy back that waits for the GPU (the trainer passes output lengths computed on
+    the host, :meth:`AcousticModel.output_lengths`)."""
     log_probs = logits.float().log_softmax(-1)
     targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
     target_lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
     if log_probs.is_cuda:  # copy the targets without making the host wait for the GPU
         targets = targets.pin_memory().to(log_probs.device, non_blocking=True)
-        target_lens = target_lens.pin_memory().to(log_probs.device, non_blocking=True)
     return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lens, target_lens, blank=0,
                       reduction="sum", zero_infinity=False)
 

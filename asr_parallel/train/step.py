@@ -4,7 +4,7 @@ The trainer builds one :class:`StepContext` and hands it to the strategy (``Stra
 for strategies that own the step; the trainer's own step uses it too), so that precision, the loss,
 clipping, the skip of a bad step and the schedule live here once:
 
-* ``autocast()``: bf16 autocast on GPU when ``train.bf16``, else nothing;
+* ``autocast()``: bf16 autocast on GPU when ``train.bf16``, on CPU when ``train.bf16_cpu``, else nothing;
 * ``augment(feats)``: SpecAugment in training when ``train.spec_augment``;
 * ``loss_sum(...)``: CTC summed over the batch (the caller divides by the utterances it averages over);
 * ``clip(params, norm)``: scale gradients by min(1, grad_clip / (norm + 1e-6)), as
@@ -29,6 +29,26 @@ import torch
 from asr_parallel.train.loss import ctc_loss
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX tiles)."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def bf16_enabled(tc, device: torch.device) -> bool:
+    """bf16 autocast for this device: ``train.bf16`` on GPU, ``train.bf16_cpu`` on CPU (emulated, and
+    said so, on a CPU without native bf16)."""
+    if device.type == "cuda":
+        return bool(tc.bf16)
+    if device.type == "cpu" and getattr(tc, "bf16_cpu", False):
+        if not cpu_has_native_bf16():
+            warnings.warn("train.bf16_cpu: this CPU has neither AVX512-BF16 nor AMX, so bf16 runs emulated "
+                          "(usually slower than float32)", stacklevel=2)
+        return True
+    return False
+
+
 class StepContext:
     def __init__(self, tc, device: torch.device, optimizer: torch.optim.Optimizer, spec_augment=None,
                  fused: bool = False):
@@ -38,11 +58,11 @@ class StepContext:
         self.scheduler = None  # set by the trainer once the schedule exists
         self.spec_augment = spec_augment
         self.fused = fused  # the fused optimiser skips a step on the device (found_inf)
-        self.use_bf16 = bool(tc.bf16) and device.type == "cuda"
+        self.use_bf16 = bf16_enabled(tc, device)
         self.step = 0  # optimiser steps taken (skipped ones included)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
 
     def augment(self, feats: torch.Tensor) -> torch.Tensor:
         return self.spec_augment(feats) if self.spec_augment is not None else feats

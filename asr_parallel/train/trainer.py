@@ -93,12 +93,14 @@ _NAMED_FAILURE = re.compile(r"died or hung|has a stage died")
 OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "checkpoint_every_steps",
                     "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints",
                     "emulate_nodes", "link_rate", "launcher", "nnodes", "node_rank", "rdzv_endpoint",
-                    "rdzv_backend", "rdzv_id", "max_restarts", "collective_timeout", "ranks_per_node")
+                    "rdzv_backend", "rdzv_id", "max_restarts", "collective_timeout", "ranks_per_node",
+                    "compile", "compile_backend")
 
 
 # Training keys added after fingerprints were first recorded, with their defaults: left out of the
 # fingerprint at the default, so that a finished run from before keeps its fingerprint.
 ADDED_KEYS = {"slow_ranks": {}}
+ADDED_MODEL_KEYS = {("conformer", "block"): "torchaudio"}  # the same for keys of the model section
 
 
 def training_fingerprint(cfg: RecipeConfig) -> str:
@@ -113,7 +115,11 @@ def training_fingerprint(cfg: RecipeConfig) -> str:
         operational.discard("max_steps")
     train = {k: v for k, v in d["train"].items()
              if k not in operational and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
-    key = {"model": d["model"], "strategy": d["strategy"], "tokenizer": d["tokenizer"],
+    model = {name: dict(sub) if isinstance(sub, dict) else sub for name, sub in d["model"].items()}
+    for (section, k), default in ADDED_MODEL_KEYS.items():
+        if model.get(section, {}).get(k) == default:
+            del model[section][k]
+    key = {"model": model, "strategy": d["strategy"], "tokenizer": d["tokenizer"],
            "features": d["features"], "train": train}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -179,6 +185,11 @@ class Trainer:
     def _setup_training(self, model) -> None:
         """Strategy, wrapped model, optimiser and step options (shared with the benchmark)."""
         self.strategy = build_strategy(self.cfg.strategy, self.dist)
+        if self.tc.compile:
+            # per stage, so that every strategy (pipelines cut the model at stage boundaries) runs the
+            # compiled stages; nn.Module.compile keeps the parameter and state-dict names
+            for stage in getattr(model, "stages", [model]):
+                stage.compile(backend=self.tc.compile_backend)
         self.wrapped = self.strategy.wrap_model(model)
         fused = self.device.type == "cuda"  # fused optimisers skip a step on device (found_inf)
         self.optimizer = make_optimizer(self.tc, self.wrapped.parameters(), fused=fused)
@@ -437,6 +448,8 @@ class Trainer:
         with st.forward_context(step):
             with ctx.autocast():
                 logits, out_lens = self.wrapped(feats, batch.feat_lens)
+            if out_lens.device.type != "cpu":  # CTC reads lengths on the host: compute them there
+                out_lens = self.model.output_lengths(batch.lens_on_host)
             loss_sum = ctc_loss(logits, out_lens, batch.tokens)
             synchronous = st.averages_gradients(step)
             if synchronous:
