@@ -50,3 +50,22 @@ def test_a_training_step_does_not_wait_for_the_device(model):
         torch.cuda.set_sync_debug_mode(0)
     assert all(bool(torch.isfinite(o["loss"])) and not bool(o["bad"]) for o in outs)
     assert outs[0]["frames"] == 2140  # counted on the host
+
+
+def test_the_loader_pins_batches_for_the_gpu():
+    """``loader(..., pin_memory=True)``: every batch arrives in page-locked memory, host lengths kept."""
+    from asr_parallel.train.data import loader
+
+    g = torch.Generator().manual_seed(0)
+    batches = [_batch(g, [400, 300], 50), _batch(g, [500], 50)]
+
+    class Same(torch.utils.data.Dataset):
+        def __getitem__(self, i):
+            b = batches[i]
+            return type(b)(b.feats.clone(), b.feat_lens, b.tokens, b.texts, b.cut_ids)
+
+    got = list(loader(Same(), [0, 1], 0, pin_memory=True))
+    assert all(b.feats.is_pinned() for b in got)
+    assert [b.num_frames for b in got] == [700, 500]
+    on_gpu = got[0].to(torch.device("cuda"))
+    assert on_gpu.feats.is_cuda and on_gpu.num_frames == 700 and not on_gpu.host_lens.is_cuda

@@ -288,3 +288,18 @@ def test_fingerprint_of_runs_from_before_the_conformer_block_key():
     rotary = load_config(REPO / "recipes/chime6_sim.yaml", ["model.conformer.block=rotary"])
     assert training_fingerprint(rotary) != before
     assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", ["train.compile=true"])) == before
+
+
+def test_a_batch_on_a_device_counts_its_frames_on_the_host():
+    """``Batch.to`` keeps the host's lengths, and ``num_frames`` reads them, never the device copy
+    (on a GPU that read would make the host wait). The meta device, which holds no values, stands in
+    for the GPU: reading its lengths would fail."""
+    from asr_parallel.train.data import Batch
+
+    b = Batch(torch.zeros(2, 5, 3), torch.tensor([5, 3]), [[1], [2]], ["a", "b"], ["u1", "u2"])
+    on_device = b.to(torch.device("meta"))
+    assert on_device.feat_lens.is_meta and not on_device.lens_on_host.is_meta
+    assert on_device.num_frames == 8
+    assert on_device.to(torch.device("meta")).num_frames == 8  # moved again: still the host's
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        int(on_device.feat_lens.sum())

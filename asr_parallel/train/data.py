@@ -38,6 +38,12 @@ class Batch:
     def num_frames(self) -> int:
         return int(self.lens_on_host.sum())
 
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked host memory (the DataLoader's ``pin_memory``), so that ``to``
+        copies it to a GPU without the host waiting."""
+        return Batch(self.feats.pin_memory(), self.feat_lens.pin_memory(), self.tokens, self.texts, self.cut_ids,
+                     self.host_lens)
+
     def to(self, device) -> "Batch":
         host = self.feat_lens if self.feat_lens.device.type == "cpu" else self.host_lens
         return Batch(self.feats.to(device, non_blocking=True), self.feat_lens.to(device, non_blocking=True),
@@ -100,10 +106,12 @@ def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, ran
                                    buffer_size=max(1000, len(cuts) if hasattr(cuts, "__len__") else 1000))
 
 
-def loader(dataset, batches, num_workers: int):
-    """A DataLoader over an iterable of CutSet batches (the sampler, possibly fast-forwarded).
+def loader(dataset, batches, num_workers: int, pin_memory: bool = False):
+    """A DataLoader over an iterable of CutSet batches (the sampler, possibly fast-forwarded);
+    ``pin_memory`` (for a GPU) puts each batch in page-locked memory, on a thread of the loader.
 
     It gets a generator of its own: by default a DataLoader draws its workers' base seed from the
     global torch generator, which would shift dropout and SpecAugment after a resume."""
     return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, generator=torch.Generator().manual_seed(0))
+                                       persistent_workers=False, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(0))

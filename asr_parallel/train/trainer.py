@@ -589,7 +589,7 @@ class Trainer:
                        disable=not self.dist.is_main, unit="batch", leave=True, mininterval=2.0)
             t_log, frames_log = time.time(), 0
             t_iter = time.time()
-            for batch in loader(self.dataset, todo, self.tc.num_workers):
+            for batch in loader(self.dataset, todo, self.tc.num_workers, self.device.type == "cuda"):
                 c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"step {self.step + 1}'s collectives ({self.cfg.strategy['name']})"
                 out = self.train_step(batch)
@@ -726,7 +726,8 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             batches = list(self.sampler)
             t_iter = time.time()
-            for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.tc.num_workers):
+            for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.tc.num_workers,
+                                self.device.type == "cuda"):
                 c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"a worker's step ({self.cfg.strategy['name']}, its step {self.step + 1})"
                 out = st.train_step(batch, ctx)
