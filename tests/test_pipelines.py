@@ -690,3 +690,17 @@ def test_only_link_failures_are_reworded_as_a_dead_stage():
     with pytest.raises(RuntimeError) as e:
         p._fail("control", -1, other)
     assert e.value is other
+
+
+def test_one_stage_micro_batch_pipelines_are_sgd(tmp_path):
+    """GPipe and 1F1B on one rank (S = 1: the stage is first and last, the loss computed there) equal
+    non-pipelined training on the same batches (frames padded to a multiple of 16 and the batches
+    of 3 padded with a dummy utterance, neither of which changes the MLP's loss)."""
+    one = {name: {**S, "strategy": {"name": name, "microbatches": 2, "pad_frames": 1}}
+           for name in ("gpipe", "one_f_one_b")}
+    (rank0,) = _run_stages(1, one, tmp_path)
+    expected = plain_training(STEPS)
+    cfg = config({"name": "single"})
+    for name in one:
+        got = flat_state(rank0[name]["eval"], cfg)
+        assert torch.allclose(got, expected, atol=1e-5), (name, (got - expected).abs().max())

@@ -31,4 +31,10 @@ run bench_conformer_rotary python3 -m asr_parallel.bin.bench_train --set model.c
 run bench_conformer_rotary_compile python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary \
   --set train.compile=true $big --output "$OUT/bench_conformer_rotary_compile.json"
 run test_gpu python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+# every strategy that takes the trainer's step, on one rank under NCCL (cpu:gloo,cuda:nccl), 5 steps
+small="--set train.max_duration=200 --set train.device=cuda --set train.bf16=true --steps 5 --warmup 2 --repeats 1"
+for s in sync_sgd model_averaging bmuf easgd hierarchical pipelined_bp gpipe one_f_one_b synthetic_gradients; do
+  run "nccl_$s" python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m asr_parallel.bin.bench_train \
+    --set strategy.name=$s $small --output "$OUT/bench_nccl_$s.json"
+done
 echo "== done"

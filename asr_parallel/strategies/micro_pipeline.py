@@ -253,7 +253,10 @@ class MicroPipeline(PipelineStrategy):
         losses: list = []
         t0, idle0 = time.perf_counter(), self.idle
         with self._instrumented(), ctx.autocast():
-            if self.first:
+            if self.first and self.last:  # one stage (one rank): the whole model, with the loss
+                schedule.step(padded, lengths=lengths, target=pack_targets(batch.tokens, total).to(dev),
+                              losses=losses, return_outputs=False)
+            elif self.first:
                 schedule.step(padded, lengths=lengths)
             elif self.last:
                 schedule.step(lengths=lengths, target=pack_targets(batch.tokens, total).to(dev), losses=losses,
