@@ -184,7 +184,7 @@ class TrainConfig:
     spec_augment: bool = True
     # torch.compile every stage of the model (nn.Module.compile, parameter names unchanged) with this
     # backend ("inductor": generated kernels; "aot_eager": the captured graphs run by eager kernels).
-    # The conformer's rotary block compiles into one graph per stage; torchaudio's has graph breaks.
+    # The conformer's rotary block compiles into one graph per stage (tested with fullgraph=True).
     compile: bool = False
     compile_backend: str = "inductor"
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
@@ -466,12 +466,26 @@ def validate(cfg: RecipeConfig) -> None:
     need(len(td.kernels) == len(td.dilations), "model.tdnn.dilations", "must have one entry per kernel")
     need(0 <= td.subsample_layer < len(td.kernels), "model.tdnn.subsample_layer", "must index a layer")
     cf = cfg.model.conformer
-    need(cf.block != "rotary" or cf.conv_norm == "layer", "model.conformer.conv_norm",
-         f"must be 'layer' with block 'rotary' (it normalises every frame on its own), got '{cf.conv_norm}'")
-    need(cf.block != "rotary" or (cf.model_dim % cf.num_heads == 0 and (cf.model_dim // cf.num_heads) % 2 == 0),
-         "model.conformer.num_heads", f"must split model_dim {cf.model_dim} into heads of an even size (rotary)")
-    need(cf.kernel % 2 == 1, "model.conformer.kernel", f"must be odd, got {cf.kernel}")
+    if cfg.model.name == "conformer":
+        need(cf.block != "rotary" or cf.conv_norm == "layer", "model.conformer.conv_norm",
+             f"must be 'layer' with block 'rotary' (it normalises every frame on its own), got '{cf.conv_norm}'")
+        need(cf.model_dim % cf.num_heads == 0, "model.conformer.num_heads",
+             f"must divide model_dim {cf.model_dim}, got {cf.num_heads}")
+        need(cf.block != "rotary" or (cf.model_dim // cf.num_heads) % 2 == 0, "model.conformer.num_heads",
+             f"must split model_dim {cf.model_dim} into heads of an even size (rotary pairs channels), "
+             f"got {cf.num_heads}")
+        need(cf.kernel % 2 == 1, "model.conformer.kernel", f"must be odd, got {cf.kernel}")
     tc = cfg.train
+    if tc.optimizer in ("adam", "adamw"):
+        need(0.0 <= tc.momentum < 1.0, "train.momentum", f"is Adam's beta1 here: must be in [0, 1), got {tc.momentum}")
+    else:
+        need(tc.momentum >= 0.0, "train.momentum", f"must be >= 0, got {tc.momentum}")
+    if tc.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        need(tc.compile_backend in backends, "train.compile_backend",
+             f"must be one of torch.compile's backends ({', '.join(backends)}), got '{tc.compile_backend}'")
     rates = tc.link_rate.split(",")
     need(all(r.strip() for r in rates) and (len(rates) == 1 or len(rates) == max(1, tc.emulate_nodes)),
          "train.link_rate", f"must be one tc rate, or one per emulated node ({tc.emulate_nodes}), got '{tc.link_rate}'")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from chime6_fixture import TINY_SIMULATION
 
 from asr_parallel.strategies import parse_strategy
@@ -175,4 +177,18 @@ def test_runs_that_differ_only_in_training_overrides_get_directories_of_their_ow
     assert experiment_dir(run_config(args, runs["async_ps_w3"])).name == "conformer_async_ps_w3_2nodes_500mbit_1-2"
     args = argparse.Namespace(config=str(REPO / "recipes/chime6_sim_pipelines.yaml"), overrides=[])
     runs = {r["label"]: r for r in load_config(args.config).compare.runs}
-    assert experiment_dir(run_config(args, runs["mlp_gpipe"])).name == "mlp_gpipe_w2"
+    assert experiment_dir(run_config(args, runs["mlp_gpipe"])) == Path("exp/chime6_sim_pipelines/mlp_gpipe/mlp_gpipe_w2")
+    # Two runs that rename the directory alike, one of which also changes the rate, do not meet.
+    both = load_config(args.config, ["compare.runs=[{strategy: {name: gpipe}, world_size: 2, overrides: [model.name=mlp], "
+                                     "label: a}, {strategy: {name: gpipe}, world_size: 2, overrides: [model.name=mlp, "
+                                     "train.lr=0.001], label: b}]", "compare.pairs=[]"])
+    plans = plan_runs(args, both)
+    assert len({experiment_dir(p.cfg) for p in plans}) == len(plans) > 1
+    # Labels that differ only in characters a directory name cannot hold stop the comparison.
+    from asr_parallel.config import ConfigError
+
+    clash = load_config(args.config, ["compare.runs=[{strategy: {name: gpipe}, world_size: 2, overrides: [train.lr=0.001], "
+                                      "label: 'x y'}, {strategy: {name: gpipe}, world_size: 2, overrides: [train.lr=0.003], "
+                                      "label: 'x/y'}]", "compare.pairs=[]"])
+    with pytest.raises(ConfigError, match="would train different configs into"):
+        plan_runs(args, clash)

@@ -109,11 +109,33 @@ def test_rotary_block_knows_where_a_frame_is():
     assert not torch.allclose(rotary(x[:, flip], attend), rotary(x, attend)[:, flip], atol=1e-3)
 
 
+def test_rotary_attention_is_unchanged_by_masked_frames_ahead():
+    """Queries and keys rotated alike: frames put ahead of a sequence and masked out shift every
+    position by the same amount, so the valid frames' attention output is unchanged (it would not be
+    if only the queries or only the keys were rotated, or with absolute positions)."""
+    from asr_parallel.models.conformer import RotarySelfAttention
+
+    torch.manual_seed(0)
+    att = RotarySelfAttention(16, 2, 0.0).eval()
+    x = torch.randn(1, 10, 16)
+    y = att(x, torch.ones(1, 1, 1, 10, dtype=torch.bool))
+    shifted = torch.cat([torch.randn(1, 7, 16), x], dim=1)
+    attend = torch.ones(1, 1, 1, 17, dtype=torch.bool)
+    attend[..., :7] = False
+    assert torch.allclose(att(shifted, attend)[:, 7:], y, atol=1e-5)
+
+
 def test_rotary_block_rejects_batch_statistics_and_odd_heads():
     with pytest.raises(ConfigError, match="conv_norm"):
         load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.block=rotary", "model.conformer.conv_norm=batch"])
-    with pytest.raises(ConfigError, match="num_heads"):
-        load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.block=rotary", "model.conformer.num_heads=3"])
+    with pytest.raises(ConfigError, match="must divide"):
+        load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.num_heads=3"])
+    with pytest.raises(ConfigError, match="even size"):  # 24 / 8: heads of 3 channels
+        load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.block=rotary", "model.conformer.model_dim=24",
+                                                       "model.conformer.num_heads=8"])
+    load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.model_dim=24", "model.conformer.num_heads=8"])
+    # another model's run does not check the conformer's settings
+    load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.num_heads=3", "model.name=mlp"])
     with pytest.raises(ConfigError, match="block"):
         load_config("recipes/chime6_sim.yaml", TINY + ["model.conformer.block=relative"])
 

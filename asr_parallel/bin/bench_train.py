@@ -49,9 +49,11 @@ def get_batches(cfg, n: int, sp):
 
 
 def bare_loop(model, batches, device, bf16: bool, train_cfg) -> float:
-    """The baseline: the same model, batches and optimiser settings through plain torch calls only
-    (no helper of this project: its loss, optimiser factory and step are what the trainer adds and
-    what this measures)."""
+    """The baseline: the same model, batches and optimiser settings through plain torch calls (no
+    helper of this project's training code: its loss, optimiser factory and step are what the trainer
+    adds and what this measures). Of the model it uses the forward pass and ``output_lengths``, the
+    frames its output has per utterance (arithmetic on the host lengths, as CTC wants them); host
+    tensors are pinned and copied without waiting, as the trainer does."""
     import torch.nn.functional as F
 
     tc = train_cfg
@@ -66,14 +68,17 @@ def bare_loop(model, batches, device, bf16: bool, train_cfg) -> float:
     sync()
     t0 = time.perf_counter()
     for b in batches:
-        feats = b.feats.to(device, non_blocking=True)
+        pin = device.type == "cuda"
+        feats = (b.feats.pin_memory() if pin else b.feats).to(device, non_blocking=True)
         targets = torch.tensor([t for seq in b.tokens for t in seq], dtype=torch.long)
+        targets = (targets.pin_memory() if pin else targets).to(device, non_blocking=True)
         target_lens = torch.tensor([len(seq) for seq in b.tokens], dtype=torch.long)
+        lens = (b.feat_lens.pin_memory() if pin else b.feat_lens).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
-            logits, _ = model(feats, b.feat_lens.to(device))
+            logits, _ = model(feats, lens)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)
         out_lens = model.output_lengths(b.feat_lens)  # on the host, where CTC reads them (no copy back)
-        loss = F.ctc_loss(log_probs, targets.to(device), out_lens, target_lens, blank=0,
+        loss = F.ctc_loss(log_probs, targets, out_lens, target_lens, blank=0,
                           reduction="sum") / len(b.tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,6 +136,9 @@ def main(argv=None):
     base = build_model(cfg.model, cfg.features.num_mel_bins, vocab)
     trainer = Trainer.for_benchmark(cfg, dist, copy.deepcopy(base).to(device))
     bare_model = copy.deepcopy(base).to(device)
+    if cfg.train.compile:  # the baseline compiled alike (torch.compile is plain torch)
+        for stage in bare_model.stages:
+            stage.compile(backend=cfg.train.compile_backend)
     frames = sum(b.num_frames for b in batches[args.warmup:])
     bare_loop(bare_model, batches[:args.warmup], device, bf16, cfg.train)
     trainer_loop(trainer, batches[:args.warmup])
@@ -144,6 +152,8 @@ def main(argv=None):
         "machine": f"{platform.node()}", "device": str(device), "bf16": bf16,
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(), "model": cfg.model.name, "params": base.num_params(),
+        "conformer_block": cfg.model.conformer.block if cfg.model.name == "conformer" else None,
+        "compile": cfg.train.compile_backend if cfg.train.compile else None,
         "strategy": cfg.strategy["name"], "world_size": dist.world_size, "batches": source,
         "steps": args.steps, "repeats": args.repeats, "frames_per_repeat": frames,
         "bare_frames_per_second": round(fps_bare, 1), "trainer_frames_per_second": round(fps_trainer, 1),

@@ -4,8 +4,8 @@ For each run (a strategy, its number of ranks and optional config overrides) the
 is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 5-7 run on it (a finished
 training or decoding is reused). With ``compare.seeds`` every run is trained once per seed
 (``train.seed=<s>``, into ``exp_dir/seed<s>/``, labelled ``<label>_seed<s>``). A run whose overrides
-change what is trained but not the directory's name (``train.lr``, ``train.momentum``: a sweep) trains
-under ``<label>/`` of that directory, so that it never meets the run without them. With
+change what is trained (``train.lr``, ``train.momentum``: a sweep; ``model.name``) trains under
+``<label>/`` of that directory, so that it never meets another run of the list. With
 ``train.emulate_nodes`` N > 1 the runs of two or more ranks are spread over N emulated nodes
 (``local/emulate_cluster.sh``) and everything goes to ``exp_dir/compare_{N}nodes_{rate}/`` instead;
 the single-process runs are those of one node. Then, in that folder (``exp_dir/compare/`` for one
@@ -75,15 +75,12 @@ def run_config(args, run: dict, seed: int | None = None, exp_dir: str | None = N
 
     cfg = build(list(run.get("overrides", [])))
     if run.get("overrides"):
-        # A run whose overrides change what is trained (train.lr, train.momentum, ...) but not the
-        # experiment directory's name (model, strategy, ranks) would share that directory with the run
-        # without them: it trains under exp_dir/<label>/ instead, whichever other runs the list holds.
-        from asr_parallel.bin.train import experiment_dir
+        # A run whose overrides change what is trained (train.lr, train.momentum, model.name, ...) could
+        # share its experiment directory (named by model, strategy and ranks only) with another run of
+        # the list: it trains under exp_dir/<label>/ instead, whichever other runs the list holds.
         from asr_parallel.train.trainer import training_fingerprint
 
-        plain = build([])
-        if (experiment_dir(cfg) == experiment_dir(plain)
-                and training_fingerprint(cfg) != training_fingerprint(plain)):
+        if training_fingerprint(cfg) != training_fingerprint(build([])):
             cfg.exp_dir = str(Path(cfg.exp_dir) / re.sub(r"[^A-Za-z0-9._=+-]", "_", run_label(run)))
     from asr_parallel.config import validate
 
@@ -117,7 +114,25 @@ def plan_runs(args, base: RecipeConfig) -> list[Plan]:
         for seed in run.get("seeds", base.compare.seeds):
             cfg = run_config(args, run, seed, str(Path(base.exp_dir) / f"seed{seed}"))
             plans.append(Plan(f"{label}_seed{seed}", label, run, cfg, seed))
+    check_directories(base, plans)
     return plans
+
+
+def check_directories(base: RecipeConfig, plans: list[Plan]) -> None:
+    """Two runs of the list that would train different things into one directory (overrides that
+    differ among runs which all have some) stop the comparison before anything trains."""
+    from asr_parallel.bin.train import experiment_dir
+    from asr_parallel.train.trainer import training_fingerprint
+
+    seen: dict = {}
+    for plan in plans:
+        exp, fp = experiment_dir(plan.cfg), training_fingerprint(plan.cfg)
+        other = seen.setdefault(exp, (plan.label, fp))
+        if other[1] != fp:
+            raise ConfigError(f"{base.source}: compare.runs: {other[0]} and {plan.label} would train different "
+                              f"configs into {exp}; give them labels that differ in more than the characters "
+                              "outside [A-Za-z0-9._=+-] (a run whose overrides change training settings trains "
+                              "under exp_dir/<label>/)")
 
 
 def baseline_label(base: RecipeConfig) -> str:

@@ -130,7 +130,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     permutation of the channels). The dot product of a rotated query at position m and a rotated key
     at position n then depends on m - n only: attention sees relative positions."""
     half = x.size(-1) // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 rotated in float32, float64 kept
+    x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
+    cos, sin = cos.to(dtype), sin.to(dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 

@@ -244,7 +244,9 @@ class PipelineStrategy(Strategy):
     def _fail(self, what: str, peer: int, e: Exception):
         """A timeout or a broken connection is reworded to name the stage it waited for; any other
         error (a wrong device or dtype, a backend that lacks the operation) is re-raised as it is."""
-        if not (isinstance(e, getattr(torch.distributed, "DistError", ())) or _LINK_FAILURE.search(str(e))):
+        link = tuple(getattr(torch.distributed, n) for n in ("DistNetworkError", "DistStoreError")
+                     if hasattr(torch.distributed, n))
+        if not (isinstance(e, link) or _LINK_FAILURE.search(str(e))):
             raise e
         source = f"stage {peer} (rank {peer})" if peer >= 0 else "the other stages"
         raise RuntimeError(f"pipeline stage {self.part_index}: no {what} {'' if what.endswith(' to') else 'from '}"

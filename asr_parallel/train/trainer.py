@@ -99,7 +99,7 @@ OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "check
 
 # Training keys added after fingerprints were first recorded, with their defaults: left out of the
 # fingerprint at the default, so that a finished run from before keeps its fingerprint.
-ADDED_KEYS = {"slow_ranks": {}}
+ADDED_KEYS = {"slow_ranks": {}, "bf16_cpu": False}
 ADDED_MODEL_KEYS = {("conformer", "block"): "torchaudio"}  # the same for keys of the model section
 
 
