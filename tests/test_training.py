@@ -147,7 +147,7 @@ def test_delay_probe_applies_the_gradient_of_delay_steps_ago():
     from asr_parallel.bin.delay_probe import DelayedStepContext
     from asr_parallel.train.step import StepContext
 
-    tc = SimpleNamespace(grad_clip=1e9, bf16=False)
+    tc = SimpleNamespace(grad_clip=1e9, bf16=False, bf16_cpu=False)
     for delay in (0, 2):
         a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.SGD([a, b], lr=1.0)

@@ -41,7 +41,7 @@ def bf16_enabled(tc, device: torch.device) -> bool:
     said so, on a CPU without native bf16)."""
     if device.type == "cuda":
         return bool(tc.bf16)
-    if device.type == "cpu" and getattr(tc, "bf16_cpu", False):
+    if device.type == "cpu" and tc.bf16_cpu:
         if not cpu_has_native_bf16():
             warnings.warn("train.bf16_cpu: this CPU has neither AVX512-BF16 nor AMX, so bf16 runs emulated "
                           "(usually slower than float32)", stacklevel=2)
