@@ -19,12 +19,13 @@ MODELS = {
 }
 
 
-def _batch(g: torch.Generator, lens: list[int], vocab: int):
+def _batch(g: torch.Generator, lens: list[int], vocab: int, pin: bool = True):
     from asr_parallel.train.data import Batch
 
     feats = torch.randn(len(lens), max(lens), 80, generator=g)
+    feats = feats.pin_memory() if pin else feats
     tokens = [[int(t) for t in torch.randint(1, vocab, (n // 40,), generator=g)] for n in lens]
-    return Batch(feats.pin_memory(), torch.tensor(lens), tokens, [""] * len(lens), [f"u{i}" for i in range(len(lens))])
+    return Batch(feats, torch.tensor(lens), tokens, [""] * len(lens), [f"u{i}" for i in range(len(lens))])
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -69,3 +70,58 @@ def test_the_loader_pins_batches_for_the_gpu():
     assert [b.num_frames for b in got] == [700, 500]
     on_gpu = got[0].to(torch.device("cuda"))
     assert on_gpu.feats.is_cuda and on_gpu.num_frames == 700 and not on_gpu.host_lens.is_cuda
+
+
+OWN_STEP = ["ad_psgd", "gpipe", "one_f_one_b", "pipelined_bp", "synthetic_gradients"]
+
+
+def own_step_ctc_lengths(strategy: str, device: str, tmp_path, monkeypatch) -> list:
+    """Steps of a strategy with its own training step on one rank (a torchrun-like process group,
+    ``cpu:gloo,cuda:nccl`` on a GPU), returning the devices of the lengths every CTC call got."""
+    import socket
+
+    import torch.distributed as tdist
+    import torch.nn.functional as F
+
+    from asr_parallel.bin.train import setup_distributed
+    from asr_parallel.config import load_config
+    from asr_parallel.models import build_model
+    from asr_parallel.train.trainer import Trainer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"TORCHELASTIC_RUN_ID": "gpu-test", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                 "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml",
+                      ["model.name=tdnn", f"train.device={device}", f"strategy.name={strategy}",
+                       "train.world_size=1", "train.collective_timeout=60"])
+    seen = []
+    real = F.ctc_loss
+
+    def spy(log_probs, targets, input_lengths, target_lengths, *args, **kwargs):
+        seen.append((input_lengths.device.type, target_lengths.device.type))
+        return real(log_probs, targets, input_lengths, target_lengths, *args, **kwargs)
+
+    monkeypatch.setattr(F, "ctc_loss", spy)
+    dist = setup_distributed(cfg)
+    try:
+        torch.manual_seed(0)
+        net = build_model(cfg.model, 80, 100).to(dist.device)
+        trainer = Trainer.for_benchmark(cfg, dist, net)
+        g = torch.Generator().manual_seed(0)
+        for lens in ([800, 640, 700], [900, 500], [760, 760, 430, 300]):
+            trainer.train_step(_batch(g, lens, 100, pin=device == "cuda"))
+        trainer.strategy.end_of_epoch(trainer.ctx)  # pipelines drain
+    finally:
+        tdist.destroy_process_group()
+    return seen
+
+
+@pytest.mark.parametrize("strategy", OWN_STEP)
+def test_strategies_with_their_own_step_give_ctc_lengths_on_the_host(strategy, tmp_path, monkeypatch):
+    """ATen's CTC reads its lengths on the host: given on the GPU they cost a copy back that waits
+    for it. Strategies that run their own step (gossip, pipelines) pass host lengths too."""
+    seen = own_step_ctc_lengths(strategy, "cuda", tmp_path, monkeypatch)
+    assert seen and all(devices == ("cpu", "cpu") for devices in seen), seen

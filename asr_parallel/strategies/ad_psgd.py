@@ -112,7 +112,7 @@ class ADPSGD(Strategy):
 
     # -- one step
     def train_step(self, batch, ctx) -> dict:
-        from asr_parallel.train.loss import ctc_loss
+        from asr_parallel.train.loss import ctc_loss, host_output_lengths
 
         if self.thread_error:
             raise RuntimeError(self.thread_error)
@@ -133,7 +133,7 @@ class ADPSGD(Strategy):
             c.grad = None
         with ctx.autocast():
             logits, out_lens = net(ctx.augment(batch.feats), batch.feat_lens)
-        loss_sum = ctc_loss(logits, out_lens, batch.tokens)
+        loss_sum = ctc_loss(logits, host_output_lengths(net, out_lens, batch.lens_on_host), batch.tokens)
         (loss_sum / n).backward()
         grad_norm = ctx.clip_local(net.parameters())
         loss = loss_sum.detach() / n

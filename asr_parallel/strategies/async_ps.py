@@ -319,7 +319,7 @@ class AsyncPS(Strategy):
         return torch.cat(out)
 
     def train_step(self, batch, ctx) -> dict:
-        from asr_parallel.train.loss import ctc_loss
+        from asr_parallel.train.loss import ctc_loss, host_output_lengths
 
         if self.is_server:
             raise RuntimeError("async_ps: train_step called on a server rank")
@@ -330,7 +330,7 @@ class AsyncPS(Strategy):
         ctx.optimizer.zero_grad(set_to_none=True)
         with ctx.autocast():
             logits, out_lens = model(ctx.augment(batch.feats), batch.feat_lens)
-        loss_sum = ctc_loss(logits, out_lens, batch.tokens)
+        loss_sum = ctc_loss(logits, host_output_lengths(model, out_lens, batch.lens_on_host), batch.tokens)
         (loss_sum / n).backward()
         grads = [self._flat_grads(s) for s in range(self.servers)]
         sq = float(sum(g.double().pow(2).sum() for g in grads))

@@ -130,6 +130,8 @@ class MicroPipeline(PipelineStrategy):
                              f"({self.num_parts}), got {params.microbatches}")
         self.schedules: OrderedDict = OrderedDict()
         self.utterances = 1
+        self.mb_plan: list = []  # last stage: (tokens, output lengths on the host) per micro-batch
+        self.mb_next = 0
         self.builds = 0
         self.lookups = 0
 
@@ -168,16 +170,23 @@ class MicroPipeline(PipelineStrategy):
         return schedule
 
     def _loss(self, output, packed: torch.Tensor) -> torch.Tensor:
-        """CTC over the real utterances of a micro-batch, divided by the minibatch's utterances."""
+        """CTC over the real utterances of a micro-batch, divided by the minibatch's utterances.
+
+        The schedule calls it once per micro-batch, in order (GPipe and 1F1B alike), so the
+        micro-batch's tokens and output lengths are read from the host-side plan of
+        :meth:`train_step` rather than from ``packed`` on the device (which would make the host wait).
+        The real utterances of a micro-batch are its first rows (padding utterances come last)."""
         from asr_parallel.train.loss import ctc_loss
 
-        logits, out_lens = output
-        keep = (packed[:, 0] >= 0).nonzero().flatten().tolist()
-        if not keep:
+        logits, _ = output
+        if self.mb_next >= len(self.mb_plan):
+            raise RuntimeError(f"{self.schedule_name}: the schedule computed more losses than its "
+                               f"{len(self.mb_plan)} micro-batches")
+        tokens, out_lens = self.mb_plan[self.mb_next]
+        self.mb_next += 1
+        if not tokens:
             return logits.float().sum() * 0.0
-        tokens = [packed[i, 1:1 + int(packed[i, 0])].tolist() for i in keep]
-        idx = torch.tensor(keep, device=logits.device)
-        return ctc_loss(logits[idx], out_lens[idx], tokens) / self.utterances
+        return ctc_loss(logits[:len(tokens)], out_lens, tokens) / self.utterances
 
     @contextmanager
     def _instrumented(self):
@@ -237,8 +246,13 @@ class MicroPipeline(PipelineStrategy):
         padded[:b, :frames] = feats
         # Dummy utterances: zero features of the full padded length (a valid length), no loss.
         lengths = torch.full((total,), padded_frames, dtype=torch.long)
-        lengths[:b] = batch.feat_lens
-        lengths = lengths.to(dev)
+        lengths[:b] = batch.lens_on_host
+        if self.last:  # each micro-batch's real utterances: their tokens and output lengths, on the host
+            size, out_host = total // m, self.model.output_lengths(lengths)
+            self.mb_plan = [(batch.tokens[i * size:min(b, (i + 1) * size)], out_host[i * size:min(b, (i + 1) * size)])
+                            for i in range(m)]
+            self.mb_next = 0
+        lengths = lengths.to(dev, non_blocking=True)
         self.utterances = b
         builds = self.builds
         schedule = self._schedule(total // m, padded_frames, feat_dim, dev)

@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asr_parallel.strategies.pipeline import PipelineStrategy
+from asr_parallel.train.loss import host_output_lengths
 
 
 @dataclass
@@ -132,7 +133,8 @@ class PipelinedBP(PipelineStrategy):
         self.done_before = 0  # minibatches of the earlier fill-run-drains (numbers delays globally)
         self.version = 0  # updates this part applied
         self.in_flight: dict[int, _InFlight] = {}
-        self.targets: dict[int, list] = {}  # last part: the token sequences of minibatches in flight
+        # last part: the token sequences and (host) input lengths of minibatches in flight
+        self.targets: dict[int, tuple] = {}
         self.ids: dict[int, list] = {}  # the utterance ids of minibatches in flight (every part)
         self.delays: list[tuple[int, int]] = []  # (minibatch, measured delay) of the last 1000 updates
         self.sends: list = []  # this tick's sends (work handles and their buffers)
@@ -214,7 +216,7 @@ class PipelinedBP(PipelineStrategy):
         if batch is not None:
             self.ids[self.injected - 1] = list(batch.cut_ids)
             if self.last:
-                self.targets[self.injected - 1] = batch.tokens
+                self.targets[self.injected - 1] = (batch.tokens, batch.lens_on_host)
         tick = self.tick
         n_f, n_b = tick - self.forward_lag(s), tick - self.backward_lag(s)
         self.part.train()
@@ -227,7 +229,8 @@ class PipelinedBP(PipelineStrategy):
                 x_in = x.detach().requires_grad_(not self.first)
                 with ctx.autocast():
                     logits, out_lens = self.part(x_in, lengths)
-                tokens = self.targets.pop(n_f)
+                tokens, host_lens = self.targets.pop(n_f)
+                out_lens = host_output_lengths(self.model, out_lens, host_lens)  # CTC reads them on the host
                 loss = ctx.loss_sum(logits, out_lens, tokens) / len(tokens)
                 self.in_flight[n_f] = _InFlight(x_in, lengths, tuple(logits.shape), logits.dtype, self.version,
                                                 rng, cuda_rng)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from asr_parallel.strategies.pipelined_bp import PipelinedBP
+from asr_parallel.train.loss import host_output_lengths
 
 
 class Synthesiser(nn.Module):
@@ -177,7 +178,7 @@ class SyntheticGradients(PipelinedBP):
         idle0 = self.idle
         if batch is not None:
             self.ids[self.injected - 1] = list(batch.cut_ids)
-            self.targets[self.injected - 1] = batch.tokens
+            self.targets[self.injected - 1] = (batch.tokens, batch.lens_on_host)
         tick = self.tick
         n_f, n_t = tick - s, tick - s - 2
         self.part.train()
@@ -185,14 +186,14 @@ class SyntheticGradients(PipelinedBP):
         update = False
         if self._valid(n_f):
             x, lengths = self.part_input(batch, ctx)
-            tokens = self.targets.pop(n_f)
+            tokens, host_lens = self.targets.pop(n_f)
             x_in = x.detach().requires_grad_(not self.first)
             ctx.optimizer.zero_grad(set_to_none=True)
             finite = True
             with ctx.autocast():
                 y, y_lens = self.part(x_in, lengths)
             if self.last:
-                loss = ctx.loss_sum(y, y_lens, tokens) / len(tokens)
+                loss = ctx.loss_sum(y, host_output_lengths(self.model, y_lens, host_lens), tokens) / len(tokens)
                 mine["loss"] = float(loss.detach())
                 finite = math.isfinite(mine["loss"])
                 if finite:

@@ -29,6 +29,16 @@ def ctc_loss(logits: torch.Tensor, out_lens: torch.Tensor, tokens: list[list[int
                       reduction="sum", zero_infinity=False)
 
 
+def host_output_lengths(model, out_lens: torch.Tensor, host_lens: torch.Tensor) -> torch.Tensor:
+    """The output lengths CTC should get: ``out_lens`` when they are on the host already, else the
+    same lengths computed on the host from the input lengths ``host_lens`` by ``model``'s
+    :meth:`~asr_parallel.models.base.AcousticModel.output_lengths`, so that CTC does not copy them
+    back from a device (which would make the host wait for it)."""
+    if out_lens.device.type == "cpu":
+        return out_lens
+    return model.output_lengths(host_lens.cpu())
+
+
 class SpecAugment(torch.nn.Module):
     """Two frequency masks of up to 27 bins and time masks covering up to 5% of the frames
     (Park et al., Interspeech 2019, LibriSpeech basic policy), drawn per utterance."""

@@ -47,7 +47,7 @@ from asr_parallel.strategies import build_strategy
 from asr_parallel.strategies.base import DistContext, process_group_calls
 from asr_parallel.train import checkpoint as ckpt
 from asr_parallel.train.data import Batch, CutDataset, filter_for_ctc, loader, make_sampler
-from asr_parallel.train.loss import SpecAugment, ctc_loss
+from asr_parallel.train.loss import SpecAugment, ctc_loss, host_output_lengths
 from asr_parallel.train.step import StepContext
 from asr_parallel.utils import netstat
 from asr_parallel.utils.io import atomic_write_json
@@ -448,8 +448,7 @@ class Trainer:
         with st.forward_context(step):
             with ctx.autocast():
                 logits, out_lens = self.wrapped(feats, batch.feat_lens)
-            if out_lens.device.type != "cpu":  # CTC reads lengths on the host: compute them there
-                out_lens = self.model.output_lengths(batch.lens_on_host)
+            out_lens = host_output_lengths(self.model, out_lens, batch.lens_on_host)  # no copy back
             loss_sum = ctc_loss(logits, out_lens, batch.tokens)
             synchronous = st.averages_gradients(step)
             if synchronous:
