@@ -180,7 +180,9 @@ class TrainConfig:
     epochs: int = 10
     max_duration: float = 200.0  # seconds of audio per batch per rank (lhotse bucketing sampler)
     num_buckets: int = 10
-    num_workers: int = 0  # data-loader worker processes per rank
+    # data-loader worker processes per rank; "auto": none on CPU ranks (the loader is far faster than
+    # a CPU step: bench_loader), and up to 4 on GPU ranks (asr_parallel.train.data.loader_workers)
+    num_workers: int | Literal["auto"] = "auto"
     spec_augment: bool = True
     # torch.compile every stage of the model (nn.Module.compile, parameter names unchanged) with this
     # backend ("inductor": generated kernels; "aot_eager": the captured graphs run by eager kernels).
@@ -445,6 +447,7 @@ def validate(cfg: RecipeConfig) -> None:
     need(tr.lr > 0, "train.lr", "must be > 0")
     need(tr.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
     need(tr.max_bad_batches >= 1, "train.max_bad_batches", "must be >= 1")
+    need(tr.num_workers == "auto" or tr.num_workers >= 0, "train.num_workers", "must be 'auto' or >= 0")
     need(tr.average_last_checkpoints >= 1, "train.average_last_checkpoints", "must be >= 1")
     need(tr.nnodes >= 1, "train.nnodes", "must be >= 1")
     need(tr.world_size % tr.nnodes == 0, "train.nnodes",

@@ -27,3 +27,21 @@ def test_data_benchmark_writes_rates(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d["sessions"]["S03"]["session_hours_per_minute"] > 0 and d["features"]["real_time_factor"] > 0
+
+
+def test_loader_benchmark_sets_the_loader_against_the_step(prepared, tmp_path):
+    from chime6_fixture import TINY_SIMULATION
+
+    out = tmp_path / "loader.json"
+    cmd = [sys.executable, "-m", "asr_parallel.bin.bench_loader", "--set", f"data_dir={prepared}"]
+    for o in TINY_SIMULATION + ["model.name=mlp", "model.mlp.hidden_dim=64", "train.max_duration=20"]:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd + ["--batches", "2", "--workers", "0,1", "--repeats", "1", "--output", str(out)],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["batches"] == 2 and d["frames"] > 0 and d["trainer_step_frames_per_second"] > 0
+    for w in ("0", "1"):
+        fig = d["workers"][w]
+        assert fig["loader_frames_per_second"] > 0 and fig["fed_frames_per_second"] > 0
+        assert fig["headroom"] == round(fig["loader_frames_per_second"] / d["trainer_step_frames_per_second"], 2)

@@ -326,3 +326,38 @@ def test_momentum_and_compile_backend_are_checked():
     load_config(REPO / "recipes/chime6_sim.yaml", ["train.momentum=1.2", "train.optimizer=sgd"])
     with pytest.raises(ConfigError, match="train.compile_backend"):
         load_config(REPO / "recipes/chime6_sim.yaml", ["train.compile=true", "train.compile_backend=inductr"])
+
+
+def test_loader_workers_deliver_the_same_batches_and_auto_resolves_per_device(prepared, monkeypatch):
+    """Worker processes change where batches are made, not what they are: the recipe's loader with 2
+    workers yields exactly the batches of the training thread's own loader. ``num_workers: auto``
+    gives none on a CPU rank and up to 4 on a GPU rank, within its share of the cores less one."""
+    import os
+
+    import sentencepiece as spm
+    from lhotse import load_manifest
+
+    from asr_parallel.train.data import CutDataset, loader, loader_workers, make_sampler
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "lang_bpe_60" / "bpe.model"))
+    cuts = load_manifest(prepared / "fbank/chime6-ihm_cuts_train.jsonl.gz")
+    sampler = make_sampler(cuts, 20.0, 2, True, 0, 1, 7)
+    sampler.set_epoch(1)
+    plan = list(sampler)[:4]
+    assert len(plan) == 4
+    alone = list(loader(CutDataset(sp), plan, 0))
+    workers = list(loader(CutDataset(sp), plan, 2))
+    for a, b in zip(alone, workers, strict=True):
+        assert torch.equal(a.feats, b.feats) and torch.equal(a.feat_lens, b.feat_lens)
+        assert a.tokens == b.tokens and a.cut_ids == b.cut_ids
+
+    assert loader_workers("auto", torch.device("cpu")) == 0
+    assert loader_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert loader_workers("auto", torch.device("cuda")) == 4
+    assert loader_workers("auto", torch.device("cuda"), ranks_here=8) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert loader_workers("auto", torch.device("cuda")) == 0
+    with pytest.raises(Exception, match="num_workers"):
+        load_config(REPO / "recipes/chime6_sim.yaml", ["train.num_workers=-1"])
+    assert load_config(REPO / "recipes/chime6_sim.yaml", []).train.num_workers == "auto"

@@ -267,7 +267,10 @@ def predict_run(exp: Path, compute: dict, intra_gbps: float, link_gbps: dict | N
     fwd, bwd, upd, lockstep = compute[key]
     work = workload(cfg, fwd, bwd, summary["frames_per_rank"] / steps, upd)
     work.lockstep = lockstep
-    if cfg.train.num_workers == 0 and batches():  # the training thread makes its own batches
+    from asr_parallel.train.data import loader_workers
+
+    # the training thread makes its own batches (the runs checked here are on CPU ranks)
+    if loader_workers(cfg.train.num_workers, torch.device("cpu")) == 0 and batches():
         work.load_s = batches()[1]
     work.bucket_mb = strategy.get("bucket_cap_mb") or work.bucket_mb
     work.buckets = (summary.get("strategy_figures") or {}).get("ddp_bucket_bytes")  # what DDP really built

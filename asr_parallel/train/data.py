@@ -106,6 +106,23 @@ def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, ran
                                    buffer_size=max(1000, len(cuts) if hasattr(cuts, "__len__") else 1000))
 
 
+def loader_workers(num_workers, device: torch.device, ranks_here: int = 1) -> int:
+    """``train.num_workers`` resolved: a count as given; ``"auto"``: none on a CPU rank, where the
+    step, not the data, is the bottleneck (the recipe's loader delivers its batches about 80 times as
+    fast as a CPU training step consumes them on one thread: ``bench_loader``, RESULTS.md) and a
+    worker would only take a core from the ranks; on a GPU rank, up to 4, within this rank's share
+    of the host's cores less one for the training thread (lilcom decoding and collation then overlap
+    the device's step)."""
+    import os
+
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, ranks_here) - 1))
+
+
 def loader(dataset, batches, num_workers: int, pin_memory: bool = False):
     """A DataLoader over an iterable of CutSet batches (the sampler, possibly fast-forwarded);
     ``pin_memory`` (for a GPU) puts each batch in page-locked memory, on a thread of the loader.

@@ -46,7 +46,7 @@ from asr_parallel.score.wer import corpus_errors
 from asr_parallel.strategies import build_strategy
 from asr_parallel.strategies.base import DistContext, process_group_calls
 from asr_parallel.train import checkpoint as ckpt
-from asr_parallel.train.data import Batch, CutDataset, filter_for_ctc, loader, make_sampler
+from asr_parallel.train.data import Batch, CutDataset, filter_for_ctc, loader, loader_workers, make_sampler
 from asr_parallel.train.loss import SpecAugment, ctc_loss, host_output_lengths
 from asr_parallel.train.step import StepContext
 from asr_parallel.utils import netstat
@@ -157,6 +157,8 @@ class Trainer:
         self.sampler = make_sampler(self.train_cuts, self.tc.max_duration, self.tc.num_buckets, True, rank, world,
                                     self.tc.seed)
         self.dataset = CutDataset(sp)
+        self.num_workers = loader_workers(self.tc.num_workers, self.device,
+                                          int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
         self.batches_per_epoch = self._epoch_batches(0, count_only=True)
         if self.batches_per_epoch == 0:
             hours = sum(c.duration for c in self.train_cuts) / 3600
@@ -588,7 +590,7 @@ class Trainer:
                        disable=not self.dist.is_main, unit="batch", leave=True, mininterval=2.0)
             t_log, frames_log = time.time(), 0
             t_iter = time.time()
-            for batch in loader(self.dataset, todo, self.tc.num_workers, self.device.type == "cuda"):
+            for batch in loader(self.dataset, todo, self.num_workers, self.device.type == "cuda"):
                 c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"step {self.step + 1}'s collectives ({self.cfg.strategy['name']})"
                 out = self.train_step(batch)
@@ -725,7 +727,7 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             batches = list(self.sampler)
             t_iter = time.time()
-            for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.tc.num_workers,
+            for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.num_workers,
                                 self.device.type == "cuda"):
                 c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"a worker's step ({self.cfg.strategy['name']}, its step {self.step + 1})"
