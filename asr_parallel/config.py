@@ -183,6 +183,10 @@ class TrainConfig:
     # data-loader worker processes per rank; "auto": none on CPU ranks (the loader is far faster than
     # a CPU step: bench_loader), and up to 4 on GPU ranks (asr_parallel.train.data.loader_workers)
     num_workers: int | Literal["auto"] = "auto"
+    # > 1: every batch's frames padded up to a rung of a geometric ladder (multiples of 16 frames,
+    # each rung at least pad_growth times the one before), so that an epoch has a few batch shapes
+    # (torch.compile without dynamic shapes, CUDA graphs); 1.0: to the batch's longest utterance
+    pad_growth: float = 1.0
     spec_augment: bool = True
     # torch.compile every stage of the model (nn.Module.compile, parameter names unchanged) with this
     # backend ("inductor": generated kernels; "aot_eager": the captured graphs run by eager kernels).
@@ -448,6 +452,7 @@ def validate(cfg: RecipeConfig) -> None:
     need(tr.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
     need(tr.max_bad_batches >= 1, "train.max_bad_batches", "must be >= 1")
     need(tr.num_workers == "auto" or tr.num_workers >= 0, "train.num_workers", "must be 'auto' or >= 0")
+    need(tr.pad_growth >= 1.0, "train.pad_growth", "must be >= 1.0 (1.0: no padding beyond the longest utterance)")
     need(tr.average_last_checkpoints >= 1, "train.average_last_checkpoints", "must be >= 1")
     need(tr.nnodes >= 1, "train.nnodes", "must be >= 1")
     need(tr.world_size % tr.nnodes == 0, "train.nnodes",

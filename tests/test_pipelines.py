@@ -588,7 +588,7 @@ def test_padding_to_a_ladder_reuses_the_built_stages(two_stages):
     shapes occur: the test batches (40, 46, 52 frames; 2 or 3 utterances) make 4 distinct shapes
     padded to 16 frames, and 2 on the ladder 4, 8, 16, 32, 64. A stage is built once per shape and
     the run summary reports the builds, lookups and hit rate of the stage cache."""
-    from asr_parallel.strategies.micro_pipeline import ladder
+    from asr_parallel.train.data import ladder
 
     assert [ladder(v, 16, 1.25) for v in (1, 17, 65, 81, 1000)] == [16, 32, 80, 112, 1200]
     assert all(ladder(v, 16, 1.0) == -(-v // 16) * 16 for v in range(1, 500))  # growth 1: multiples of 16

@@ -361,3 +361,41 @@ def test_loader_workers_deliver_the_same_batches_and_auto_resolves_per_device(pr
     with pytest.raises(Exception, match="num_workers"):
         load_config(REPO / "recipes/chime6_sim.yaml", ["train.num_workers=-1"])
     assert load_config(REPO / "recipes/chime6_sim.yaml", []).train.num_workers == "auto"
+
+
+@pytest.mark.parametrize("block", ["rotary", "torchaudio"])
+def test_padding_batches_to_the_ladder_changes_no_output_and_leaves_few_shapes(prepared, block):
+    """``train.pad_growth``: the frames of every batch padded up to a rung of the ladder give an epoch
+    a few shapes, and the conformer's outputs on the real frames (and the CTC loss) stay those of the
+    unpadded batch: attention masks the padding, and its convolutions saw zeros there already."""
+    import sentencepiece as spm
+    from lhotse import load_manifest
+
+    from asr_parallel.models import build_model
+    from asr_parallel.train.data import CutDataset, make_sampler
+    from asr_parallel.train.loss import ctc_loss
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "lang_bpe_60" / "bpe.model"))
+    cuts = load_manifest(prepared / "fbank/chime6-ihm_cuts_train.jsonl.gz")
+    sampler = make_sampler(cuts, 20.0, 4, True, 0, 1, 7)
+    plan = list(sampler)
+    plain, padded = CutDataset(sp), CutDataset(sp, 1.25)
+    shapes_plain = {plain[c].feats.shape[1] for c in plan}
+    shapes_padded = {padded[c].feats.shape[1] for c in plan}
+    assert len(shapes_padded) < len(shapes_plain) and all(t % 16 == 0 for t in shapes_padded)
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", TINY_SIMULATION + [
+        f"model.conformer.block={block}", "model.conformer.num_layers=2", "model.conformer.model_dim=64",
+        "model.conformer.ffn_dim=128", "model.conformer.num_heads=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 80, sp.get_piece_size()).eval()
+    for cuts in plan[:3]:
+        a, b = plain[cuts], padded[cuts]
+        assert b.feats.shape[1] > a.feats.shape[1] and torch.equal(a.feat_lens, b.feat_lens)
+        with torch.no_grad():
+            (ya, la), (yb, lb) = model(a.feats, a.feat_lens), model(b.feats, b.feat_lens)
+        assert torch.equal(la, lb)
+        for i, n in enumerate(la.tolist()):
+            torch.testing.assert_close(yb[i, :n], ya[i, :n], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ctc_loss(yb, lb, b.tokens), ctc_loss(ya, la, a.tokens), atol=1e-3, rtol=1e-5)
+    with pytest.raises(Exception, match="pad_growth"):
+        load_config(REPO / "recipes/chime6_sim.yaml", ["train.pad_growth=0.9"])

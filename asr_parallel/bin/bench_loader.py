@@ -33,7 +33,8 @@ from asr_parallel.utils.io import atomic_write_json
 
 
 def shard_batches(cfg, sp, n: int):
-    """The first ``n`` batches (CutSets) of rank 0's shard in epoch 0, as the trainer samples them."""
+    """The batches (CutSets) of rank 0's shard in epoch 0, as the trainer samples them, and the
+    seconds the sampler took to draw them (at least ``n``)."""
     from lhotse import load_manifest
 
     from asr_parallel.train.data import filter_for_ctc, make_sampler
@@ -53,7 +54,24 @@ def shard_batches(cfg, sp, n: int):
     plan_seconds = time.perf_counter() - t0
     if len(plan) < n:
         raise SystemExit(f"bench_loader: rank 0's shard has {len(plan)} batches, fewer than --batches {n}")
-    return plan[:n], plan_seconds, len(plan)
+    if cfg.train.pad_growth > 1.0:
+        raise SystemExit("bench_loader: give train.pad_growth 1.0 (the padding ladders are measured from the plan)")
+    return plan, plan_seconds
+
+
+def padding_figures(plan, growths) -> dict:
+    """For the whole epoch plan, per ``train.pad_growth``: the distinct padded frame counts (batch
+    shapes along time) and the frames computed (batch size x padded length) per real frame."""
+    from asr_parallel.train.data import PAD_UNIT, ladder
+
+    real = sum(c.num_frames for cuts in plan for c in cuts)
+    out = {}
+    for g in growths:
+        lengths = [(len(cuts), max(c.num_frames for c in cuts)) for cuts in plan]
+        padded = [(b, ladder(t, PAD_UNIT, g) if g > 1.0 else t) for b, t in lengths]
+        out[str(g)] = {"distinct_frame_counts": len({t for _, t in padded}),
+                       "computed_per_real_frame": round(sum(b * t for b, t in padded) / real, 4)}
+    return out
 
 
 def time_loader(dataset, plan, workers: int, pin: bool) -> tuple[float, float, int]:
@@ -93,8 +111,10 @@ def main(argv=None):
         raise SystemExit(f"bench_loader: {bpe} not found: run stages 0-4 of the recipe first")
     sp = spm.SentencePieceProcessor(model_file=str(bpe))
     workers = [int(w) for w in args.workers.split(",")]
-    plan, plan_seconds, per_epoch = shard_batches(cfg, sp, args.batches)
-    dataset = CutDataset(sp)
+    epoch, plan_seconds = shard_batches(cfg, sp, args.batches)
+    plan, per_epoch = epoch[:args.batches], len(epoch)
+    padding = padding_figures(epoch, [1.0, 1.1, 1.25, 1.5])
+    dataset = CutDataset(sp, cfg.train.pad_growth)
     use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     torch.manual_seed(cfg.train.seed)
@@ -140,9 +160,13 @@ def main(argv=None):
         "batches_per_epoch_rank0": per_epoch, "epoch_plan_seconds": round(plan_seconds, 4),
         "trainer_step_frames_per_second": round(consume, 1),
         "trainer_step_seconds": [round(s, 3) for s in steps],
+        "padding_by_pad_growth": padding,
         "workers": {},
     }
     print(f"epoch plan (rank 0's {per_epoch} batches of {cfg.train.world_size} shard(s)): {plan_seconds:.3f} s")
+    for g, fig in padding.items():
+        print(f"pad_growth {g}: {fig['distinct_frame_counts']} batch lengths in the epoch, "
+              f"{fig['computed_per_real_frame']:.3f} frames computed per real frame")
     print(f"training step alone ({cfg.model.name}, {args.threads} thread(s), {device}): {consume:,.0f} frames/s")
     for w in workers:
         load = frames / statistics.median(loads[w])

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from asr_parallel.strategies.pipeline import PipelineStrategy, boundary_shapes
+from asr_parallel.train.data import ladder
 
 
 @dataclass
@@ -75,18 +76,6 @@ class MicroParams:
             raise ValueError(f"strategy.pipeline_replicas must be >= 1, got {self.pipeline_replicas}")
         if self.pad_growth < 1.0:
             raise ValueError(f"strategy.pad_growth must be >= 1.0, got {self.pad_growth}")
-
-
-def ladder(value: int, unit: int, growth: float) -> int:
-    """The smallest rung >= ``value`` of the ladder unit, ..., where each rung is the smallest multiple
-    of ``unit`` at least ``growth`` times the one before (and at least one unit more): with growth 1,
-    the multiples of ``unit``; with growth 1.25 from 16 frames, 16, 32, 48, 64, 80, 112, 144, 192, ...
-    (far up the ladder a length grows by at most about growth times, plus one unit; near its foot
-    by up to one unit: 17 frames become 32)."""
-    rung = unit
-    while rung < value:
-        rung = max(rung + unit, unit * math.ceil(rung * growth / unit - 1e-9))
-    return rung
 
 
 class _PartModule(nn.Module):

@@ -11,6 +11,7 @@ plus the blanks needed between repeated tokens) are removed before training, wit
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,17 +51,37 @@ class Batch:
                      self.tokens, self.texts, self.cut_ids, host)
 
 
-class CutDataset(torch.utils.data.Dataset):
-    """Maps a CutSet (a batch from the sampler) to a :class:`Batch`."""
+PAD_UNIT = 16  # frames: the foot of the padding ladder (a multiple of every model's subsampling)
 
-    def __init__(self, sp):
+
+def ladder(value: int, unit: int, growth: float) -> int:
+    """The smallest rung >= ``value`` of the ladder unit, ..., where each rung is the smallest multiple
+    of ``unit`` at least ``growth`` times the one before (and at least one unit more): with growth 1,
+    the multiples of ``unit``; with growth 1.25 from 16 frames, 16, 32, 48, 64, 80, 112, 144, 192, ...
+    (far up the ladder a length grows by at most about growth times, plus one unit; near its foot
+    by up to one unit: 17 frames become 32)."""
+    rung = unit
+    while rung < value:
+        rung = max(rung + unit, unit * math.ceil(rung * growth / unit - 1e-9))
+    return rung
+
+
+class CutDataset(torch.utils.data.Dataset):
+    """Maps a CutSet (a batch from the sampler) to a :class:`Batch`; with ``pad_growth`` > 1 the
+    frames are zero-padded up to a rung of :func:`ladder` (``train.pad_growth``)."""
+
+    def __init__(self, sp, pad_growth: float = 1.0):
         self.sp = sp
+        self.pad_growth = pad_growth
 
     def __getitem__(self, cuts) -> Batch:
         from lhotse.dataset.collation import collate_features
 
         cuts = cuts.sort_by_duration(ascending=False)
         feats, lens = collate_features(cuts)
+        if self.pad_growth > 1.0:
+            frames = ladder(feats.shape[1], PAD_UNIT, self.pad_growth)
+            feats = torch.nn.functional.pad(feats, (0, 0, 0, frames - feats.shape[1]))
         texts = [training_text(c.supervisions[0].text) for c in cuts]
         tokens = self.sp.encode(texts)
         return Batch(feats, lens, tokens, texts, [c.id for c in cuts])

@@ -99,7 +99,7 @@ OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "check
 
 # Training keys added after fingerprints were first recorded, with their defaults: left out of the
 # fingerprint at the default, so that a finished run from before keeps its fingerprint.
-ADDED_KEYS = {"slow_ranks": {}, "bf16_cpu": False}
+ADDED_KEYS = {"slow_ranks": {}, "bf16_cpu": False, "pad_growth": 1.0}
 ADDED_MODEL_KEYS = {("conformer", "block"): "torchaudio"}  # the same for keys of the model section
 
 
@@ -156,7 +156,7 @@ class Trainer:
         rank, world = self.strategy.data_shard()
         self.sampler = make_sampler(self.train_cuts, self.tc.max_duration, self.tc.num_buckets, True, rank, world,
                                     self.tc.seed)
-        self.dataset = CutDataset(sp)
+        self.dataset = CutDataset(sp, self.tc.pad_growth)
         self.num_workers = loader_workers(self.tc.num_workers, self.device,
                                           int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
         self.batches_per_epoch = self._epoch_batches(0, count_only=True)
