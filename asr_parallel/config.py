@@ -187,6 +187,10 @@ class TrainConfig:
     # each rung at least pad_growth times the one before), so that an epoch has a few batch shapes
     # (torch.compile without dynamic shapes, CUDA graphs); 1.0: to the batch's longest utterance
     pad_growth: float = 1.0
+    # read the training manifest lazily (lhotse's load_manifest_lazy): nothing of it held in memory,
+    # shuffled through lhotse's buffers rather than whole (so a run differs from an eager one); for
+    # corpora too large to hold per rank. The simulated corpus is read eagerly by default.
+    lazy_manifests: bool = False
     spec_augment: bool = True
     # torch.compile every stage of the model (nn.Module.compile, parameter names unchanged) with this
     # backend ("inductor": generated kernels; "aot_eager": the captured graphs run by eager kernels).

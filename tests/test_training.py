@@ -104,7 +104,8 @@ def test_utterances_too_long_for_ctc_are_filtered(prepared, capsys):
     sp = spm.SentencePieceProcessor(model_file=str(prepared / "lang_bpe_60" / "bpe.model"))
     cuts = load_manifest(prepared / "fbank/chime6-ihm_cuts_train.jsonl.gz")
     kept, stats = filter_for_ctc(cuts, sp, lambda n: n // 40, "train")  # an absurd 40x subsampling
-    assert stats["dropped_too_long"] > 0 and len(kept) + sum(stats.values()) == len(cuts)
+    assert stats["dropped_too_long"] > 0 and stats["kept"] == len(kept)
+    assert len(kept) + stats["dropped_too_long"] + stats["dropped_empty"] == len(cuts)
     assert "cannot fit the CTC output length" in capsys.readouterr().out
 
 
@@ -399,3 +400,34 @@ def test_padding_batches_to_the_ladder_changes_no_output_and_leaves_few_shapes(p
         torch.testing.assert_close(ctc_loss(yb, lb, b.tokens), ctc_loss(ya, la, a.tokens), atol=1e-3, rtol=1e-5)
     with pytest.raises(Exception, match="pad_growth"):
         load_config(REPO / "recipes/chime6_sim.yaml", ["train.pad_growth=0.9"])
+
+
+def test_a_lazy_training_manifest_filters_and_trains_as_the_eager_one_keeps(prepared, tmp_path):
+    """``train.lazy_manifests``: the training manifest streamed (lhotse's lazy reader), filtered for
+    CTC by a lazy filter after one counting pass: it keeps exactly the eager filter's cuts, and a run
+    trains from it, every batch drawn from the kept cuts."""
+    import sentencepiece as spm
+    from lhotse import load_manifest, load_manifest_lazy
+
+    from asr_parallel.train.data import filter_for_ctc
+    from asr_parallel.train.trainer import Trainer, training_fingerprint
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "lang_bpe_60" / "bpe.model"))
+    path = prepared / "fbank/chime6-ihm_cuts_train.jsonl.gz"
+    short = lambda n: n // 12  # noqa: E731 -- a strong subsampling, so that some cuts are dropped
+    eager, eager_stats = filter_for_ctc(load_manifest(path), sp, short, "train", report=False)
+    lazy, lazy_stats = filter_for_ctc(load_manifest_lazy(path), sp, short, "train", report=False)
+    assert lazy.is_lazy and eager_stats == lazy_stats and eager_stats["dropped_too_long"] > 0
+    assert [c.id for c in lazy] == [c.id for c in eager]
+
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", TINY_SIMULATION + SMALL_MLP + [
+        f"data_dir={prepared}", "train.lazy_manifests=true", "train.max_steps=3"])
+    assert training_fingerprint(cfg) != training_fingerprint(load_config(
+        REPO / "recipes/chime6_sim.yaml", TINY_SIMULATION + SMALL_MLP + [f"data_dir={prepared}", "train.max_steps=3"]))
+    dev = load_manifest(prepared / "fbank/chime6-ihm_cuts_dev.jsonl.gz")
+    trainer = Trainer(cfg, tmp_path / "exp", DistContext(), load_manifest_lazy(path), dev, sp)
+    kept = {c.id for c in trainer.train_cuts}
+    assert trainer.filter_stats["kept"] == len(kept) and trainer.batches_per_epoch > 0
+    assert all(c.id in kept for cuts in trainer._epoch_batches(0) for c in cuts)
+    summary = trainer.fit()
+    assert len(summary["losses"]) == 3

@@ -103,7 +103,7 @@ def main(argv=None, parser=None, make_trainer=None):
         print(f"ERROR: stage 5 (train): {e}", file=sys.stderr)
         raise SystemExit(1)
     import sentencepiece as spm
-    from lhotse import load_manifest
+    from lhotse import load_manifest, load_manifest_lazy
 
     from asr_parallel.tokenizer import lang_dir_name
     from asr_parallel.train.checkpoint import CheckpointError
@@ -127,7 +127,8 @@ def main(argv=None, parser=None, make_trainer=None):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; run the earlier stages first")
         sp = spm.SentencePieceProcessor(model_file=str(data / lang_dir_name(cfg.tokenizer) / "bpe.model"))
-        train_cuts = load_manifest(data / "fbank/chime6-ihm_cuts_train.jsonl.gz")
+        train_path = data / "fbank/chime6-ihm_cuts_train.jsonl.gz"
+        train_cuts = load_manifest_lazy(train_path) if cfg.train.lazy_manifests else load_manifest(train_path)
         dev_path = data / "fbank/chime6-ihm_cuts_dev.jsonl.gz"
         dev_cuts = load_manifest(dev_path) if dev_path.is_file() else None
         if make_trainer is not None:

@@ -93,26 +93,37 @@ def ctc_min_frames(tokens: list[int]) -> int:
 
 
 def filter_for_ctc(cuts, sp, output_lengths, desc: str, report: bool = True):
-    """Drop cuts that CTC cannot align (too many tokens for the output frames) or with no tokens."""
-    kept, dropped_long, dropped_empty = [], 0, 0
-    for cut in cuts:
-        tokens = sp.encode(training_text(cut.supervisions[0].text))
-        if not tokens:
-            dropped_empty += 1
-            continue
-        frames = int(output_lengths(torch.tensor([cut.num_frames]))[0])
-        if frames < ctc_min_frames(tokens):
-            dropped_long += 1
-            continue
-        kept.append(cut)
+    """Drop cuts that CTC cannot align (too many tokens for the output frames) or with no tokens.
+
+    An eager CutSet comes back as a new eager CutSet; a lazy one (``train.lazy_manifests``) as a lazy
+    filter over the same manifest, after one streaming pass that counts what it drops (nothing is
+    held in memory). The figures: ``dropped_too_long``, ``dropped_empty`` and ``kept``."""
     from lhotse import CutSet
 
-    if (dropped_long or dropped_empty) and report:
-        msg = (f"{desc}: removed {dropped_long} utterance(s) whose BPE sequence cannot fit the CTC output length "
-               f"and {dropped_empty} with no words left after removing event tags; {len(kept)} remain")
+    def fits(cut) -> str:
+        tokens = sp.encode(training_text(cut.supervisions[0].text))
+        if not tokens:
+            return "empty"
+        frames = int(output_lengths(torch.tensor([cut.num_frames]))[0])
+        return "ok" if frames >= ctc_min_frames(tokens) else "long"
+
+    lazy = bool(getattr(cuts, "is_lazy", False))
+    kept, counts = [], {"ok": 0, "long": 0, "empty": 0}
+    for cut in cuts:
+        verdict = fits(cut)
+        counts[verdict] += 1
+        if verdict == "ok" and not lazy:
+            kept.append(cut)
+    if (counts["long"] or counts["empty"]) and report:
+        msg = (f"{desc}: removed {counts['long']} utterance(s) whose BPE sequence cannot fit the CTC output length "
+               f"and {counts['empty']} with no words left after removing event tags; {counts['ok']} remain")
         log.warning(msg)
         print(msg)
-    return CutSet.from_cuts(kept), {"dropped_too_long": dropped_long, "dropped_empty": dropped_empty}
+    def keep(cut) -> bool:  # the lazy filter's predicate (the sampler reads it in this process)
+        return fits(cut) == "ok"
+
+    out = cuts.filter(keep) if lazy else CutSet.from_cuts(kept)
+    return out, {"dropped_too_long": counts["long"], "dropped_empty": counts["empty"], "kept": counts["ok"]}
 
 
 def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, rank: int, world_size: int, seed: int):
@@ -120,11 +131,14 @@ def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, ran
 
     from lhotse.dataset import DynamicBucketingSampler
 
-    # The cut sets here are small and read eagerly on purpose; lhotse warns about that.
+    # An eager cut set (the default: the simulated corpus is small) is shuffled whole, lhotse's
+    # buffers holding all of it; a lazy one (train.lazy_manifests) streams through lhotse's default
+    # buffers (10 000 cuts per bucketing buffer, 20 000 to shuffle), as icefall reads large corpora.
+    lazy = bool(getattr(cuts, "is_lazy", False))
     warnings.filterwarnings("ignore", message="You are using DynamicBucketingSampler with an eagerly read CutSet")
     return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=shuffle, num_buckets=num_buckets,
                                    drop_last=shuffle, world_size=world_size, rank=rank, seed=seed,
-                                   buffer_size=max(1000, len(cuts) if hasattr(cuts, "__len__") else 1000))
+                                   buffer_size=10000 if lazy else max(1000, len(cuts)))
 
 
 def loader_workers(num_workers, device: torch.device, ranks_here: int = 1) -> int:

@@ -99,7 +99,7 @@ OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "check
 
 # Training keys added after fingerprints were first recorded, with their defaults: left out of the
 # fingerprint at the default, so that a finished run from before keeps its fingerprint.
-ADDED_KEYS = {"slow_ranks": {}, "bf16_cpu": False, "pad_growth": 1.0}
+ADDED_KEYS = {"slow_ranks": {}, "bf16_cpu": False, "pad_growth": 1.0, "lazy_manifests": False}
 ADDED_MODEL_KEYS = {("conformer", "block"): "torchaudio"}  # the same for keys of the model section
 
 
@@ -162,7 +162,7 @@ class Trainer:
         self.batches_per_epoch = self._epoch_batches(0, count_only=True)
         if self.batches_per_epoch == 0:
             hours = sum(c.duration for c in self.train_cuts) / 3600
-            raise TrainingError(f"no training batches: {len(self.train_cuts)} utterances ({hours:.2f} h) in "
+            raise TrainingError(f"no training batches: {self.filter_stats['kept']} utterances ({hours:.2f} h) in "
                                 f"{self.tc.num_buckets} duration buckets fill no batch of train.max_duration="
                                 f"{self.tc.max_duration} s per rank (incomplete batches are dropped); lower "
                                 "train.max_duration or train.num_buckets")
@@ -574,7 +574,7 @@ class Trainer:
             if not resumed:
                 print(self.model.summary())
                 print(f"training {self.cfg.model.name} with strategy {self.cfg.strategy['name']} on "
-                      f"{self.dist.world_size} rank(s), {self.device}; {len(self.train_cuts)} training utterances, "
+                      f"{self.dist.world_size} rank(s), {self.device}; {self.filter_stats['kept']} training utterances, "
                       f"{self.batches_per_epoch} batches per epoch per rank, {self.total_steps} steps")
                 if self.strategy.describe():
                     print(self.strategy.describe())
