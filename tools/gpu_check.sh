@@ -3,7 +3,9 @@
 #   1. NCCL: torchrun with one rank, sync_sgd (DDP over NCCL), bf16 autocast, trainer steps;
 #   2. throughput of the project's trainer against a bare PyTorch loop (bf16): conformer (torchaudio's
 #      block, and the rotary block with and without torch.compile), tdnn and mlp;
-#   3. tests/test_gpu.py: training steps of every model under torch.cuda.set_sync_debug_mode("error");
+#   3. tests/test_gpu.py: training steps of every model under torch.cuda.set_sync_debug_mode("error"), and
+#      the devices of CTC's lengths in the strategies with their own steps;
+#   4. bench_loader: the data loader (0, 2, 4 workers) against the GPU step, when the features are carried;
 # The machine has torch but not lhotse or the kaldi* packages: they travel as wheels in .whl/
 # (python 3.12; tools/gpu_wheels.sh downloads them here). Results are written under $OUT.
 set -uo pipefail
@@ -31,6 +33,15 @@ run bench_conformer_rotary python3 -m asr_parallel.bin.bench_train --set model.c
 run bench_conformer_rotary_compile python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary \
   --set train.compile=true $big --output "$OUT/bench_conformer_rotary_compile.json"
 run test_gpu python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+# the loader against the GPU step: needs the recipe's training features, carried with the run
+# (carry: data/chime6_sim/fbank/feats_ihm_train, data/chime6_sim/fbank/chime6-ihm_cuts_train.jsonl.gz,
+# data/chime6_sim/lang_bpe_100/bpe.model: about 51 MB)
+if [ -f data/chime6_sim/fbank/chime6-ihm_cuts_train.jsonl.gz ]; then
+  run bench_loader python3 -m asr_parallel.bin.bench_loader --set train.device=cuda --set train.bf16=true \
+    --workers 0,2,4 --batches 24 --output "$OUT/bench_loader.json"
+else
+  echo "== bench_loader skipped: the recipe's features were not carried"
+fi
 # every strategy that takes the trainer's step, on one rank under NCCL (cpu:gloo,cuda:nccl), 5 steps
 small="--set train.max_duration=200 --set train.device=cuda --set train.bf16=true --steps 5 --warmup 2 --repeats 1"
 for s in sync_sgd model_averaging bmuf easgd hierarchical pipelined_bp gpipe one_f_one_b synthetic_gradients; do
