@@ -431,3 +431,18 @@ def test_a_lazy_training_manifest_filters_and_trains_as_the_eager_one_keeps(prep
     assert all(c.id in kept for cuts in trainer._epoch_batches(0) for c in cuts)
     summary = trainer.fit()
     assert len(summary["losses"]) == 3
+
+
+def test_the_next_epochs_plan_is_drawn_in_the_background_and_is_the_same(prepared, tmp_path):
+    """While an epoch trains, the next epoch's batch plan is drawn on a thread from a sampler of its
+    own: it is the plan the seeded sampler gives that epoch (so resumes and runs agree)."""
+    trainer = make_trainer(prepared, tmp_path / "exp", "train.max_steps=2")
+    first = trainer._epoch_batches(0)
+    assert 1 in trainer.plans  # epoch 1's plan is being drawn
+    background = trainer._epoch_batches(1)
+    trainer.sampler.set_epoch(1)
+    direct = list(trainer.sampler)[:len(background)]
+    assert [[c.id for c in b] for b in background] == [[c.id for c in b] for b in direct]
+    assert [[c.id for c in b] for b in first] != [[c.id for c in b] for b in background]
+    trainer.fit()  # ends with a plan in flight: nothing left behind
+    assert trainer.planner is None
