@@ -184,12 +184,13 @@ class TrainConfig:
     # a CPU step: bench_loader), and up to 4 on GPU ranks (asr_parallel.train.data.loader_workers)
     num_workers: int | Literal["auto"] = "auto"
     # > 1: every batch's frames padded up to a rung of a geometric ladder (multiples of 16 frames,
-    # each rung at least pad_growth times the one before), so that an epoch has a few batch shapes
-    # (torch.compile without dynamic shapes, CUDA graphs); 1.0: to the batch's longest utterance
+    # each rung at least pad_growth times the one before), so that an epoch has a few frame lengths
+    # (towards static shapes for compilation; batch sizes still vary); 1.0: to the longest utterance
     pad_growth: float = 1.0
-    # read the training manifest lazily (lhotse's load_manifest_lazy): nothing of it held in memory,
-    # shuffled through lhotse's buffers rather than whole (so a run differs from an eager one); for
-    # corpora too large to hold per rank. The simulated corpus is read eagerly by default.
+    # read the training manifest lazily (lhotse's load_manifest_lazy): the manifest is not held in
+    # memory (the epoch's batch plan is), and it is shuffled within lhotse's buffer rather than whole
+    # (so a run differs from an eager one); for corpora too large to hold per rank. The simulated
+    # corpus is read eagerly by default.
     lazy_manifests: bool = False
     spec_augment: bool = True
     # torch.compile every stage of the model (nn.Module.compile, parameter names unchanged) with this

@@ -75,9 +75,11 @@ def test_the_loader_pins_batches_for_the_gpu():
 OWN_STEP = ["ad_psgd", "gpipe", "one_f_one_b", "pipelined_bp", "synthetic_gradients"]
 
 
-def own_step_ctc_lengths(strategy: str, device: str, tmp_path, monkeypatch) -> list:
+def own_step_ctc_lengths(strategy: str, device: str, tmp_path, monkeypatch, meta_lengths: bool = False) -> list:
     """Steps of a strategy with its own training step on one rank (a torchrun-like process group,
-    ``cpu:gloo,cuda:nccl`` on a GPU), returning the devices of the lengths every CTC call got."""
+    ``cpu:gloo,cuda:nccl`` on a GPU), returning the devices of the lengths every CTC call got. With
+    ``meta_lengths`` the model's forward pass returns its output lengths on the meta device (no
+    values), so a CTC call given the forward pass's lengths instead of the host's fails, on CPU too."""
     import socket
 
     import torch.distributed as tdist
@@ -109,6 +111,10 @@ def own_step_ctc_lengths(strategy: str, device: str, tmp_path, monkeypatch) -> l
     try:
         torch.manual_seed(0)
         net = build_model(cfg.model, 80, 100).to(dist.device)
+        if meta_lengths:
+            last = net.stages[-1]
+            forward = last.forward
+            monkeypatch.setattr(last, "forward", lambda x, lengths: (forward(x, lengths)[0], lengths.to("meta")))
         trainer = Trainer.for_benchmark(cfg, dist, net)
         g = torch.Generator().manual_seed(0)
         for lens in ([800, 640, 700], [900, 500], [760, 760, 430, 300]):

@@ -343,3 +343,14 @@ def test_hierarchical_scale_lr_multiplies_by_all_ranks(four_ranks):
     for r in range(4):
         assert four_ranks[r]["hier_scale_lr"]["lr"] == pytest.approx(4 * LR)
         assert four_ranks[r]["hier_ma"]["lr"] == pytest.approx(LR)
+
+
+@pytest.mark.parametrize("strategy", ["ad_psgd", "gpipe", "one_f_one_b", "pipelined_bp", "synthetic_gradients"])
+def test_strategies_with_their_own_step_give_ctc_the_host_lengths(strategy, tmp_path, monkeypatch):
+    """The model's forward pass returns its output lengths on the meta device (as a GPU's would be
+    off the host): every CTC call must get lengths computed on the host from the batch instead
+    (the GPU test checks the same under CUDA)."""
+    from test_gpu import own_step_ctc_lengths
+
+    seen = own_step_ctc_lengths(strategy, "cpu", tmp_path, monkeypatch, meta_lengths=True)
+    assert seen and all(devices == ("cpu", "cpu") for devices in seen), seen

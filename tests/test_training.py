@@ -354,11 +354,14 @@ def test_loader_workers_deliver_the_same_batches_and_auto_resolves_per_device(pr
 
     assert loader_workers("auto", torch.device("cpu")) == 0
     assert loader_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert loader_workers("auto", torch.device("cuda")) == 4
     assert loader_workers("auto", torch.device("cuda"), ranks_here=8) == 1
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert loader_workers("auto", torch.device("cuda")) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # bound to one core by its launcher
+    assert loader_workers("auto", torch.device("cuda"), ranks_here=8) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))  # bound to 6 of the 16
+    assert loader_workers("auto", torch.device("cuda"), ranks_here=8) == 4
     with pytest.raises(Exception, match="num_workers"):
         load_config(REPO / "recipes/chime6_sim.yaml", ["train.num_workers=-1"])
     assert load_config(REPO / "recipes/chime6_sim.yaml", []).train.num_workers == "auto"
@@ -400,6 +403,12 @@ def test_padding_batches_to_the_ladder_changes_no_output_and_leaves_few_shapes(p
         torch.testing.assert_close(ctc_loss(yb, lb, b.tokens), ctc_loss(ya, la, a.tokens), atol=1e-3, rtol=1e-5)
     with pytest.raises(Exception, match="pad_growth"):
         load_config(REPO / "recipes/chime6_sim.yaml", ["train.pad_growth=0.9"])
+    from asr_parallel.train.trainer import training_fingerprint
+
+    base = load_config(REPO / "recipes/chime6_sim.yaml", [])
+    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", ["train.pad_growth=1.25"])) != \
+        training_fingerprint(base) == training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml",
+                                                                       ["train.pad_growth=1.0"]))
 
 
 def test_a_lazy_training_manifest_filters_and_trains_as_the_eager_one_keeps(prepared, tmp_path):
@@ -433,16 +442,33 @@ def test_a_lazy_training_manifest_filters_and_trains_as_the_eager_one_keeps(prep
     assert len(summary["losses"]) == 3
 
 
-def test_the_next_epochs_plan_is_drawn_in_the_background_and_is_the_same(prepared, tmp_path):
-    """While an epoch trains, the next epoch's batch plan is drawn on a thread from a sampler of its
-    own: it is the plan the seeded sampler gives that epoch (so resumes and runs agree)."""
-    trainer = make_trainer(prepared, tmp_path / "exp", "train.max_steps=2")
-    first = trainer._epoch_batches(0)
-    assert 1 in trainer.plans  # epoch 1's plan is being drawn
-    background = trainer._epoch_batches(1)
+def test_the_next_epochs_plan_is_drawn_in_the_background_and_is_the_same(prepared, tmp_path, monkeypatch):
+    """While an epoch trains, the next epoch's batch plan is drawn on a thread of its own from a
+    sampler of its own: it is the plan the seeded sampler gives that epoch (so resumes and runs
+    agree), and the epoch trains on it."""
+    import threading
+
+    from asr_parallel.train.trainer import Trainer
+
+    drawn = {}
+    draw = Trainer._draw_plan
+
+    def recorded(self, epoch):
+        plan = draw(self, epoch)
+        drawn[epoch] = (threading.current_thread().name, [[c.id for c in b] for b in plan])
+        return plan
+
+    monkeypatch.setattr(Trainer, "_draw_plan", recorded)
+    trainer = make_trainer(prepared, tmp_path / "exp", "train.max_steps=1000")
+    per_epoch = trainer.batches_per_epoch
+    trainer.tc.max_steps = per_epoch + 2  # into the second epoch
+    trained = []
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda b: (trained.append(list(b.cut_ids)), step(b))[1])
+    trainer.fit()
+    assert drawn[0][0] == "MainThread" and drawn[1][0].startswith("epoch-plan")
     trainer.sampler.set_epoch(1)
-    direct = list(trainer.sampler)[:len(background)]
-    assert [[c.id for c in b] for b in background] == [[c.id for c in b] for b in direct]
-    assert [[c.id for c in b] for b in first] != [[c.id for c in b] for b in background]
-    trainer.fit()  # ends with a plan in flight: nothing left behind
+    direct = [[c.id for c in b] for b in trainer.sampler]
+    assert drawn[1][1] == direct and drawn[1][1] != drawn[0][1]
+    assert [sorted(ids) for ids in trained[per_epoch:]] == [sorted(ids) for ids in direct[:2]]
     assert trainer.planner is None

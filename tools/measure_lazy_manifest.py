@@ -1,8 +1,9 @@
 """Memory and time of the training manifest read eagerly or lazily (``train.lazy_manifests``) at a
 larger corpus's scale: the recipe's training cuts written ``--copies`` times under new ids, then, in
 a fresh process per mode, the manifest read, filtered for CTC (the default model's output lengths)
-and rank 0's epoch plan of ``--ranks`` ranks drawn, as the trainer does. Prints one line per mode
-(peak resident memory above the process's own before reading) and writes JSON.
+and rank 0's epoch plans of ``--ranks`` ranks drawn and held, as the trainer holds them (the
+epoch's, and the next one drawn while it trains). Prints one line per mode (peak resident memory
+above the process's own before reading, after each step) and writes JSON.
 
     .venv/bin/python tools/measure_lazy_manifest.py --copies 55
 """
@@ -38,14 +39,22 @@ def measure(mode: str, path: str, config: str, ranks: int, max_duration: float) 
     cuts = (load_manifest_lazy if mode == "lazy" else load_manifest)(path)
     kept, stats = filter_for_ctc(cuts, sp, model.output_lengths, "train", report=False)
     t1 = time.perf_counter()
-    sampler = make_sampler(kept, max_duration, cfg.train.num_buckets, True, 0, ranks, cfg.train.seed)
-    sampler.set_epoch(0)
-    batches = sum(1 for _ in sampler)
-    t2 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_filtered = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    plans = []  # held as the trainer holds them: the epoch's plan, and the next one drawn meanwhile
+    for epoch in (0, 1):
+        sampler = make_sampler(kept, max_duration, cfg.train.num_buckets, True, 0, ranks, cfg.train.seed)
+        sampler.set_epoch(epoch)
+        plans.append(list(sampler))
+        if epoch == 0:
+            t2 = time.perf_counter()
+            peak_one = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_two = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mb = lambda kb: round((kb - before) / 1024)  # noqa: E731
     return {"mode": mode, "kept": stats["kept"], "load_filter_seconds": round(t1 - t0, 2),
-            "plan_seconds": round(t2 - t1, 2), "plan_batches_rank0": batches,
-            "peak_rss_above_start_mb": round((peak - before) / 1024), "start_rss_mb": round(before / 1024)}
+            "plan_seconds": round(t2 - t1, 2), "plan_batches_rank0": len(plans[0]),
+            "peak_rss_above_start_mb": {"manifest_filtered": mb(peak_filtered), "one_plan_held": mb(peak_one),
+                                        "two_plans_held": mb(peak_two)},
+            "start_rss_mb": round(before / 1024)}
 
 
 def main(argv=None):
@@ -83,9 +92,11 @@ def main(argv=None):
                                  cwd=REPO, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results["modes"].append(r)
+            m = r["peak_rss_above_start_mb"]
             print(f"{mode}: {r['kept']} cuts kept, load and filter {r['load_filter_seconds']} s, epoch plan "
-                  f"{r['plan_seconds']} s ({r['plan_batches_rank0']} batches, rank 0 of {args.ranks}), peak memory "
-                  f"+{r['peak_rss_above_start_mb']} MB")
+                  f"{r['plan_seconds']} s ({r['plan_batches_rank0']} batches, rank 0 of {args.ranks}); peak memory "
+                  f"above the start: +{m['manifest_filtered']} MB filtered, +{m['one_plan_held']} MB with the "
+                  f"epoch's plan, +{m['two_plans_held']} MB with the next one too")
     atomic_write_json(args.output, results)
 
 

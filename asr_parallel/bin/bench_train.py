@@ -34,7 +34,7 @@ def get_batches(cfg, n: int, sp):
 
         sampler = make_sampler(load_manifest(path), cfg.train.max_duration, cfg.train.num_buckets, True, 0, 1,
                                cfg.train.seed)
-        ds = CutDataset(sp)
+        ds = CutDataset(sp, cfg.train.pad_growth)
         batches = []
         for cuts in sampler:
             batches.append(ds[cuts])

@@ -372,7 +372,7 @@ def recipe_batches(cfg, count: int = 9, world_size: int = 1, rank: int = 0, spre
     cuts_path, bpe = data / "fbank/chime6-ihm_cuts_train.jsonl.gz", data / lang_dir_name(cfg.tokenizer) / "bpe.model"
     if not cuts_path.is_file() or not bpe.is_file():
         return None
-    dataset = CutDataset(spm.SentencePieceProcessor(model_file=str(bpe)))
+    dataset = CutDataset(spm.SentencePieceProcessor(model_file=str(bpe)), cfg.train.pad_growth)
     cuts = load_manifest(cuts_path)
     if spread:  # every rank's epoch has the same number of steps; the shortest decides
         n = epoch_steps(cfg, world_size, cuts)

@@ -95,17 +95,6 @@ class _PartModule(nn.Module):
         return (y, out_lens) if self.last else y.float().contiguous()
 
 
-def pack_targets(tokens: list[list[int]], total: int) -> torch.Tensor:
-    """(total, 1 + longest) int64: column 0 the target length (-1 for padding utterances), then tokens."""
-    longest = max((len(t) for t in tokens), default=1)
-    out = torch.zeros(total, 1 + longest, dtype=torch.long)
-    out[:, 0] = -1
-    for i, t in enumerate(tokens):
-        out[i, 0] = len(t)
-        out[i, 1:1 + len(t)] = torch.tensor(t, dtype=torch.long)
-    return out
-
-
 class MicroPipeline(PipelineStrategy):
     """Base of ``gpipe`` and ``one_f_one_b``; subclasses name torch's schedule class."""
 
@@ -119,8 +108,8 @@ class MicroPipeline(PipelineStrategy):
                              f"({self.num_parts}), got {params.microbatches}")
         self.schedules: OrderedDict = OrderedDict()
         self.utterances = 1
-        self.mb_plan: list = []  # last stage: (tokens, output lengths on the host) per micro-batch
-        self.mb_next = 0
+        self.tokens: list = []  # last stage: the minibatch's token sequences and output lengths (host)
+        self.out_host = torch.zeros(0, dtype=torch.long)
         self.builds = 0
         self.lookups = 0
 
@@ -158,24 +147,22 @@ class MicroPipeline(PipelineStrategy):
             self.schedules.popitem(last=False)
         return schedule
 
-    def _loss(self, output, packed: torch.Tensor) -> torch.Tensor:
+    def _loss(self, output, rows: torch.Tensor) -> torch.Tensor:
         """CTC over the real utterances of a micro-batch, divided by the minibatch's utterances.
 
-        The schedule calls it once per micro-batch, in order (GPipe and 1F1B alike), so the
-        micro-batch's tokens and output lengths are read from the host-side plan of
-        :meth:`train_step` rather than from ``packed`` on the device (which would make the host wait).
-        The real utterances of a micro-batch are its first rows (padding utterances come last)."""
+        The schedule's target is the padded batch's row numbers on the host (it splits it into
+        micro-batches as it splits the input, and never moves it), so the micro-batch's tokens and
+        output lengths come from the host-side lists of :meth:`train_step`: nothing is copied back
+        from a device. The real utterances come first (padding utterances are the batch's last rows)."""
         from asr_parallel.train.loss import ctc_loss
 
         logits, _ = output
-        if self.mb_next >= len(self.mb_plan):
-            raise RuntimeError(f"{self.schedule_name}: the schedule computed more losses than its "
-                               f"{len(self.mb_plan)} micro-batches")
-        tokens, out_lens = self.mb_plan[self.mb_next]
-        self.mb_next += 1
-        if not tokens:
+        first, count = int(rows[0]), len(rows)
+        real = max(0, min(count, self.utterances - first))
+        if real == 0:
             return logits.float().sum() * 0.0
-        return ctc_loss(logits[:len(tokens)], out_lens, tokens) / self.utterances
+        return ctc_loss(logits[:real], self.out_host[first:first + real],
+                        self.tokens[first:first + real]) / self.utterances
 
     @contextmanager
     def _instrumented(self):
@@ -236,12 +223,9 @@ class MicroPipeline(PipelineStrategy):
         # Dummy utterances: zero features of the full padded length (a valid length), no loss.
         lengths = torch.full((total,), padded_frames, dtype=torch.long)
         lengths[:b] = batch.lens_on_host
-        if self.last:  # each micro-batch's real utterances: their tokens and output lengths, on the host
-            size, out_host = total // m, self.model.output_lengths(lengths)
-            self.mb_plan = [(batch.tokens[i * size:min(b, (i + 1) * size)], out_host[i * size:min(b, (i + 1) * size)])
-                            for i in range(m)]
-            self.mb_next = 0
-        lengths = lengths.to(dev, non_blocking=True)
+        if self.last:  # the real utterances' tokens and output lengths, on the host, for the loss
+            self.tokens, self.out_host = batch.tokens, self.model.output_lengths(lengths)
+        lengths = (lengths.pin_memory() if dev.type == "cuda" else lengths).to(dev, non_blocking=True)
         self.utterances = b
         builds = self.builds
         schedule = self._schedule(total // m, padded_frames, feat_dim, dev)
@@ -257,12 +241,12 @@ class MicroPipeline(PipelineStrategy):
         t0, idle0 = time.perf_counter(), self.idle
         with self._instrumented(), ctx.autocast():
             if self.first and self.last:  # one stage (one rank): the whole model, with the loss
-                schedule.step(padded, lengths=lengths, target=pack_targets(batch.tokens, total).to(dev),
+                schedule.step(padded, lengths=lengths, target=torch.arange(total),
                               losses=losses, return_outputs=False)
             elif self.first:
                 schedule.step(padded, lengths=lengths)
             elif self.last:
-                schedule.step(lengths=lengths, target=pack_targets(batch.tokens, total).to(dev), losses=losses,
+                schedule.step(lengths=lengths, target=torch.arange(total), losses=losses,
                               return_outputs=False)
             else:
                 schedule.step(lengths=lengths)

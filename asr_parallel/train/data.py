@@ -132,13 +132,14 @@ def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, ran
     from lhotse.dataset import DynamicBucketingSampler
 
     # An eager cut set (the default: the simulated corpus is small) is shuffled whole, lhotse's
-    # buffers holding all of it; a lazy one (train.lazy_manifests) streams through lhotse's default
-    # buffers (10 000 cuts per bucketing buffer, 20 000 to shuffle), as icefall reads large corpora.
+    # buffer holding all of it; a lazy one (train.lazy_manifests) streams through lhotse's default
+    # buffer of 20 000 cuts (shuffled within it; duration bins estimated from the manifest's first
+    # cuts), as icefall reads large corpora: a manifest in session order mixes only within it.
     lazy = bool(getattr(cuts, "is_lazy", False))
     warnings.filterwarnings("ignore", message="You are using DynamicBucketingSampler with an eagerly read CutSet")
     return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=shuffle, num_buckets=num_buckets,
                                    drop_last=shuffle, world_size=world_size, rank=rank, seed=seed,
-                                   buffer_size=10000 if lazy else max(1000, len(cuts)))
+                                   buffer_size=20000 if lazy else max(1000, len(cuts)))
 
 
 def loader_workers(num_workers, device: torch.device, ranks_here: int = 1) -> int:
@@ -146,16 +147,20 @@ def loader_workers(num_workers, device: torch.device, ranks_here: int = 1) -> in
     step, not the data, is the bottleneck (the recipe's loader delivers its batches about 80 times as
     fast as a CPU training step consumes them on one thread: ``bench_loader``, RESULTS.md) and a
     worker would only take a core from the ranks; on a GPU rank, up to 4, within this rank's share
-    of the host's cores less one for the training thread (lilcom decoding and collation then overlap
-    the device's step)."""
+    of the host's cores (its own cores when the launcher bound it to some) less one for the training
+    thread (lilcom decoding and collation then overlap the device's step)."""
     import os
 
     if num_workers != "auto":
         return int(num_workers)
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores // max(1, ranks_here) - 1))
+    total = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    if cores >= total:  # the rank may use every core: its share is 1 / ranks_here of them
+        cores //= max(1, ranks_here)
+    # else the launcher bound this rank to its own cores already (Slurm, NUMA binding)
+    return max(0, min(4, cores - 1))
 
 
 def loader(dataset, batches, num_workers: int, pin_memory: bool = False):

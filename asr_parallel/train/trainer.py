@@ -259,9 +259,10 @@ class Trainer:
         return list(sampler)
 
     def _plan(self, epoch: int) -> list:
-        """Epoch ``epoch``'s batch plan: drawn in the background while the epoch before it trained
-        (:meth:`_prefetch_plan`), else now. Drawing it costs a pass over the cuts' metadata (26-28 s
-        per rank for 100 000 cuts on a slow machine, RESULTS.md), hidden behind training this way."""
+        """Epoch ``epoch``'s batch plan: drawn on a background thread while the epoch before it
+        trained (:meth:`_prefetch_plan`), else now. Drawing it is a pass over the cuts' metadata in
+        Python (26-28 s per rank for 100 000 cuts on a slow machine, RESULTS.md); how much of it the
+        thread hides (it competes for the interpreter's lock) is not measured."""
         for stale in [e for e in self.plans if e < epoch]:  # a resume that starts later
             self.plans.pop(stale).cancel()
         future = self.plans.pop(epoch, None)
@@ -277,16 +278,13 @@ class Trainer:
         self.plans[epoch] = self.planner.submit(self._draw_plan, epoch)
 
     def _epoch_batches(self, epoch: int, count_only: bool = False):
-        """This epoch's batches, the same count on every rank (the minimum), deterministic from the seed;
-        the next epoch's plan starts drawing in the background."""
+        """This epoch's batches, the same count on every rank (the minimum), deterministic from the seed."""
         batches = self._plan(epoch)
-        if count_only:  # keep it for the epoch's training
+        if count_only and not self.strategy.owns_loop:  # keep it for the epoch's training
             from concurrent.futures import Future
 
             self.plans[epoch] = Future()
             self.plans[epoch].set_result(batches)
-        else:
-            self._prefetch_plan(epoch + 1)
         n = len(batches)
         if self.dist.distributed:
             import torch.distributed as tdist
@@ -627,7 +625,9 @@ class Trainer:
                        disable=not self.dist.is_main, unit="batch", leave=True, mininterval=2.0)
             t_log, frames_log = time.time(), 0
             t_iter = time.time()
-            for batch in loader(self.dataset, todo, self.num_workers, self.device.type == "cuda"):
+            batch_iter = iter(loader(self.dataset, todo, self.num_workers, self.device.type == "cuda"))
+            self._prefetch_plan(self.epoch + 1)  # after the loader's workers are forked, not before
+            for batch in batch_iter:
                 c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"step {self.step + 1}'s collectives ({self.cfg.strategy['name']})"
                 out = self.train_step(batch)
@@ -679,7 +679,8 @@ class Trainer:
         rank, the CPU time of the training thread (``time.thread_time``). A wait inside the step (an
         all-reduce, a server's reply, a peer's gossip) blocks that thread without using it, and gloo
         does its transfers and reductions on threads of its own, so only the step's computation
-        counts. With more threads per rank the process's CPU time (gloo's threads included); on
+        counts. With more threads per rank the process's CPU time (gloo's threads and the epoch-plan
+        thread included); on
         GPU the step's wall time after a synchronisation (waits included)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -924,7 +925,8 @@ class Trainer:
 
     def _finish(self) -> dict:
         summary = {}
-        if getattr(self, "planner", None) is not None:  # a plan drawn for an epoch that will not run
+        if getattr(self, "planner", None) is not None:  # a plan for an epoch that will not run: not
+            # waited for (one already being drawn still finishes before the process exits)
             self.planner.shutdown(wait=False, cancel_futures=True)
             self.planner = None
         self.strategy.finish(self.ctx)
