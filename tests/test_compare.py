@@ -159,11 +159,13 @@ def test_runs_that_differ_only_in_training_overrides_get_directories_of_their_ow
     base = load_config(config)
     plans = plan_runs(argparse.Namespace(config=config, overrides=[]), base)
     dirs = {p.run_label: experiment_dir(p.cfg) for p in plans}
-    assert len(set(dirs.values())) == len(dirs) == 5
+    assert len(set(dirs.values())) == len(dirs) == 6
     assert dirs["async_ps_w3_beta0.9"] == Path("exp/chime6_sim_async_momentum/seed42/conformer_async_ps_w3")
     assert dirs["async_ps_w3_beta0.65"] == Path("exp/chime6_sim_async_momentum/seed42/async_ps_w3_beta0.65"
                                                 "/conformer_async_ps_w3")
     assert {p.run_label: p.cfg.train.momentum for p in plans}["async_ps_w3_beta0"] == 0.0
+    two = {p.run_label: p.cfg.train for p in plans}["async_ps_w3_lr2e-3_beta0"]
+    assert (two.lr, two.momentum) == (0.002, 0.0)
     # The same run alone in the list goes to the same place.
     alone = load_config(config, ["compare.runs=[{strategy: {name: async_ps}, world_size: 3, "
                                  "overrides: [train.momentum=0.65], label: async_ps_w3_beta0.65}]"])
