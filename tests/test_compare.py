@@ -159,7 +159,7 @@ def test_runs_that_differ_only_in_training_overrides_get_directories_of_their_ow
     base = load_config(config)
     plans = plan_runs(argparse.Namespace(config=config, overrides=[]), base)
     dirs = {p.run_label: experiment_dir(p.cfg) for p in plans}
-    assert len(set(dirs.values())) == len(dirs) == 6
+    assert len(set(dirs.values())) == len(dirs) == 7
     assert dirs["async_ps_w3_beta0.9"] == Path("exp/chime6_sim_async_momentum/seed42/conformer_async_ps_w3")
     assert dirs["async_ps_w3_beta0.65"] == Path("exp/chime6_sim_async_momentum/seed42/async_ps_w3_beta0.65"
                                                 "/conformer_async_ps_w3")
