@@ -119,6 +119,7 @@ def filter_for_ctc(cuts, sp, output_lengths, desc: str, report: bool = True):
                f"and {counts['empty']} with no words left after removing event tags; {counts['ok']} remain")
         log.warning(msg)
         print(msg)
+
     def keep(cut) -> bool:  # the lazy filter's predicate (the sampler reads it in this process)
         return fits(cut) == "ok"
 

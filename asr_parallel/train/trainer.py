@@ -154,9 +154,7 @@ class Trainer:
         self.dev_cuts = filter_for_ctc(dev_cuts, sp, out_lens, "dev", dist.is_main)[0] if dev_cuts is not None else None
         self._setup_training(self.model)
         rank, world = self.strategy.data_shard()
-        self.shard = (rank, world)
-        self.sampler = make_sampler(self.train_cuts, self.tc.max_duration, self.tc.num_buckets, True, rank, world,
-                                    self.tc.seed)
+        self.shard = (rank, world)  # this rank's share of the training cuts (its sampler's)
         self.plans: dict = {}  # epoch -> its batch plan being drawn in the background (a Future)
         self.planner = None
         self.dataset = CutDataset(sp, self.tc.pad_growth)
@@ -250,8 +248,8 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _draw_plan(self, epoch: int) -> list:
-        """This rank's batches of ``epoch`` from a sampler of its own (so that a background thread
-        never touches ``self.sampler``): seeded, the same whoever draws it."""
+        """This rank's batches of ``epoch`` from a new sampler (nothing shared with a background
+        thread drawing another epoch): seeded, the same whoever draws it."""
         rank, world = self.shard
         sampler = make_sampler(self.train_cuts, self.tc.max_duration, self.tc.num_buckets, True, rank, world,
                                self.tc.seed)
@@ -680,8 +678,7 @@ class Trainer:
         all-reduce, a server's reply, a peer's gossip) blocks that thread without using it, and gloo
         does its transfers and reductions on threads of its own, so only the step's computation
         counts. With more threads per rank the process's CPU time (gloo's threads and the epoch-plan
-        thread included); on
-        GPU the step's wall time after a synchronisation (waits included)."""
+        thread included); on GPU the step's wall time after a synchronisation (waits included)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return time.time()
@@ -762,8 +759,7 @@ class Trainer:
                 if control is not None:
                     self._pause(control)
                 continue
-            self.sampler.set_epoch(self.epoch)
-            batches = list(self.sampler)
+            batches = self._draw_plan(self.epoch)
             t_iter = time.time()
             for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.num_workers,
                                 self.device.type == "cuda"):
