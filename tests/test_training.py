@@ -476,3 +476,43 @@ def test_the_next_epochs_plan_is_drawn_in_the_background_and_is_the_same(prepare
     assert drawn[1][1] == direct and drawn[1][1] != drawn[0][1]
     assert [sorted(ids) for ids in trained[per_epoch:]] == [sorted(ids) for ids in direct[:2]]
     assert trainer.planner is None
+
+
+def test_a_mid_epoch_resume_reads_its_batches_from_the_checkpoint(prepared, tmp_path, monkeypatch):
+    """A checkpoint inside epoch 1 holds the cut ids of that epoch's batches not yet trained; the
+    resumed run trains exactly those (the same losses as an uninterrupted run) without drawing epoch
+    1's plan again. A plan naming an utterance the manifests no longer have stops the resume with an
+    error naming the checkpoint."""
+    from asr_parallel.train import checkpoint as ckpt
+    from asr_parallel.train.trainer import Trainer, TrainingError
+
+    probe = make_trainer(prepared, tmp_path / "probe", "train.max_steps=1000")
+    stop, end = probe.batches_per_epoch + 1, probe.batches_per_epoch + 2  # 3 batches per epoch here
+    full = make_trainer(prepared, tmp_path / "full", f"train.max_steps={end}").fit()
+    make_trainer(prepared, tmp_path / "resumed", f"train.max_steps={stop}").fit()
+    state = ckpt.load(ckpt.latest(tmp_path / "resumed", 1), 0, torch.device("cpu"))
+    plan = state["progress"]["plan"]
+    assert plan["epoch"] == 1 and plan["start"] == 1
+    assert len(plan["batches"]) == probe.batches_per_epoch - 1 and all(plan["batches"])
+
+    drawn = []
+    draw = Trainer._draw_plan
+    monkeypatch.setattr(Trainer, "_draw_plan", lambda self, epoch: (drawn.append(epoch), draw(self, epoch))[1])
+    second = make_trainer(prepared, tmp_path / "resumed", f"train.max_steps={end}")
+    drawn.clear()  # the constructor draws epoch 0 to count an epoch's batches
+    trained = []
+    step = second.train_step
+    monkeypatch.setattr(second, "train_step", lambda b: (trained.append(sorted(b.cut_ids)), step(b))[1])
+    summary = second.fit()
+    assert 1 not in drawn
+    assert trained == [sorted(ids) for ids in plan["batches"][:end - stop]]
+    assert summary["losses"] == full["losses"][stop:]
+
+    third = make_trainer(prepared, tmp_path / "resumed", f"train.max_steps={end}")
+    path = ckpt.latest(tmp_path / "resumed", 1)
+    state = ckpt.load(path, 0, torch.device("cpu"))
+    third.load_state_dict(state, path)
+    third.saved_plan["batches"][0][0] = "no-such-utterance"
+    with pytest.raises(TrainingError, match="no-such-utterance") as err:
+        third._epoch_rest()
+    assert str(path) in str(err.value)

@@ -21,6 +21,8 @@ counters and reported beside the modelled ones (:mod:`asr_parallel.utils.netstat
 
 Checkpoints (every ``checkpoint_every_steps`` and at the end of every epoch) hold everything needed
 to resume exactly; on CPU with a fixed seed the losses after a resume equal an uninterrupted run's.
+A checkpoint taken mid-epoch holds the cut ids of the epoch's batches not yet trained, so a resume
+reads its batches back rather than drawing the epoch's plan again.
 """
 
 from __future__ import annotations
@@ -232,6 +234,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.current_plan = None  # (epoch, its batch the list starts at, the batches from there)
+        self.saved_plan = None  # the rest of an epoch's plan read from the checkpoint resumed from
         self.bad_in_row = 0
         self.bad_total = 0
         self.frames_total = 0
@@ -274,6 +278,46 @@ class Trainer:
 
             self.planner = ThreadPoolExecutor(1, thread_name_prefix="epoch-plan")
         self.plans[epoch] = self.planner.submit(self._draw_plan, epoch)
+
+    def _epoch_rest(self, common: bool = True) -> tuple[list, int]:
+        """The batches of this epoch still to train, and the epoch's number of batches. A run resumed
+        mid-epoch reads them from the checkpoint (the cut ids of the batches not yet trained,
+        :meth:`_plan_state`) instead of drawing the epoch's plan again: exact, and without the
+        sampler's pass over every cut; otherwise the epoch's plan, cut to the ranks' common count
+        (``common``, :meth:`_epoch_batches`) or this rank's own (a worker of ``owns_loop``)."""
+        saved, self.saved_plan = self.saved_plan, None
+        if saved is not None and saved["epoch"] == self.epoch and saved["start"] == self.batch_in_epoch:
+            rest = self._cuts_of(saved["batches"])
+            total = self.batch_in_epoch + len(rest)
+        else:
+            batches = self._epoch_batches(self.epoch) if common else self._draw_plan(self.epoch)
+            rest, total = batches[self.batch_in_epoch:], len(batches)
+        self.current_plan = (self.epoch, self.batch_in_epoch, rest)
+        return rest, total
+
+    def _plan_state(self) -> dict | None:
+        """For the checkpoint: the cut ids of this epoch's batches not trained yet (none at an
+        epoch's end, where the next epoch's plan is drawn from the seed)."""
+        if self.current_plan is None or self.batch_in_epoch == 0 or self.current_plan[0] != self.epoch:
+            return None
+        epoch, start, rest = self.current_plan
+        return {"epoch": epoch, "start": self.batch_in_epoch,
+                "batches": [[c.id for c in b] for b in rest[self.batch_in_epoch - start:]]}
+
+    def _cuts_of(self, batches: list[list[str]]) -> list:
+        """Batches of cut ids (a checkpoint's plan) as batches of this run's training cuts: one pass
+        over the cuts (lazy manifests stream), keeping only those named."""
+        from lhotse import CutSet
+
+        need = {i for b in batches for i in b}
+        found = {c.id: c for c in self.train_cuts if c.id in need}
+        missing = sorted(need - found.keys())
+        if missing:
+            raise TrainingError(f"{self.saved_plan_source}: its batch plan names {len(missing)} training utterance(s) "
+                                f"that this run's training cuts (after the CTC filter) do not have, e.g. "
+                                f"{missing[0]}; the manifests changed since it was written: train into a new "
+                                "experiment directory")
+        return [CutSet.from_cuts([found[i] for i in b]) for b in batches]
 
     def _epoch_batches(self, epoch: int, count_only: bool = False):
         """This epoch's batches, the same count on every rank (the minimum), deterministic from the seed."""
@@ -318,6 +362,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "progress": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                         "plan": self._plan_state(),
                          "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
                          "frames_total": self.frames_total, "elapsed": self.elapsed_before + self._elapsed(),
                          "train_seconds": self.train_seconds, "wire": list(self._wire_now())},
@@ -441,6 +486,7 @@ class Trainer:
         self.strategy.comm.merge(own)  # the run's totals: earlier processes' and this one's
         p = state["progress"]
         self.step, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
+        self.saved_plan, self.saved_plan_source = p.get("plan"), path
         self.bad_in_row, self.bad_total, self.frames_total = p["bad_in_row"], p["bad_total"], p["frames_total"]
         self.elapsed_before = p["elapsed"]
         self.train_seconds = p.get("train_seconds", 0.0)
@@ -617,9 +663,8 @@ class Trainer:
             self._run_owned_loop()
             return self._finish()
         while self.epoch < self.tc.epochs and not stop:
-            batches = self._epoch_batches(self.epoch)
-            todo = batches[self.batch_in_epoch:]
-            bar = tqdm(total=len(batches), initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
+            todo, total = self._epoch_rest()
+            bar = tqdm(total=total, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
                        disable=not self.dist.is_main, unit="batch", leave=True, mininterval=2.0)
             t_log, frames_log = time.time(), 0
             t_iter = time.time()
@@ -759,9 +804,9 @@ class Trainer:
                 if control is not None:
                     self._pause(control)
                 continue
-            batches = self._draw_plan(self.epoch)
+            todo, _ = self._epoch_rest(common=False)
             t_iter = time.time()
-            for batch in loader(self.dataset, batches[self.batch_in_epoch:], self.num_workers,
+            for batch in loader(self.dataset, todo, self.num_workers,
                                 self.device.type == "cuda"):
                 c_step = self._compute_clock() if self.slow > 1.0 else 0.0
                 self.phase = f"a worker's step ({self.cfg.strategy['name']}, its step {self.step + 1})"
