@@ -487,13 +487,14 @@ def test_a_mid_epoch_resume_reads_its_batches_from_the_checkpoint(prepared, tmp_
     from asr_parallel.train.trainer import Trainer, TrainingError
 
     probe = make_trainer(prepared, tmp_path / "probe", "train.max_steps=1000")
-    stop, end = probe.batches_per_epoch + 1, probe.batches_per_epoch + 2  # 3 batches per epoch here
+    per_epoch = probe.batches_per_epoch  # 3 here
+    stop, end = per_epoch + 1, 2 * per_epoch + 1  # resumed inside epoch 1, on into epoch 2
     full = make_trainer(prepared, tmp_path / "full", f"train.max_steps={end}").fit()
     make_trainer(prepared, tmp_path / "resumed", f"train.max_steps={stop}").fit()
     state = ckpt.load(ckpt.latest(tmp_path / "resumed", 1), 0, torch.device("cpu"))
     plan = state["progress"]["plan"]
     assert plan["epoch"] == 1 and plan["start"] == 1
-    assert len(plan["batches"]) == probe.batches_per_epoch - 1 and all(plan["batches"])
+    assert len(plan["batches"]) == per_epoch - 1 and all(plan["batches"])
 
     drawn = []
     draw = Trainer._draw_plan
@@ -505,7 +506,8 @@ def test_a_mid_epoch_resume_reads_its_batches_from_the_checkpoint(prepared, tmp_
     monkeypatch.setattr(second, "train_step", lambda b: (trained.append(sorted(b.cut_ids)), step(b))[1])
     summary = second.fit()
     assert 1 not in drawn
-    assert trained == [sorted(ids) for ids in plan["batches"][:end - stop]]
+    assert len(trained) == end - stop
+    assert trained[:per_epoch - 1] == [sorted(ids) for ids in plan["batches"]]
     assert summary["losses"] == full["losses"][stop:]
 
     third = make_trainer(prepared, tmp_path / "resumed", f"train.max_steps={end}")
@@ -514,5 +516,5 @@ def test_a_mid_epoch_resume_reads_its_batches_from_the_checkpoint(prepared, tmp_
     third.load_state_dict(state, path)
     third.saved_plan["batches"][0][0] = "no-such-utterance"
     with pytest.raises(TrainingError, match="no-such-utterance") as err:
-        third._epoch_rest()
+        third._epoch_rest()  # the final checkpoint: inside epoch 2
     assert str(path) in str(err.value)

@@ -284,10 +284,14 @@ class Trainer:
         mid-epoch reads them from the checkpoint (the cut ids of the batches not yet trained,
         :meth:`_plan_state`) instead of drawing the epoch's plan again: exact, and without the
         sampler's pass over every cut; otherwise the epoch's plan, cut to the ranks' common count
-        (``common``, :meth:`_epoch_batches`) or this rank's own (a worker of ``owns_loop``)."""
+        (``common``, :meth:`_epoch_batches`) or this rank's own (a worker of ``owns_loop``). Cut ids
+        rather than lhotse's ``DynamicBucketingSampler.state_dict``: restoring that fast-forwards
+        the sampler through the batches already trained, which is the pass this avoids."""
         saved, self.saved_plan = self.saved_plan, None
         if saved is not None and saved["epoch"] == self.epoch and saved["start"] == self.batch_in_epoch:
-            rest = self._cuts_of(saved["batches"])
+            for drawn in [e for e in self.plans if e <= self.epoch]:  # the constructor's count of epoch 0
+                self.plans.pop(drawn).cancel()
+            rest = self._cuts_of(saved["batches"], agree=common)
             total = self.batch_in_epoch + len(rest)
         else:
             batches = self._epoch_batches(self.epoch) if common else self._draw_plan(self.epoch)
@@ -304,19 +308,30 @@ class Trainer:
         return {"epoch": epoch, "start": self.batch_in_epoch,
                 "batches": [[c.id for c in b] for b in rest[self.batch_in_epoch - start:]]}
 
-    def _cuts_of(self, batches: list[list[str]]) -> list:
-        """Batches of cut ids (a checkpoint's plan) as batches of this run's training cuts: one pass
-        over the cuts (lazy manifests stream), keeping only those named."""
+    def _cuts_of(self, batches: list[list[str]], agree: bool) -> list:
+        """Batches of cut ids (a checkpoint's plan) as batches of this run's training cuts: a pass
+        over the cuts (lazy manifests stream) until all those named are found. With ``agree`` every
+        rank learns whether any rank missed one, so that all stop with the error together."""
         from lhotse import CutSet
 
         need = {i for b in batches for i in b}
-        found = {c.id: c for c in self.train_cuts if c.id in need}
+        found = {}
+        for c in self.train_cuts if need else ():
+            if c.id in need:
+                found[c.id] = c
+                if len(found) == len(need):
+                    break
         missing = sorted(need - found.keys())
+        everywhere = self._agree_min(0 if missing else 1) if agree else int(not missing)
         if missing:
             raise TrainingError(f"{self.saved_plan_source}: its batch plan names {len(missing)} training utterance(s) "
                                 f"that this run's training cuts (after the CTC filter) do not have, e.g. "
                                 f"{missing[0]}; the manifests changed since it was written: train into a new "
                                 "experiment directory")
+        if not everywhere:
+            raise TrainingError(f"{self.saved_plan_source}: another rank's batch plan names training utterances "
+                                "that this run's training cuts do not have (that rank's error names one); the "
+                                "manifests changed since it was written: train into a new experiment directory")
         return [CutSet.from_cuts([found[i] for i in b]) for b in batches]
 
     def _epoch_batches(self, epoch: int, count_only: bool = False):
