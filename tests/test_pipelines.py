@@ -399,15 +399,17 @@ def test_pipelined_bp_matches_clocked_simulation_on_the_conformer(two_stages):
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
-def test_pipelined_bp_delay_per_stage(two_stages):
-    # Stage s applies gradients 2 (S-1-s) updates old once the pipeline is full: 2 on stage 0, 0 on stage 1.
-    delays0 = dict(two_stages[0]["pbp"]["delays"])
-    delays1 = dict(two_stages[1]["pbp"]["delays"])
+@pytest.mark.parametrize("name", ["pbp", "pbp_stash"])
+def test_pipelined_bp_delay_per_stage(two_stages, name):
+    # Stage s applies gradients 2 (S-1-s) updates old once the pipeline is full: 2 on stage 0, 0 on
+    # stage 1; weight stashing changes which weights the backward pass uses, not the delay.
+    delays0 = dict(two_stages[0][name]["delays"])
+    delays1 = dict(two_stages[1][name]["delays"])
     assert sorted(delays0) == list(range(STEPS)) and sorted(delays1) == list(range(STEPS))
     assert [delays0[n] for n in range(2, STEPS)] == [2] * (STEPS - 2)
     assert delays0[0] == 0 and delays0[1] == 1  # filling
     assert set(delays1.values()) == {0}
-    assert two_stages[0]["pbp"]["summary"]["staleness"] == [2.0, 0.0]
+    assert two_stages[0][name]["summary"]["staleness"] == [2.0, 0.0]
 
 
 def test_bytes_per_boundary_equal_cost_model(two_stages):
