@@ -291,8 +291,17 @@ def _run_stages(stages, x, lengths):
     return x, lengths
 
 
+def torch_optimizer(tc, params):
+    """torch's optimiser named by the train section (SGD with its momentum, or Adam/AdamW with beta1 =
+    ``momentum``), built with plain torch calls for the pipeline tests' ranks and references alike."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=tc.lr, betas=(tc.momentum, 0.999), weight_decay=tc.weight_decay)
+
+
 def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: bool = False,
-                           predict: bool = False) -> torch.Tensor:
+                           predict: bool = False, optimizer: bool = False) -> torch.Tensor:
     """Two-stage pipelined back-propagation (Chen et al. 2012) simulated in one process, clock tick by
     clock tick: stage 0 runs the forward pass of minibatch t and then the backward pass of minibatch
     t - 2 (at its weights of now, or with ``stash`` at the weights its forward pass used); stage 1 runs
@@ -300,11 +309,25 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
     features replay, or DDG with ``stash``) stage 1 takes minibatch t in the same tick and stage 0's
     backward pass is of minibatch t - 1. With ``predict`` (SpecTrain) stage 0's forward and backward
     passes of minibatch n use its weights plus min(D, n) times its last update (D = 2, or 1 locked:
-    the delay the gradient will have), taken when the forward pass ran. Returns the final parameters."""
+    the delay the gradient will have), taken when the forward pass ran. With ``optimizer`` each stage
+    steps its own torch optimiser of ``cfg.train`` (:func:`torch_optimizer`) instead of plain SGD at
+    ``LR``, and its last update is the change that step made. Returns the final parameters."""
     from asr_parallel.train.loss import ctc_loss
 
     model, lower, upper, p0, p1 = _two_stages(cfg, start)
     run = _run_stages
+    opt0, opt1 = (torch_optimizer(cfg.train, p0), torch_optimizer(cfg.train, p1)) if optimizer else (None, None)
+
+    def update(params, grads, opt, start_from):
+        for p, w, g in zip(params, start_from, grads):
+            p.data.copy_(w)
+            if opt is None:
+                p.data -= LR * g
+            else:
+                p.grad = g.clone()
+        if opt is not None:
+            opt.step()
+        return [p.detach() - w for p, w in zip(params, start_from)]
 
     sent, weights_then, grad_in = {}, {}, {}
     upper_lag, lower_lag = (0, 1) if locked else (1, 2)
@@ -332,8 +355,7 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
             tokens = batch(n + 1, 0).tokens
             grads = torch.autograd.grad(ctc_loss(logits, out_lens, tokens) / len(tokens), p1 + [y])
             grad_in[n] = grads[-1]
-            for p, g in zip(p1, grads[:-1]):
-                p.data -= LR * g
+            update(p1, grads[:-1], opt1, [p.detach().clone() for p in p1])
         n = t - lower_lag
         if 0 <= n < steps:
             b = batch(n + 1, 0)
@@ -343,9 +365,7 @@ def reference_pipelined_bp(cfg, steps: int, start: int, stash: bool, locked: boo
                     p.data.copy_(w)
             y, _ = run(lower, b.feats, b.feat_lens)
             grads = torch.autograd.grad(y, p0, grad_in[n])
-            for p, w, g in zip(p0, now, grads):
-                p.data.copy_(w - LR * g)
-            last_update = [-LR * g for g in grads]
+            last_update = update(p0, grads, opt0, now)
     return flat(model)
 
 

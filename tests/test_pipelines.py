@@ -18,11 +18,15 @@ import torch
 
 from strategy_harness import (CONFORMER, CONFORMER_BN, CONFORMER_ROTARY, LR, MLP, SGD, batch, build, config, flat,
                               flat_state, reference_forward_locked, reference_pipelined_bp, reference_synthetic_gradients,
-                              reference_synthetic_gradients_stack, spawn_and_reap)
+                              reference_synthetic_gradients_stack, spawn_and_reap,
+                              torch_optimizer)
 
 STEPS = 6
 CLIP = 0.05
 S = {"model": MLP, "train": SGD, "steps": STEPS}
+MOMENTUM = [o for o in SGD if not o.startswith("train.momentum")] + ["train.momentum=0.9"]
+ADAMW = [o for o in SGD if not o.startswith(("train.optimizer", "train.weight_decay", "train.lr"))] + [
+    "train.optimizer=adamw", "train.weight_decay=0.01", "train.lr=0.001"]
 SCENARIOS = {
     "pbp": {**S, "strategy": {"name": "pipelined_bp"}},
     "pbp_stash": {**S, "strategy": {"name": "pipelined_bp", "weight_stashing": True}},
@@ -33,6 +37,10 @@ SCENARIOS = {
     "spectrain": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}},
     "spectrain_locked": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True,
                                            "schedule": "forward_locked"}},
+    # ... with the optimisers whose smoothed step it predicts from: SGD with momentum (as in the
+    # paper) and AdamW (its update direction, decoupled decay included)
+    "spectrain_momentum": {**S, "train": MOMENTUM, "strategy": {"name": "pipelined_bp", "weight_prediction": True}},
+    "spectrain_adamw": {**S, "train": ADAMW, "strategy": {"name": "pipelined_bp", "weight_prediction": True}},
     "spectrain_ckpt": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}, "checkpoint": 3},
     "spectrain_resume": {**S, "strategy": {"name": "pipelined_bp", "weight_prediction": True}, "checkpoint": 3,
                          "resume": True},
@@ -96,9 +104,7 @@ def _fresh(cfg, dist, seed: int):
     model = build(cfg, seed)
     strategy = build_strategy(cfg.strategy, dist)
     part = strategy.wrap_model(model)
-    tc = cfg.train
-    opt = torch.optim.SGD(part.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    return model, strategy, part, StepContext(tc, torch.device("cpu"), opt)
+    return model, strategy, part, StepContext(cfg.train, torch.device("cpu"), torch_optimizer(cfg.train, part.parameters()))
 
 
 def drive(spec: dict, dist, tmp) -> dict:
@@ -357,6 +363,22 @@ def test_weight_prediction_matches_clocked_simulation(two_stages, name, locked):
     if not locked:
         assert torch.equal(flat_state(two_stages[0]["spectrain_resume"]["eval"], cfg),
                            flat_state(two_stages[0]["spectrain_ckpt"]["eval"], cfg))
+
+
+@pytest.mark.parametrize("name, train", [("spectrain_momentum", MOMENTUM), ("spectrain_adamw", ADAMW)])
+def test_weight_prediction_follows_the_optimisers_step(two_stages, name, train):
+    """SpecTrain predicts from the update the optimiser applied last: with SGD and momentum that is
+    -lr times the momentum buffer (Chen, Yang, Cheng 2018), with AdamW its Adam direction plus the
+    decoupled decay. Both equal the clocked simulation in which each stage steps torch's own
+    optimiser, and differ from it without the prediction."""
+    cfg = config({"name": "single"}, train=train)
+    start = two_stages[0][name]["starts"][1]
+    expected = reference_pipelined_bp(cfg, STEPS, start, False, predict=True, optimizer=True)
+    got = flat_state(two_stages[0][name]["eval"], cfg)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    unpredicted = reference_pipelined_bp(cfg, STEPS, start, False, optimizer=True)
+    assert not torch.allclose(got, unpredicted, atol=1e-5)
+    assert not torch.allclose(got, reference_pipelined_bp(cfg, STEPS, start, False, predict=True), atol=1e-5)
 
 
 @pytest.mark.parametrize("name, conditioned", [("sg", False), ("sg_cond", True)])
