@@ -175,6 +175,7 @@ THREE = {
                                "boundaries": CUT3}},
     "sg3": {**S, "strategy": {"name": "synthetic_gradients", "synth_optimizer": "sgd", "synth_lr": 0.5,
                               "synth_hidden": 16, "boundaries": CUT3}},
+    "pbp3": {**S, "strategy": {"name": "pipelined_bp", "boundaries": CUT3}},
 }
 
 
@@ -207,6 +208,17 @@ def test_forward_locked_on_three_stages(three_stages, name, stash):
         assert all(seq == counted for _, seq, counted in three_stages[rank][name]["calls"])
 
 
+def test_pipelined_bp_delay_per_stage_on_three_stages(three_stages):
+    """Chen et al.'s pipelined schedule on 3 ranks: stage s applies gradients 2(S-1-s) updates old
+    once full (measured: 4, 2, 0), against S-1-s forward-locked; every call is counted."""
+    assert three_stages[0]["pbp3"]["summary"]["staleness"] == [4.0, 2.0, 0.0]
+    for rank in range(3):
+        delays = dict(three_stages[rank]["pbp3"]["delays"])
+        assert delays[STEPS - 1] == 2 * (2 - rank)
+        assert [delays[n] for n in range(min(STEPS, 2 * (2 - rank) + 1))] == list(range(min(STEPS, 2 * (2 - rank) + 1)))
+        assert all(seq == counted for _, seq, counted in three_stages[rank]["pbp3"]["calls"])
+
+
 def test_synthetic_gradients_on_three_stages(three_stages):
     """A stack of two synthesisers on 3 ranks: the middle stage back-propagates its own prediction and
     sends the result down as the bootstrapped target of the lowest synthesiser; equals the S-stage
@@ -224,7 +236,9 @@ def test_synthetic_gradients_on_three_stages(three_stages):
         assert all(seq == counted for _, seq, counted in three_stages[rank]["sg3"]["calls"])
 
 
-HYBRID = {"hybrid": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 1, "pipeline_replicas": 2}}}
+HYBRID = {"hybrid": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 1, "pipeline_replicas": 2}},
+          "hybrid_1f1b": {**S, "strategy": {"name": "one_f_one_b", "microbatches": 2, "pad_frames": 1,
+                                            "pipeline_replicas": 2}}}
 
 
 @pytest.fixture(scope="module")
@@ -249,18 +263,19 @@ def union_training(steps: int) -> torch.Tensor:
     return flat(net)
 
 
-def test_hybrid_data_and_pipeline_equals_one_process_on_the_union(four_ranks_hybrid):
-    """pipeline_replicas 2 on 4 ranks: two GPipe pipelines of 2 stages, each on its own shard, each
-    stage averaging its gradients with its replica: the update of one process on the union of both
-    shards' minibatches; only the first pipeline gathers the model, and every call (the replicas'
-    all-reduce included) is counted and predicted."""
+@pytest.mark.parametrize("name", ["hybrid", "hybrid_1f1b"])
+def test_hybrid_data_and_pipeline_equals_one_process_on_the_union(four_ranks_hybrid, name):
+    """pipeline_replicas 2 on 4 ranks: two GPipe (or 1F1B) pipelines of 2 stages, each on its own
+    shard, each stage averaging its gradients with its replica: the update of one process on the
+    union of both shards' minibatches; only the first pipeline gathers the model, and every call (the
+    replicas' all-reduce included) is counted and predicted."""
     cfg = config({"name": "single"})
-    got = flat_state(four_ranks_hybrid[0]["hybrid"]["eval"], cfg)
+    got = flat_state(four_ranks_hybrid[0][name]["eval"], cfg)
     assert torch.allclose(got, union_training(STEPS), atol=1e-5), (got - union_training(STEPS)).abs().max()
     assert not torch.allclose(got, plain_training(STEPS), atol=1e-4)  # not one shard's training
-    assert [r["hybrid"]["eval"] is None for r in four_ranks_hybrid] == [False, True, True, True]
+    assert [r[name]["eval"] is None for r in four_ranks_hybrid] == [False, True, True, True]
     for rank, res in enumerate(four_ranks_hybrid):
-        res = res["hybrid"]
+        res = res[name]
         assert all(seq == counted for _, seq, counted in res["calls"]), (rank, res["calls"])
         assert res["comm"]["by_label"]["replicas"][1] == STEPS
         assert res["comm"]["by_label"] == res["predicted"]["by_label"], rank
