@@ -117,12 +117,12 @@ def test_bytes_on_the_wire_match_the_modelled_bytes(prepared, tmp_path, strategy
     assert calls["counted"] == calls["process_group"], calls
 
 
-@pytest.mark.parametrize("compression", ["onebit", "powersgd"])
+@pytest.mark.parametrize("compression", ["onebit", "powersgd", "bf16", "fp16"])
 def test_compressed_gradients_on_the_wire(prepared, tmp_path, compression):
     """Compressed synchronous SGD on two emulated nodes: the link's counters see at least the bytes
     modelled for every counted call (1-bit SGD's all-to-all and all-gather of packed signs, PowerSGD's
-    three all-reduces) and at most 15% more; and the compressed steps send a small part of what
-    plain steps send."""
+    three all-reduces, the half-precision buckets' all-reduce) and at most 15% more; and the
+    compressed steps send a small part of what plain steps send (half for bf16 and fp16)."""
     from test_recipe_end_to_end import run_sh
 
     r = run_sh(prepared, tmp_path / "exp", "train.world_size=2", "train.emulate_nodes=2", "train.link_rate=200mbit",
@@ -141,7 +141,10 @@ def test_compressed_gradients_on_the_wire(prepared, tmp_path, compression):
     params = summary["params"]
     per_plain_step = 4 * (params + 2)  # 2 ranks: a ring all-reduce sends the bucket once
     compressed = summary["bytes_by_label"]["gradients"][0] - plain_steps * per_plain_step
-    assert 0 < compressed / (steps - plain_steps) < 0.25 * per_plain_step, (compressed, per_plain_step)
+    if compression in ("bf16", "fp16"):  # 2 bytes a value instead of 4, nothing else
+        assert compressed / (steps - plain_steps) == per_plain_step / 2, (compressed, per_plain_step)
+    else:
+        assert 0 < compressed / (steps - plain_steps) < 0.25 * per_plain_step, (compressed, per_plain_step)
     calls = summary["calls_this_process"]
     assert calls["counted"] == calls["process_group"], calls
 

@@ -3,6 +3,7 @@ one, and NaN losses are skipped and counted, then stop the run."""
 
 from pathlib import Path
 
+import json
 import time
 
 import pytest
@@ -478,6 +479,39 @@ def test_the_next_epochs_plan_is_drawn_in_the_background_and_is_the_same(prepare
     assert trainer.planner is None
 
 
+def test_an_epochs_length_is_kept_for_restarts_of_the_same_run(prepared, tmp_path, monkeypatch, capsys):
+    """A trainer counts an epoch's batches by drawing epoch 0's plan once per experiment directory; a
+    restart with the same cuts and settings reads the count back (no plan drawn), other settings
+    draw again, and an unreadable file is counted again with a warning naming it."""
+    from asr_parallel.train.trainer import Trainer
+
+    drawn = []
+    draw = Trainer._draw_plan
+    monkeypatch.setattr(Trainer, "_draw_plan", lambda self, epoch: (drawn.append(epoch), draw(self, epoch))[1])
+    first = make_trainer(prepared, tmp_path / "exp", "train.max_steps=1")
+    assert drawn == [0]
+    kept = tmp_path / "exp" / "epoch_batches" / "rank0.json"
+    saved = json.loads(kept.read_text())
+    assert saved["batches"] == first.batches_per_epoch > 1
+    assert first._epoch_batches(0) and drawn == [0]  # the constructor's plan is the one trained
+
+    drawn.clear()
+    again = make_trainer(prepared, tmp_path / "exp", "train.max_steps=5")  # an operational key only
+    assert drawn == [] and again.batches_per_epoch == first.batches_per_epoch
+    assert len(again._epoch_batches(0)) == first.batches_per_epoch and drawn == [0]  # drawn when trained
+
+    drawn.clear()
+    other = make_trainer(prepared, tmp_path / "exp", "train.max_duration=10")
+    assert drawn == [0] and other.batches_per_epoch > first.batches_per_epoch
+    assert json.loads(kept.read_text())["key"] != saved["key"]
+
+    kept.write_text("{not json")
+    drawn.clear()
+    make_trainer(prepared, tmp_path / "exp", "train.max_steps=1")
+    assert drawn == [0] and str(kept) in capsys.readouterr().err
+    assert json.loads(kept.read_text()) == saved
+
+
 def test_a_mid_epoch_resume_reads_its_batches_from_the_checkpoint(prepared, tmp_path, monkeypatch):
     """A checkpoint inside epoch 1 holds the cut ids of that epoch's batches not yet trained; the
     resumed run trains exactly those (the same losses as an uninterrupted run) without drawing epoch
@@ -500,7 +534,7 @@ def test_a_mid_epoch_resume_reads_its_batches_from_the_checkpoint(prepared, tmp_
     draw = Trainer._draw_plan
     monkeypatch.setattr(Trainer, "_draw_plan", lambda self, epoch: (drawn.append(epoch), draw(self, epoch))[1])
     second = make_trainer(prepared, tmp_path / "resumed", f"train.max_steps={end}")
-    drawn.clear()  # the constructor draws epoch 0 to count an epoch's batches
+    assert drawn == []  # the epoch's length is the first process's (exp_dir/epoch_batches): no plan drawn
     trained = []
     step = second.train_step
     monkeypatch.setattr(second, "train_step", lambda b: (trained.append(sorted(b.cut_ids)), step(b))[1])

@@ -97,7 +97,11 @@ def filter_for_ctc(cuts, sp, output_lengths, desc: str, report: bool = True):
 
     An eager CutSet comes back as a new eager CutSet; a lazy one (``train.lazy_manifests``) as a lazy
     filter over the same manifest, after one streaming pass that counts what it drops (nothing is
-    held in memory). The figures: ``dropped_too_long``, ``dropped_empty`` and ``kept``."""
+    held in memory). The figures: ``dropped_too_long``, ``dropped_empty`` and ``kept``, and
+    ``digest``: a hash of the kept cuts' ids and durations in manifest order, which with the sampler's
+    settings decides an epoch's batch plan (the trainer keys its cached epoch length on it)."""
+    import hashlib
+
     from lhotse import CutSet
 
     def fits(cut) -> str:
@@ -108,12 +112,14 @@ def filter_for_ctc(cuts, sp, output_lengths, desc: str, report: bool = True):
         return "ok" if frames >= ctc_min_frames(tokens) else "long"
 
     lazy = bool(getattr(cuts, "is_lazy", False))
-    kept, counts = [], {"ok": 0, "long": 0, "empty": 0}
+    kept, counts, digest = [], {"ok": 0, "long": 0, "empty": 0}, hashlib.sha256()
     for cut in cuts:
         verdict = fits(cut)
         counts[verdict] += 1
-        if verdict == "ok" and not lazy:
-            kept.append(cut)
+        if verdict == "ok":
+            digest.update(f"{cut.id}\t{cut.duration!r}\n".encode())
+            if not lazy:
+                kept.append(cut)
     if (counts["long"] or counts["empty"]) and report:
         msg = (f"{desc}: removed {counts['long']} utterance(s) whose BPE sequence cannot fit the CTC output length "
                f"and {counts['empty']} with no words left after removing event tags; {counts['ok']} remain")
@@ -124,7 +130,8 @@ def filter_for_ctc(cuts, sp, output_lengths, desc: str, report: bool = True):
         return fits(cut) == "ok"
 
     out = cuts.filter(keep) if lazy else CutSet.from_cuts(kept)
-    return out, {"dropped_too_long": counts["long"], "dropped_empty": counts["empty"], "kept": counts["ok"]}
+    return out, {"dropped_too_long": counts["long"], "dropped_empty": counts["empty"], "kept": counts["ok"],
+                 "digest": digest.hexdigest()[:16]}
 
 
 def make_sampler(cuts, max_duration: float, num_buckets: int, shuffle: bool, rank: int, world_size: int, seed: int):
