@@ -141,8 +141,9 @@ def test_compressed_gradients_on_the_wire(prepared, tmp_path, compression):
     params = summary["params"]
     per_plain_step = 4 * (params + 2)  # 2 ranks: a ring all-reduce sends the bucket once
     compressed = summary["bytes_by_label"]["gradients"][0] - plain_steps * per_plain_step
-    if compression in ("bf16", "fp16"):  # 2 bytes a value instead of 4, nothing else
-        assert compressed / (steps - plain_steps) == per_plain_step / 2, (compressed, per_plain_step)
+    if compression in ("bf16", "fp16"):  # 2 bytes a value instead of 4 (bucket boundaries add a few bytes)
+        assert compressed / (steps - plain_steps) == pytest.approx(per_plain_step / 2, rel=1e-4), \
+            (compressed, per_plain_step)
     else:
         assert 0 < compressed / (steps - plain_steps) < 0.25 * per_plain_step, (compressed, per_plain_step)
     calls = summary["calls_this_process"]
