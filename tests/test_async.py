@@ -175,6 +175,19 @@ def test_dc_asgd_equals_the_simulator(three_ranks):
     assert torch.allclose(three_ranks[0]["dca"]["eval"], wa, atol=1e-5)
 
 
+def test_dc_asgd_reports_the_size_of_its_correction(three_ranks):
+    """||c|| / ||g|| of every push, as the simulator's: the figure that tells whether lambda's
+    compensation changes the applied gradients at all (with AdamW its scale is not the paper's)."""
+    for name, kw in (("dc", {"dc_lambda": 2.0}), ("dca", {"dc_lambda": 0.1, "adaptive": True})):
+        ratios: list[float] = []
+        simulated(ratios=ratios, **kw)
+        s = three_ranks[0][name]["summary"]
+        assert s["dc_corrected_pushes"] == len(ratios) == WORKERS * BATCHES
+        assert s["dc_correction_ratio_mean"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-3)
+        assert s["dc_correction_ratio_max"] == pytest.approx(max(ratios), rel=1e-3) and max(ratios) > 0
+    assert three_ranks[0]["dc0"]["summary"]["dc_corrected_pushes"] == 0  # lambda 0 is ASGD: nothing corrected
+
+
 def test_synchronous_rounds_without_backups_equal_synchronous_sgd(three_ranks):
     """b = 0: every round averages both workers' gradients, weighted by their utterances (the
     minibatches hold 2 and 3 utterances), as synchronous SGD on the union minibatch."""

@@ -56,6 +56,10 @@ class DCASGD(AsyncPS):
         self.backup: dict[int, torch.Tensor] = {}  # w_bak[k] of this server's shard
         self.initial: torch.Tensor | None = None
         self.mean_square: torch.Tensor | None = None
+        # how much the compensation changes the pushes: ||c|| / ||g|| of every corrected push, c the
+        # correction term, over this server's shard (sum, count, max; and the ones since the last log)
+        self.ratio_sum, self.ratio_n, self.ratio_max = 0.0, 0, 0.0
+        self.recent_ratios: list[float] = []
 
     def correct(self, k: int, grad: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -72,7 +76,14 @@ class DCASGD(AsyncPS):
                 self.mean_square = torch.zeros_like(grad)
             self.mean_square.mul_(p.mean_square_decay).add_((1 - p.mean_square_decay) * g2)
             lam = p.dc_lambda / torch.sqrt(self.mean_square + p.eps)
-        return grad + lam * grad * grad * (w - w_bak)
+        correction = lam * grad * grad * (w - w_bak)
+        g_norm = float(grad.norm())
+        ratio = float(correction.norm()) / g_norm if g_norm > 0 else 0.0
+        self.ratio_sum += ratio
+        self.ratio_n += 1
+        self.ratio_max = max(self.ratio_max, ratio)
+        self.recent_ratios.append(ratio)
+        return grad + correction
 
     def wrap_model(self, model):
         out = super().wrap_model(model)
@@ -88,12 +99,24 @@ class DCASGD(AsyncPS):
         out = super().summary_figures()
         if self.is_server:
             out["dc_backup_bytes"] = sum(t.numel() * t.element_size() for t in self.backup.values())
+            out["dc_corrected_pushes"] = self.ratio_n
+            out["dc_correction_ratio_mean"] = self.ratio_sum / self.ratio_n if self.ratio_n else 0.0
+            out["dc_correction_ratio_max"] = self.ratio_max
+        return out
+
+    def log_scalars(self) -> dict[str, float]:
+        out = super().log_scalars()
+        if self.recent_ratios:
+            out["async/dc_correction_ratio_mean"] = sum(self.recent_ratios) / len(self.recent_ratios)
+            out["async/dc_correction_ratio_max"] = max(self.recent_ratios)
+            self.recent_ratios = []
         return out
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["dc_asgd"] = {"backup": {str(k): v for k, v in self.backup.items()}, "initial": self.initial,
-                            "mean_square": self.mean_square}
+                            "mean_square": self.mean_square,
+                            "ratio": [self.ratio_sum, self.ratio_n, self.ratio_max]}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -101,3 +124,4 @@ class DCASGD(AsyncPS):
         d = state["dc_asgd"]
         self.backup = {int(k): v for k, v in d["backup"].items()}
         self.initial, self.mean_square = d["initial"], d["mean_square"]
+        self.ratio_sum, self.ratio_n, self.ratio_max = d.get("ratio", [0.0, 0, 0.0])  # absent before the figure

@@ -45,9 +45,11 @@ def round_robin(workers: int, updates: int) -> list[int]:
 
 
 def downpour(w0: torch.Tensor, grad: Grad, workers: int, order: list[int], lr: float,
-             dc_lambda: float = 0.0, adaptive: bool = False, m: float = 0.95, eps: float = 1e-7):
+             dc_lambda: float = 0.0, adaptive: bool = False, m: float = 0.95, eps: float = 1e-7,
+             ratios: list[float] | None = None):
     """Parameter-server ASGD (and DC-ASGD with ``dc_lambda``), one push per entry of ``order`` (the
-    worker whose gradient arrives). Returns (final w, staleness of every update)."""
+    worker whose gradient arrives). Returns (final w, staleness of every update); with ``ratios``
+    (a list) DC-ASGD appends ||c|| / ||g|| of every push, c its correction term."""
     w = w0.clone()
     version = 0
     held = [w0.clone() for _ in range(workers)]  # each worker's copy = w_bak[k]
@@ -64,7 +66,10 @@ def downpour(w0: torch.Tensor, grad: Grad, workers: int, order: list[int], lr: f
             if adaptive:
                 mean_square = m * mean_square + (1 - m) * g * g
                 lam = dc_lambda / torch.sqrt(mean_square + eps)
-            g = g + lam * g * g * (w - held[k])
+            c = lam * g * g * (w - held[k])
+            if ratios is not None:
+                ratios.append(float(c.norm() / g.norm()))
+            g = g + c
         w = w - lr * g
         version += 1
         held[k], held_version[k] = w.clone(), version
