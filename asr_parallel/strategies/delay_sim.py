@@ -68,7 +68,8 @@ def downpour(w0: torch.Tensor, grad: Grad, workers: int, order: list[int], lr: f
                 lam = dc_lambda / torch.sqrt(mean_square + eps)
             c = lam * g * g * (w - held[k])
             if ratios is not None:
-                ratios.append(float(c.norm() / g.norm()))
+                g_norm = float(g.norm())
+                ratios.append(float(c.norm()) / g_norm if g_norm > 0 else 0.0)  # as the trainer's
             g = g + c
         w = w - lr * g
         version += 1
