@@ -100,6 +100,21 @@ compare:
             assert abs(t["difference"] - (table["runs"][1][f"{key}_wer"] - table["runs"][0][f"{key}_wer"])) <= 0.0101
             assert f"poi {t['poi']:.2f} {t['verdict']}" in md
     assert "Against the baseline single" in md
+    # The committed files alone give any pair again: scores.json and the pair tool (as stage 8 computed it).
+    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.pair", str(out / "scores.json"), "single",
+                        "model_averaging_sync_period4_w2", "--json"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout)
+    assert {k: v for k, v in again.items() if k not in ("reference", "run")} == \
+        {k: v for k, v in vs.items() if k != "baseline"}
+    # as committed under results/: <name>.json and <name>.scores.json side by side
+    (tmp_path / "x.json").write_text((out / "comparison.json").read_text())
+    (tmp_path / "x.scores.json").write_text((out / "scores.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.pair", str(tmp_path / "x.scores.json"), "single",
+                        "model_averaging_sync_period4_w2"], cwd=REPO, capture_output=True, text=True)
+    t = vs["dev_worn"]
+    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr[-2000:]
+    assert f"dev_worn: {t['difference']:+.2f} [{t['difference_ci'][0]:+.2f}, {t['difference_ci'][1]:+.2f}]" in r.stdout
     for png in ("dev_wer_vs_time.png", "dev_wer_vs_bytes.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Re-running reuses the finished runs. Time to target: with the target at the first run's first

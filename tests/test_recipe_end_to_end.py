@@ -162,14 +162,19 @@ ASYNC = ["train.world_size=3", "strategy.name=async_ps", "strategy.schedule=roun
          "train.checkpoint_every_steps=3"]
 
 
-def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path):
+@pytest.mark.parametrize("strategy", [["strategy.name=async_ps"],
+                                      ["strategy.name=dc_asgd", "strategy.dc_lambda=0.5", "strategy.adaptive=true"]],
+                         ids=["async_ps", "dc_asgd_adaptive"])
+def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path, strategy):
     """A server and 2 workers in a fixed round robin: checkpoints at server updates 3 and 6 (every rank
-    pauses), stop at 8; stopped at 5 and resumed from the checkpoint of update 3, the same model."""
+    pauses), stop at 8; stopped at 5 and resumed from the checkpoint of update 3, the same model.
+    DC-ASGD-a too: its copies w_bak and mean square are in the servers' checkpoints."""
     import torch
 
-    r = run_sh(prepared, tmp_path / "a", *ASYNC, stop_stage=5)
+    args = ASYNC + strategy
+    r = run_sh(prepared, tmp_path / "a", *args, stop_stage=5)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    run = tmp_path / "a" / "mlp_async_ps_scheduleround_robin_w3"
+    run = next((tmp_path / "a").glob("mlp_*_w3"))
     summary = json.loads((run / "train_summary.json").read_text())
     figures = summary["strategy_figures"]
     assert summary["steps"] == 8 and figures["updates"] == 8
@@ -185,12 +190,20 @@ def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path):
     assert epoch_ends == list(range(figures["updates_per_epoch"], 9, figures["updates_per_epoch"]))
     names = sorted(p.name for p in run.glob("checkpoint-*"))
     assert names == sorted({f"checkpoint-{s:08d}" for s in [3, 6] + epoch_ends})[-3:]  # keep_checkpoints 3
+    # the staleness of the applied pushes in TensorBoard's histogram: values the run summary holds
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    logged = [e.histogram_value for e in acc.Histograms("async/staleness")]  # (logged every 2 updates: all 8)
+    assert sum(h.num for h in logged) == 8 and sum(h.sum for h in logged) == sum(i * n for i, n in enumerate(hist))
+    assert min(h.min for h in logged) == 0 and max(h.max for h in logged) == figures["staleness_max"]
     b = tmp_path / "b"
-    r = run_sh(prepared, b, *ASYNC, "train.max_steps=5", stop_stage=5)
+    r = run_sh(prepared, b, *args, "train.max_steps=5", stop_stage=5)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("final.pt", "train_summary.json"):
         (b / run.name / name).unlink()
-    r = run_sh(prepared, b, *ASYNC, stop_stage=5)
+    r = run_sh(prepared, b, *args, stop_stage=5)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout and "checkpoint-00000003" in r.stdout
     a_model = torch.load(run / "final.pt", weights_only=True)["model"]

@@ -27,7 +27,12 @@ node):
   HParams view's columns: strategy, ranks, model, seed and every parameter of every strategy compared
   (defaults filled in; a run whose strategy lacks a numeric parameter leaves it empty, a text one reads
   "-"), with WER, time and bytes as metrics;
-* ``dev_wer_vs_time.png`` and ``dev_wer_vs_bytes.png``: one line per run.
+* ``dev_wer_vs_time.png`` and ``dev_wer_vs_bytes.png``: one line per run;
+* ``scores.json``: every run's per-utterance error and reference word counts per set (the test sets'
+  utterance, speaker and session ids once), so that the paired bootstrap of any two runs of the table
+  can be computed again from the committed files alone, without the run directories:
+  ``python -m asr_parallel.bin.pair <folder or scores.json> REFERENCE RUN``
+  (:mod:`asr_parallel.bin.pair`; the same resamples as this stage's).
 """
 
 from __future__ import annotations
@@ -253,6 +258,23 @@ def collect(plan: Plan, exp: Path, target: float) -> tuple[dict, dict]:
                 raise ValueError(f"{exp}/results.json gives {split} {cond} WER {row[f'{key}_wer']}, but "
                                  f"{exp}/decode/{method} scores {scores[key].wer:.2f}; score (stage 7) again")
     return row, scores
+
+
+def scores_document(scores: dict) -> dict:
+    """``scores.json``: per set the utterance ids, speakers and sessions of the first run that has it,
+    and per run and set its error and word counts aligned with them (a run scored on other
+    utterances keeps its own ids)."""
+    sets: dict[str, dict] = {}
+    runs: dict[str, dict] = {}
+    for label, per_set in scores.items():
+        runs[label] = {}
+        for key, s in per_set.items():
+            ref = sets.setdefault(key, {"ids": list(s.ids), "speakers": list(s.speakers), "sessions": list(s.sessions)})
+            entry = {"errors": [int(x) for x in s.errors], "words": [int(x) for x in s.words]}
+            if list(s.ids) != ref["ids"]:
+                entry.update(ids=list(s.ids), speakers=list(s.speakers), sessions=list(s.sessions))
+            runs[label][key] = entry
+    return {"format": "asr_parallel comparison scores 1", "sets": sets, "runs": runs}
 
 
 def add_significance(rows: list[dict], scores: dict, baseline: str, cc) -> None:
@@ -596,10 +618,11 @@ def main(argv=None):
                          "verdict": "tie when the difference's interval contains 0, else better (lower WER) or worse"},
         "runs": rows, **({"seed_summary": summaries} if summaries is not None else {}),
         **({"pairs": pairs} if pairs else {})})
+    atomic_write_json(out / "scores.json", scores_document(scores), indent=None)
     write_tensorboard(out, rows)
     plot(out, rows)
     print(table)
-    print(f"written: {out}/comparison.md, comparison.json, tensorboard/ (tensorboard --logdir {out}/tensorboard), "
+    print(f"written: {out}/comparison.md, comparison.json, scores.json, tensorboard/ (tensorboard --logdir {out}/tensorboard), "
           "dev_wer_vs_time.png, dev_wer_vs_bytes.png")
 
 

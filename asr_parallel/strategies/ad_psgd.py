@@ -27,7 +27,11 @@ Evaluation and the saved epoch models: the average of all ranks' models (one all
 epoch's end, label ``eval``); each rank checkpoints its own model. The trainer's epoch ends are
 common pauses (checkpoint, evaluation), as for the other strategies; between them no rank waits for
 all. A passive rank whose active peers have all been silent for ``timeout`` seconds while it still
-expects them stops with an error naming the silent rank.
+expects them stops with an error naming the silent rank; with several active peers (K >= 3), one
+silent for longer than both ``timeout`` and ``train.collective_timeout`` while another still sends
+stops it too, named. A fast rank waiting at an epoch's end for a slow one is silent meanwhile: that
+wait, the evaluation and a step together must stay below the limit (each alone does, or its
+barrier would time out first).
 """
 
 from __future__ import annotations
@@ -201,11 +205,20 @@ class ADPSGD(Strategy):
         """A passive rank's thread: answer every active rank's request until all have said they are done."""
         done = set()
         last = {a: time.time() for a in self.actives}
+        collective = self.dist.timeout.total_seconds() if self.dist.timeout else 0.0
+        limit = max(self.params.timeout, collective)
         try:
             while len(done) < len(self.actives):
                 header = torch.zeros(2, dtype=torch.float64)
                 src = self._recv(header, None, TAG_REQUEST, self.thread_comm, "request")
-                last[src] = time.time()
+                now = last[src] = time.time()
+                silent = [a for a in self.actives if a not in done and now - last[a] > limit]
+                if silent:  # another active rank still sends: this one died or hung
+                    a = min(silent, key=lambda r: last[r])
+                    self.thread_error = (f"ad_psgd rank {self.dist.rank} (passive): rank {a} sent nothing for "
+                                         f"{now - last[a]:.0f} s while rank {src} still sends (timeout "
+                                         f"{limit:.0f} s); has it died or hung?")
+                    return
                 if header[0] == DONE:
                     done.add(src)
                     continue

@@ -35,8 +35,11 @@ way to tune it).
 Engine: point-to-point ``torch.distributed`` calls (``isend``/``irecv``) on a gloo process group of
 their own, with CPU tensors (on GPU ranks the master copy and the messages stay on the CPU: NCCL has
 no receive from any source). Servers receive from any source in arrival order (``schedule:
-arrival``), or from the workers in a fixed rotation (``round_robin``: deterministic, for tests and
-exact comparison with :mod:`asr_parallel.strategies.delay_sim`). Per contact a worker sends a header
+arrival``), from the workers in a fixed rotation (``round_robin``), or in a seeded random order
+(``seeded``: each update's worker drawn with ``random.Random(schedule_seed).randrange(K)``, so
+staleness varies from update to update; while a pause is called, the workers not yet told are taken
+in rank order without a draw). The last two are deterministic, for tests and exact comparison with
+:mod:`asr_parallel.strategies.delay_sim` (``round_robin``, ``seeded_order``). Per contact a worker sends a header
 (what it sends and wants, its version, utterances, loss, squared norm) and, when pushing, its
 gradient shard to every server; each server answers with a header (its version and a control word)
 and, when asked, its parameter shard. Every send and receive is counted (labels ``push`` and
@@ -58,7 +61,7 @@ passes it on to the other servers, and then
 all ranks evaluate (rank 0, the master model) or write a checkpoint (per rank: the server's master
 copy, optimiser, version and per-worker bookkeeping; the worker's copy, accumulator and data
 position), so a resumed run continues from a consistent state. Exact resume holds for the
-deterministic ``round_robin`` schedule; in arrival order the order after a resume is the machine's.
+deterministic schedules (``round_robin``, ``seeded``); in arrival order the order after a resume is the machine's.
 
 Faults: every wait for a message has ``timeout`` seconds; a worker that hears nothing from a server
 stops with an error naming the server, and a server stops with an error naming the worker that has
@@ -67,8 +70,10 @@ been silent longest when any active worker has sent nothing for ``timeout`` seco
 
 from __future__ import annotations
 
+import ast
 import datetime
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -129,7 +134,8 @@ class AsyncPS(Strategy):
         servers: int = 1  # server ranks (the first ones), each holding a share of the parameters
         push_every: int = 1  # minibatches whose gradients a worker sums before pushing
         fetch_every: int = 1  # minibatches between fetches of the parameters
-        schedule: Literal["arrival", "round_robin"] = "arrival"
+        schedule: Literal["arrival", "round_robin", "seeded"] = "arrival"
+        schedule_seed: int = 0  # schedule seeded: the random order's seed
         backup_workers: int = -1  # -1: asynchronous; b >= 0: synchronous rounds of the first K - b gradients
         momentum_correction: bool = False  # lower the optimiser's momentum by 1 - 1/K (Mitliagkas et al.)
         # the run's length: "updates", train.epochs epochs' worth of all workers' pushes, whoever makes them;
@@ -147,17 +153,20 @@ class AsyncPS(Strategy):
             if self.backup_workers >= 0 and (self.push_every != 1 or self.fetch_every != 1 or self.servers != 1):
                 raise ValueError("strategy.backup_workers >= 0 (synchronous rounds) needs push_every 1, fetch_every 1 "
                                  "and one server")
-            if self.backup_workers >= 0 and self.schedule == "round_robin":
+            if self.backup_workers >= 0 and self.schedule != "arrival":
                 raise ValueError("strategy.backup_workers >= 0 takes the first gradients to arrive; schedule "
-                                 "round_robin waits for each worker in turn: use schedule arrival")
+                                 f"{self.schedule} waits for each worker in turn: use schedule arrival")
             if self.timeout <= 0:
                 raise ValueError(f"strategy.timeout must be > 0, got {self.timeout}")
+            if self.schedule == "seeded" and self.servers > 1:
+                raise ValueError("strategy.schedule seeded needs one server: the others also receive the workers' "
+                                 "word of each pause, and their draws would part from the first server's")
             if self.run_length == "worker_epochs" and self.backup_workers >= 0:
                 raise ValueError("strategy.run_length worker_epochs is for the asynchronous server: synchronous "
                                  "rounds (backup_workers >= 0) need every worker in every round; use updates")
-            if self.run_length == "worker_epochs" and self.schedule == "round_robin":
-                raise ValueError("strategy.run_length worker_epochs: a worker done early would hold up the round robin "
-                                 "(each turn waits for its next poll); use schedule arrival")
+            if self.run_length == "worker_epochs" and self.schedule != "arrival":
+                raise ValueError(f"strategy.run_length worker_epochs: a worker done early would hold up the {self.schedule} "
+                                 "schedule (each turn waits for its next poll); use schedule arrival")
             if not 0 < self.poll_seconds < self.timeout:
                 raise ValueError(f"strategy.poll_seconds must be > 0 and below timeout, got {self.poll_seconds}")
 
@@ -184,6 +193,7 @@ class AsyncPS(Strategy):
         self.pause_step = 0  # the server's version when the current pause was called (names checkpoints)
         self.checkpoints_done = 0
         self.next_worker = 0  # round robin
+        self.order_rng = random.Random(p.schedule_seed)  # schedule seeded
         self.pushes = [0] * max(1, self.workers)
         self.dropped = 0  # gradients of an older round (synchronous mode) or after the end
         self.staleness_hist = [0] * STALENESS_BINS
@@ -199,7 +209,9 @@ class AsyncPS(Strategy):
         self.epochs = 0  # the run's epochs (train.epochs)
         self.finished = [False] * max(1, self.workers)  # worker_epochs: workers past their last minibatch
         self.round: list = []  # synchronous mode: (worker, gradient, utterances) of this round
-        self.deferred: list = []  # (worker, header, gradient) of pushes that arrived while a pause was called
+        # (worker, header, gradient, basis) of pushes that arrived while a pause was called; basis: what
+        # ``push_basis`` kept for the push at its arrival (DC-ASGD: the w_bak[k] it was computed at)
+        self.deferred: list = []
         self.waiting_fetch: list[int] = []  # synchronous mode: workers waiting for the round's end
         # worker state
         self.acc: list[torch.Tensor] | None = None
@@ -443,8 +455,8 @@ class AsyncPS(Strategy):
         called after every update (the trainer's logging)."""
         coordinator = self.dist.rank == 0
         deferred, self.deferred = self.deferred, []
-        for k, header, grad in deferred:  # pushes that arrived after the last pause was called
-            self._apply_push(k, header, grad, ctx)
+        for k, header, grad, basis in deferred:  # pushes that arrived after the last pause was called
+            self._apply_push(k, header, grad, ctx, basis)
             if on_update is not None:
                 on_update()
         while True:
@@ -507,6 +519,9 @@ class AsyncPS(Strategy):
             k = self.next_worker
             self.next_worker = (k + 1) % self.workers
             self._recv(header, self.servers + k, TAG_HEADER, "push", "header")
+        elif self.params.schedule == "seeded":
+            k = active[0] if self.pending is not None else self.order_rng.randrange(self.workers)
+            self._recv(header, self.servers + k, TAG_HEADER, "push", "header")
         else:
             try:
                 src = self._recv(header, None, TAG_HEADER, "push", "message")
@@ -546,20 +561,28 @@ class AsyncPS(Strategy):
         if utts == 0:
             return None
         if self.pending in ("epoch", "checkpoint"):  # after the pause: the pause is at its own step
-            self.deferred.append((k, header.clone(), grad))
+            # the reply to this contact hands worker k the current parameters (``on_fetch``) before the
+            # push is applied: keep what the push was computed at, for its application after the pause
+            self.deferred.append((k, header.clone(), grad, self.push_basis(k)))
             return None
         return self._apply_push(k, header, grad, ctx)
 
-    def _apply_push(self, k: int, header: torch.Tensor, grad: torch.Tensor, ctx) -> int:
+    def _apply_push(self, k: int, header: torch.Tensor, grad: torch.Tensor, ctx, basis=None) -> int:
         staleness = self.version - int(header[H_VERSION])
-        grad = self.correct(k, grad)
+        grad = self.correct(k, grad, basis)
         self._apply(ctx, grad, float(header[H_SQNORM]) ** 0.5)
         self._record(staleness)
         return staleness
 
-    def correct(self, k: int, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient the server applies for worker k's push (DC-ASGD compensates it here)."""
+    def correct(self, k: int, grad: torch.Tensor, basis=None) -> torch.Tensor:
+        """The gradient the server applies for worker k's push (DC-ASGD compensates it here); ``basis``:
+        what ``push_basis(k)`` returned when a deferred push arrived (None: the push is applied on arrival)."""
         return grad
+
+    def push_basis(self, k: int):
+        """What the server must keep of worker k's state for a push applied later than its arrival
+        (nothing here; DC-ASGD: the parameters the push was computed at)."""
+        return None
 
     def _record(self, staleness: int) -> None:
         self.staleness_hist[min(staleness, STALENESS_BINS - 1)] += 1
@@ -730,13 +753,14 @@ class AsyncPS(Strategy):
             "version": self.version, "pushes": list(self.pushes),
             "dropped": self.dropped, "staleness_hist": list(self.staleness_hist),
             "staleness_sum": self.staleness_sum, "staleness_max": self.staleness_max,
-            "next_worker": self.next_worker, "epochs_done": self.epochs_done, "versions": list(self.versions),
+            "next_worker": self.next_worker, "order_rng": repr(self.order_rng.getstate()),
+            "epochs_done": self.epochs_done, "versions": list(self.versions),
             "checkpoints_done": self.checkpoints_done, "local_steps": self.local_steps,
             "acc": self.acc, "acc_utts": self.acc_utts, "acc_loss": self.acc_loss,
             "acc_minibatches": self.acc_minibatches, "acc_frames": self.acc_frames,
             "frames_pushed": self.frames_pushed, "idle": self.idle, "events": dict(self.events),
             "pause_step": self.pause_step, "finished": list(self.finished), "epochs": self.epochs,
-            "deferred": [{"worker": k, "header": h, "grad": g} for k, h, g in self.deferred],
+            "deferred": [{"worker": k, "header": h, "grad": g, "basis": b} for k, h, g, b in self.deferred],
         }
         return state
 
@@ -747,6 +771,8 @@ class AsyncPS(Strategy):
         self.dropped, self.staleness_hist = a["dropped"], list(a["staleness_hist"])
         self.staleness_sum, self.staleness_max = a["staleness_sum"], a["staleness_max"]
         self.next_worker, self.epochs_done = a["next_worker"], a["epochs_done"]
+        if "order_rng" in a:  # (absent before the seeded schedule)
+            self.order_rng.setstate(ast.literal_eval(a["order_rng"]))
         self.versions = list(a.get("versions", [self.version] * self.servers))
         self.checkpoints_done, self.local_steps = a["checkpoints_done"], a["local_steps"]
         self.acc, self.acc_utts, self.acc_loss = a["acc"], a["acc_utts"], a["acc_loss"]
@@ -757,4 +783,4 @@ class AsyncPS(Strategy):
             self.events["param_recvs"] = self.events.pop("fetches", 0) * self.servers
         if a.get("epochs") == self.epochs:  # a resume with more epochs: every worker has more to do
             self.finished = list(a.get("finished", self.finished))
-        self.deferred = [(d["worker"], d["header"], d["grad"]) for d in a.get("deferred", [])]
+        self.deferred = [(d["worker"], d["header"], d["grad"], d.get("basis")) for d in a.get("deferred", [])]

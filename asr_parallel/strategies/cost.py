@@ -33,6 +33,18 @@ strategy, over ``steps`` optimiser steps:
   N = K / G groups the outer rule above with N in place of K (its warm-up averages gradients with a
   flat all-reduce of P), and at every outer synchronisation (and at the end of the warm-up) an
   all-reduce of the buffers inside the group.
+* ``async_ps``, ``dc_asgd`` (:func:`predict_server_traffic`, a priori from the config: totals over
+  all workers and over all servers, U server updates, W workers, S servers,
+  ``push_every`` = ``fetch_every``, h = 80 bytes of header, 10 float64): every update is one contact of a
+  worker, which sends a header and its gradient shard to each of the S servers (P values in all)
+  and gets a header and the parameter shard back from each. The end adds 2W - 1 contacts when the
+  last update ends an epoch (the other workers' next pushes arrive during that pause and are
+  dropped, then every worker's during the stop; W - 1 when the run stops at ``train.max_steps``);
+  every pause's control word, from the first server, is passed on to the other S - 1 servers by each
+  worker (a header). Synchronous rounds with b = 0: U rounds of W contacts, and W at the stop.
+  DC-ASGD sends what async_ps does (its copies w_bak stay on the servers). Not modelled: p != f
+  (the control words' parameter sends at pauses), b > 0 and ``run_length: worker_epochs`` (how many
+  gradients are dropped, or polls made, depends on timing), the shards' evaluation gathers (S > 1).
 
 Not modelled: DDP's set-up calls (``ddp_setup``) and the trainer's own coordination (``trainer``):
 they are counted, and reported apart.
@@ -211,3 +223,36 @@ def predict(section: dict, size: ModelSize, world_size: int, steps: int, local_w
         raise ValueError(f"no cost model for strategy '{name}'")
     return {"bytes_sent": sum(v[0] for v in by_label.values()), "calls": sum(v[1] for v in by_label.values()),
             "by_label": by_label}
+
+
+def predict_server_traffic(section: dict, size: ModelSize, workers: int, updates: int, pauses: int = 1,
+                           ends_at_epoch: bool = True) -> dict:
+    """The parameter server's traffic over a run of ``updates`` server updates, a priori (the config
+    and the model's size only; formulas in the module docstring): ``{"workers": [bytes, messages],
+    "servers": [bytes, messages]}`` sent by all workers together and by all servers together, with
+    the ``contacts`` and ``pushes`` modelled. ``pauses``: the run's common pauses (epoch ends,
+    checkpoints and the stop), whose control word each worker passes on to the other servers;
+    ``ends_at_epoch``: the last update ends an epoch (a pause before the stop), else the run stops
+    at ``train.max_steps``."""
+    from asr_parallel.strategies import parse_strategy
+    from asr_parallel.strategies.async_ps import HEADER
+
+    p = parse_strategy(section)
+    if section["name"] not in ("async_ps", "dc_asgd"):
+        raise ValueError(f"no parameter server in strategy '{section['name']}'")
+    if p.run_length != "updates":
+        raise ValueError("run_length worker_epochs: the polls of waiting workers depend on timing; not modelled")
+    if p.push_every != p.fetch_every:
+        raise ValueError("push_every != fetch_every: the control words' parameter sends at pauses are not modelled")
+    if p.backup_workers > 0:
+        raise ValueError("backup_workers > 0: which gradients a round drops depends on timing; not modelled")
+    h, s, b = HEADER * 8, p.servers, size.element_size
+    if p.backup_workers == 0:  # every round: each worker pushes and fetches; the stop: one contact each
+        contacts = updates * workers + workers
+    else:  # every update one contact (a push and a fetch); after the last, the others' dropped pushes
+        contacts = updates + (2 * workers - 1 if ends_at_epoch else workers - 1)
+    pushes = contacts
+    passes = pauses * workers * (s - 1)
+    return {"workers": [contacts * s * h + pushes * size.params * b + passes * h, contacts * s + pushes * s + passes],
+            "servers": [contacts * s * h + contacts * size.params * b, 2 * contacts * s],
+            "contacts": contacts, "pushes": pushes}

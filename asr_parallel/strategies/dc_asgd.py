@@ -61,14 +61,20 @@ class DCASGD(AsyncPS):
         self.ratio_sum, self.ratio_n, self.ratio_max = 0.0, 0, 0.0
         self.recent_ratios: list[float] = []
 
-    def correct(self, k: int, grad: torch.Tensor) -> torch.Tensor:
+    def push_basis(self, k: int):
+        """w_bak[k] when worker k's push arrives: a push deferred by a pause is applied after the reply
+        to it has already replaced w_bak[k] with the parameters fetched then (``on_fetch`` stores a
+        new tensor, so this one is not overwritten)."""
+        return self.backup.get(k, self.initial) if self.params.dc_lambda else None
+
+    def correct(self, k: int, grad: torch.Tensor, basis=None) -> torch.Tensor:
         p = self.params
         if p.dc_lambda == 0:
             return grad
         w = self._shard_flat()
         if self.initial is None:
             self.initial = w.clone()  # (only reached before the first update: every worker starts at w0)
-        w_bak = self.backup.get(k, self.initial)
+        w_bak = basis if basis is not None else self.backup.get(k, self.initial)
         lam: torch.Tensor | float = p.dc_lambda
         if p.adaptive:
             g2 = grad * grad

@@ -13,7 +13,13 @@ Downpour SGD (Dean et al., NIPS 2012) with ``push_every = fetch_every = 1``: wor
 gradient at the copy it last fetched (version v_k); the server applies gradients in arrival order,
 ``w <- w - lr * g``, and the worker fetches the new ``w``. The staleness of an update is the server's
 version at the update minus v_k; with K equal workers in a fixed round robin it is K - 1 once every
-worker has pushed once (0, 1, ..., K - 2 before). With K = 1 it is SGD.
+worker has pushed once (0, 1, ..., K - 2 before); in a seeded random order (``seeded_order``) it is
+the number of updates since that worker's last push, random. With K = 1 it is SGD.
+
+A push that reaches the server while it has called a pause (an epoch's end, a checkpoint) is applied
+after the pause, but the reply to it (the worker's fetch) is sent at once: that worker's next copy is
+the parameters of the pause, before any such push. ``late_fetch`` names those pushes (consecutive
+indices: one pause).
 
 DC-ASGD (Zheng et al., ICML 2017): the server compensates the delay with the diagonal of the
 outer-product approximation of the Hessian, ``g + lambda * g * g * (w - w_bak[k])``, ``w_bak[k]`` the
@@ -32,6 +38,7 @@ subtracts lr times its gradient; the mean over workers then follows mean - lr * 
 from __future__ import annotations
 
 import math
+import random
 from typing import Callable
 
 import torch
@@ -44,12 +51,22 @@ def round_robin(workers: int, updates: int) -> list[int]:
     return [u % workers for u in range(updates)]
 
 
+def seeded_order(workers: int, updates: int, seed: int = 0) -> list[int]:
+    """A seeded random arrival order: each update's worker drawn uniformly (``random.Random(seed)``),
+    so the staleness of each update is random; the order ``async_ps``'s ``schedule: seeded`` takes
+    while no pause intervenes (during a pause it takes the workers not yet told without a draw)."""
+    rng = random.Random(seed)
+    return [rng.randrange(workers) for _ in range(updates)]
+
+
 def downpour(w0: torch.Tensor, grad: Grad, workers: int, order: list[int], lr: float,
              dc_lambda: float = 0.0, adaptive: bool = False, m: float = 0.95, eps: float = 1e-7,
-             ratios: list[float] | None = None):
+             ratios: list[float] | None = None, late_fetch: frozenset[int] | set[int] = frozenset()):
     """Parameter-server ASGD (and DC-ASGD with ``dc_lambda``), one push per entry of ``order`` (the
     worker whose gradient arrives). Returns (final w, staleness of every update); with ``ratios``
-    (a list) DC-ASGD appends ||c|| / ||g|| of every push, c its correction term."""
+    (a list) DC-ASGD appends ||c|| / ||g|| of every push, c its correction term. The pushes whose
+    0-based index in ``order`` is in ``late_fetch`` were deferred by a pause: their worker fetched the
+    parameters before the push was applied."""
     w = w0.clone()
     version = 0
     held = [w0.clone() for _ in range(workers)]  # each worker's copy = w_bak[k]
@@ -57,7 +74,7 @@ def downpour(w0: torch.Tensor, grad: Grad, workers: int, order: list[int], lr: f
     done = [0] * workers
     mean_square = torch.zeros_like(w0)
     staleness = []
-    for k in order:
+    for u, k in enumerate(order):
         g = grad(k, done[k], held[k].clone())
         done[k] += 1
         staleness.append(version - held_version[k])
@@ -71,9 +88,11 @@ def downpour(w0: torch.Tensor, grad: Grad, workers: int, order: list[int], lr: f
                 g_norm = float(g.norm())
                 ratios.append(float(c.norm()) / g_norm if g_norm > 0 else 0.0)  # as the trainer's
             g = g + c
+        if u in late_fetch and u - 1 not in late_fetch:
+            pause, pause_version = w.clone(), version  # the parameters of the pause
         w = w - lr * g
         version += 1
-        held[k], held_version[k] = w.clone(), version
+        held[k], held_version[k] = (pause.clone(), pause_version) if u in late_fetch else (w.clone(), version)
     return w, staleness
 
 
