@@ -357,11 +357,9 @@ def test_the_cost_model_predicts_the_servers_traffic_from_the_config(three_ranks
 # ---------------------------------------------------------------- failures
 
 
-def _failing_rank(rank, store, out, mode):
-    """Server 0, workers 1 and 2. ``worker_dies``: rank 2 exits after its first push; ``server_dies``:
-    the server exits after 3 updates; ``worker_hangs``: rank 2 stops sending but stays alive."""
-    import os
-
+def _fault_rank(rank, store, section: dict):
+    """One of 3 gloo ranks of a fault test (one thread): the strategy of ``section``, its wrapped
+    model and a plain-SGD step context."""
     import torch.distributed as tdist
 
     from asr_parallel.strategies import build_strategy
@@ -370,14 +368,21 @@ def _failing_rank(rank, store, out, mode):
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    cfg = config(section)
+    st = build_strategy(cfg.strategy, DistContext(rank=rank, world_size=3, initialized=True))
+    part = st.wrap_model(build(cfg))
+    return st, part, StepContext(cfg.train, torch.device("cpu"), torch.optim.SGD(part.parameters(), lr=LR))
+
+
+def _failing_rank(rank, store, out, mode):
+    """Server 0, workers 1 and 2. ``worker_dies``: rank 2 exits after its first push; ``server_dies``:
+    the server exits after 3 updates; ``worker_hangs``: rank 2 stops sending but stays alive."""
+    import os
+
     # 6 s: the surviving worker pushes every few milliseconds, so the dead or hung one is the one
     # silent longest unless the survivor itself stalls for the whole timeout (with 3 s that happened
     # once, on a loaded 2-core machine)
-    cfg = config({"name": "async_ps", "timeout": 6.0})
-    model = build(cfg)
-    st = build_strategy(cfg.strategy, DistContext(rank=rank, world_size=3, initialized=True))
-    part = st.wrap_model(model)
-    ctx = StepContext(cfg.train, torch.device("cpu"), torch.optim.SGD(part.parameters(), lr=LR))
+    st, _, ctx = _fault_rank(rank, store, {"name": "async_ps", "timeout": 6.0})
     st.schedule_steps(1000, 1, 0)
     t0 = time.time()
     message = "no error"
@@ -504,19 +509,7 @@ def _gossip_hang(rank, store, out):
     silent) while rank 0 keeps averaging with rank 1."""
     import os
 
-    import torch.distributed as tdist
-
-    from asr_parallel.strategies import build_strategy
-    from asr_parallel.strategies.base import DistContext
-    from asr_parallel.train.step import StepContext
-
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
-    cfg = config({"name": "ad_psgd", "timeout": 8.0})
-    model = build(cfg)
-    st = build_strategy(cfg.strategy, DistContext(rank=rank, world_size=3, initialized=True))
-    part = st.wrap_model(model)
-    ctx = StepContext(cfg.train, torch.device("cpu"), torch.optim.SGD(part.parameters(), lr=LR))
+    st, _, ctx = _fault_rank(rank, store, {"name": "ad_psgd", "timeout": 8.0})
     t0 = time.time()
     message = "no error"
     try:
