@@ -442,15 +442,23 @@ def drive_gossip(spec: dict, dist) -> dict:
     seq0 = _sequence_numbers_default()
     model = build(cfg, seed=dist.rank if spec["seed_by_rank"] else 0)
     initial = flat(model)
+    applied = torch.zeros_like(initial)  # the sum of this rank's own optimiser updates
+
+    class Recorded(torch.optim.SGD):
+        def step(self, closure=None):
+            before = flat(model)
+            super().step(closure)
+            applied.add_(flat(model) - before)
+
     st = build_strategy(cfg.strategy, dist)
     part = st.wrap_model(model)
-    ctx = StepContext(cfg.train, torch.device("cpu"), torch.optim.SGD(part.parameters(), lr=spec["lr"]))
+    ctx = StepContext(cfg.train, torch.device("cpu"), Recorded(part.parameters(), lr=spec["lr"]))
     for i in range(1, GOSSIP_STEPS + 1):
         st.train_step(batch(i, dist.rank), ctx)
     st.finish(ctx)
     evaluated = st.eval_model(part)
     return {"final": flat(model), "initial": initial, "eval": flat(evaluated), "summary": st.summary_figures(),
-            "calls": (st.comm.calls, _sequence_numbers(st) - seq0)}
+            "calls": (st.comm.calls, _sequence_numbers(st) - seq0), "applied": applied}
 
 
 @pytest.fixture(scope="module")
@@ -502,6 +510,24 @@ def test_asynchronous_gossip_averages_pairwise_and_atomically(gossip_ranks):
     assert a["summary"]["exchanges"] == GOSSIP_STEPS and b["summary"]["served"] == GOSSIP_STEPS
     trained = [gossip_ranks[r]["async"]["final"] for r in range(2)]
     assert all(torch.isfinite(t).all() for t in trained) and not torch.allclose(trained[0], gossip_ranks[0]["async"]["initial"])
+
+
+def test_three_ranks_average_atomically_while_they_train(tmp_path):
+    """K = 3 (actives 0 and 2 both average with passive rank 1, whose thread answers them while its
+    main thread trains): pairwise averages keep the sum of the models, so the sum at the end is the
+    sum of the initial models plus every update the ranks applied. An average that raced an update
+    (read before it, written after) would lose that update and break the balance."""
+    scenario = {"conserve": {"section": {"name": "ad_psgd"}, "lr": 0.05, "seed_by_rank": True}}
+    ranks = [r["conserve"] for r in gloo_ranks(3, drive_gossip, scenario, tmp_path)]
+    initial = sum(r["initial"] for r in ranks)
+    applied = sum(r["applied"] for r in ranks)
+    final = sum(r["final"] for r in ranks)
+    assert applied.abs().max() > 1e-3  # the ranks trained, and their updates are in the balance
+    assert not torch.allclose(ranks[0]["initial"], ranks[1]["initial"])
+    assert torch.allclose(final, initial + applied, atol=1e-5), (final - initial - applied).abs().max()
+    assert not torch.allclose(ranks[0]["final"], ranks[0]["initial"] + ranks[0]["applied"], atol=1e-4)  # averaged
+    assert [ranks[a]["summary"]["exchanges"] for a in (0, 2)] == [GOSSIP_STEPS] * 2
+    assert ranks[1]["summary"]["served"] == 2 * GOSSIP_STEPS
 
 
 def _gossip_hang(rank, store, out):
@@ -605,6 +631,23 @@ def test_hogwild_refuses_gpus_and_several_nodes(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     with pytest.raises(ValueError, match="every rank on one machine"):
         build_strategy({"name": "hogwild"}, DistContext(rank=0, world_size=2))
+
+
+def test_async_ps_refuses_gpus_and_batch_norm_statistics():
+    """The servers keep the master copy on the CPU (one train.device for all ranks), and workers push
+    gradients only: running statistics would never reach the master model that is evaluated."""
+    from asr_parallel.strategies import build_strategy
+    from asr_parallel.strategies.base import DistContext
+    from strategy_harness import CONFORMER, CONFORMER_BN
+
+    for name in ("async_ps", "dc_asgd"):
+        for rank in (0, 1):  # a server and a worker
+            st = build_strategy({"name": name}, DistContext(rank=rank, world_size=2))
+            with pytest.raises(ValueError, match=r"running statistics \(.*conv_module.*conv_norm: layer"):
+                st.wrap_model(build(config({"name": name}, CONFORMER_BN)))
+            st = build_strategy({"name": name}, DistContext(rank=rank, world_size=2, device=torch.device("cuda", 0)))
+            with pytest.raises(ValueError, match="run it with train.device cpu"):
+                st.wrap_model(build(config({"name": name}, CONFORMER)))
 
 
 def test_async_ps_refuses_contradictory_settings():

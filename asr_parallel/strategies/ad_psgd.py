@@ -22,7 +22,9 @@ applies its gradient (computed at its model before the average); the mean over r
 SGD on the mean gradient exactly (:func:`asr_parallel.strategies.delay_sim.gossip`).
 
 Traffic per exchange: P * b bytes each way between the two ranks of a pair, plus a small header
-from the active one, whatever K (label ``gossip``). Point-to-point gloo calls in a group of their own.
+from the active one, whatever K (label ``gossip``). Point-to-point gloo calls in a group of their own,
+on host memory: on GPU ranks the flat model is copied to the CPU to be sent and the peer's back to
+the GPU (2 P * b bytes each way over PCIe per exchange; not yet run on a GPU).
 Evaluation and the saved epoch models: the average of all ranks' models (one all-reduce at each
 epoch's end, label ``eval``); each rank checkpoints its own model. The trainer's epoch ends are
 common pauses (checkpoint, evaluation), as for the other strategies; between them no rank waits for
@@ -181,11 +183,12 @@ class ADPSGD(Strategy):
         k = self.dist.world_size
         peer = self.dist.rank ^ (1 << (t % max(1, int(math.log2(k)))))
         mine = flatten(self.params_list)
-        theirs = torch.empty_like(mine)
-        send = self._send(mine, peer, TAG_SYNC, self.comm)
+        host = mine.cpu()  # gloo's point-to-point calls move host memory: GPU models go through the CPU
+        theirs = torch.empty_like(host)
+        send = self._send(host, peer, TAG_SYNC, self.comm)
         self._recv(theirs, peer, TAG_SYNC, self.comm, "model")
         send.wait()
-        unflatten_into((mine + theirs) / 2, self.params_list)
+        unflatten_into((mine + theirs.to(mine.device)) / 2, self.params_list)
         self.exchanges += 1
 
     def _exchange(self, peer: int) -> None:
@@ -193,12 +196,13 @@ class ADPSGD(Strategy):
         takes the average too)."""
         header = torch.tensor([EXCHANGE, self.steps], dtype=torch.float64)
         mine = flatten(self.params_list)
-        sends = [self._send(header, peer, TAG_REQUEST, self.comm), self._send(mine, peer, TAG_MODEL, self.comm)]
-        theirs = torch.empty_like(mine)
+        host = mine.cpu()
+        sends = [self._send(header, peer, TAG_REQUEST, self.comm), self._send(host, peer, TAG_MODEL, self.comm)]
+        theirs = torch.empty_like(host)
         self._recv(theirs, peer, TAG_REPLY, self.comm, "model")
         for w in sends:
             w.wait()
-        unflatten_into((mine + theirs) / 2, self.params_list)
+        unflatten_into((mine + theirs.to(mine.device)) / 2, self.params_list)
         self.exchanges += 1
 
     def _serve(self) -> None:
@@ -226,8 +230,9 @@ class ADPSGD(Strategy):
                 self._recv(theirs, src, TAG_MODEL, self.thread_comm, "model")
                 with self.lock:  # the average is atomic against this rank's own update
                     mine = flatten(self.params_list)
-                    send = self._send(mine, src, TAG_REPLY, self.thread_comm)
-                    unflatten_into((mine + theirs) / 2, self.params_list)
+                    host = mine.cpu()
+                    send = self._send(host, src, TAG_REPLY, self.thread_comm)
+                    unflatten_into((mine + theirs.to(mine.device)) / 2, self.params_list)
                 send.wait()
                 self.served += 1
                 self.exchanges += 1

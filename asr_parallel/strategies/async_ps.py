@@ -33,8 +33,10 @@ mu_explicit = max(0, mu - (1 - 1/K)) (our first-order reading of the paper's res
 way to tune it).
 
 Engine: point-to-point ``torch.distributed`` calls (``isend``/``irecv``) on a gloo process group of
-their own, with CPU tensors (on GPU ranks the master copy and the messages stay on the CPU: NCCL has
-no receive from any source). Servers receive from any source in arrival order (``schedule:
+their own, with CPU tensors (NCCL has no receive from any source). CPU ranks only: the servers keep
+the master copy and its optimiser on the CPU, and ``train.device`` is one setting for all ranks, so a
+GPU run stops at the start with an error saying so. Models with BatchNorm running statistics are
+refused too (workers push gradients only, so the master model's statistics would never move). Servers receive from any source in arrival order (``schedule:
 arrival``), from the workers in a fixed rotation (``round_robin``), or in a seeded random order
 (``seeded``: each update's worker drawn with ``random.Random(schedule_seed).randrange(K)``, so
 staleness varies from update to update; while a pause is called, the workers not yet told are taken
@@ -65,7 +67,8 @@ deterministic schedules (``round_robin``, ``seeded``); in arrival order the orde
 
 Faults: every wait for a message has ``timeout`` seconds; a worker that hears nothing from a server
 stops with an error naming the server, and a server stops with an error naming the worker that has
-been silent longest when any active worker has sent nothing for ``timeout`` seconds.
+been silent longest when any active worker has sent nothing for ``timeout`` seconds (counted from the
+start and from the end of every pause, so a pause's evaluation does not count as silence).
 """
 
 from __future__ import annotations
@@ -247,9 +250,16 @@ class AsyncPS(Strategy):
         self.shard_numel = [sum(p.numel() for p in ps) for ps in self.shard_params]
         # a gloo group of its own for the point-to-point traffic (tags apart from the default group's
         # collectives; CPU tensors beside NCCL); created through the rendezvous store, no gloo call
+        if self.dist.device.type != "cpu":
+            raise ValueError(f"strategy {self.name}: the server ranks keep the master copy and its optimiser on the "
+                             "CPU, and train.device is one setting for every rank; run it with train.device cpu")
+        running = sorted({n.rsplit(".", 1)[0] for n, b in model.named_buffers() if n.endswith("running_mean")})
+        if running:
+            raise ValueError(f"strategy {self.name}: the model has running statistics ({', '.join(running[:3])}"
+                             f"{', ...' if len(running) > 3 else ''}: BatchNorm) that workers do not push, so the "
+                             "server's master model would be evaluated and saved with its initial statistics; use "
+                             "a normalisation without them (model.conformer.conv_norm: layer or group)")
         self.group = tdist.new_group(backend="gloo", timeout=self.dist.timeout)
-        if self.dist.device.type != "cpu" and self.is_server:
-            raise ValueError("async_ps: server ranks keep the master copy on the CPU; run them with train.device cpu")
         # every rank builds the same initial model (the trainer seeds them alike): no broadcast
         if self.is_server:
             return _Shard(self.shard_params[self.dist.rank])
@@ -397,10 +407,10 @@ class AsyncPS(Strategy):
             header[H_FLAGS], header[H_VERSION], header[H_UTTS] = flags, self.versions[s], self.acc_utts
             header[H_LOSS], header[H_SQNORM], header[H_MINIBATCHES] = self.acc_loss, sq, self.acc_minibatches
             header[H_FRAMES] = self.acc_frames
-            sends.append((self._send(header, s, TAG_HEADER, "push", "send of a header to"), header))
+            sends.append((self._send(header, s, TAG_HEADER, "push", "send of a header to"), s, header))
             if flags & PUSH:
                 g = self.acc[s] if self.acc is not None else torch.zeros(self.shard_numel[s])
-                sends.append((self._send(g, s, TAG_GRAD, "push", "send of a gradient to"), g))
+                sends.append((self._send(g, s, TAG_GRAD, "push", "send of a gradient to"), s, g))
         for s in range(self.servers):
             reply = torch.zeros(HEADER, dtype=torch.float64)
             self._recv(reply, s, TAG_REPLY, "pull", "reply")
@@ -416,8 +426,8 @@ class AsyncPS(Strategy):
                 control = CONTROLS[int(reply[R_CONTROL])]
                 self.pause_step = int(reply[R_PAUSE])
                 self.control_code = int(reply[R_CONTROL])
-        for work, _ in sends:
-            self._wait(work, "acknowledgement of a send to", None)
+        for work, s, _ in sends:  # (the tensor is held until its send completes)
+            self._wait(work, "acknowledgement of a send to", s)
         if flags & PUSH or (sync and push):
             self.acc = None
             self.acc_utts, self.acc_loss, self.acc_minibatches, self.acc_frames = 0, 0.0, 0, 0
@@ -454,6 +464,9 @@ class AsyncPS(Strategy):
         worker has been told (the first server) or has passed it on (the others). ``on_update()`` is
         called after every update (the trainer's logging)."""
         coordinator = self.dist.rank == 0
+        # silence counts from the start of the run or of this serving spell: a pause (evaluation,
+        # checkpoint) holds every worker, and a worker that dies before its first contact is named too
+        self.last_contact = [time.time()] * self.workers
         deferred, self.deferred = self.deferred, []
         for k, header, grad, basis in deferred:  # pushes that arrived after the last pause was called
             self._apply_push(k, header, grad, ctx, basis)
@@ -530,7 +543,7 @@ class AsyncPS(Strategy):
             k = src - self.servers
         now = time.time()
         self.last_contact[k] = now
-        silent = [j for j in active if j != k and self.last_contact[j] and now - self.last_contact[j] > self.params.timeout]
+        silent = [j for j in active if j != k and now - self.last_contact[j] > self.params.timeout]
         if silent:
             raise self._silent(silent)
         return k, header
@@ -538,8 +551,8 @@ class AsyncPS(Strategy):
     def _silent(self, workers: list[int], cause: Exception | None = None) -> RuntimeError:
         """The error naming the worker of ``workers`` silent longest."""
         now = time.time()
-        j = min(workers, key=lambda i: self.last_contact[i] or 0.0)
-        since = f"for {now - self.last_contact[j]:.0f} s" if self.last_contact[j] else "since the start"
+        j = min(workers, key=lambda i: self.last_contact[i])
+        since = f"for {now - self.last_contact[j]:.0f} s"
         return RuntimeError(f"async_ps server (rank {self.dist.rank}): worker {j} (rank {self.servers + j}) has sent "
                             f"nothing {since} (timeout {self.params.timeout:.0f} s), or its connection broke; has it "
                             f"died or hung?" + (f" ({cause})" if cause else ""))
