@@ -36,10 +36,10 @@ Engine: point-to-point ``torch.distributed`` calls (``isend``/``irecv``) on a gl
 their own, with CPU tensors (NCCL has no receive from any source). CPU ranks only: the servers keep
 the master copy and its optimiser on the CPU, and ``train.device`` is one setting for all ranks, so a
 GPU run stops at the start with an error saying so. Models with BatchNorm running statistics are
-refused too (workers push gradients only, so the master model's statistics would never move). Servers receive from any source in arrival order (``schedule:
-arrival``), from the workers in a fixed rotation (``round_robin``), or in a seeded random order
-(``seeded``: each update's worker drawn with ``random.Random(schedule_seed).randrange(K)``, so
-staleness varies from update to update; while a pause is called, the workers not yet told are taken
+refused too (workers push gradients only, so the master model's statistics would never move).
+Servers receive from any source in arrival order (``schedule: arrival``), from the workers in a
+fixed rotation (``round_robin``), or in a seeded random order (``seeded``: each update's worker
+drawn with ``random.Random(schedule_seed).randrange(K)``, so staleness varies from update to update; while a pause is called, the workers not yet told are taken
 in rank order without a draw). The last two are deterministic, for tests and exact comparison with
 :mod:`asr_parallel.strategies.delay_sim` (``round_robin``, ``seeded_order``). Per contact a worker sends a header
 (what it sends and wants, its version, utterances, loss, squared norm) and, when pushing, its
@@ -248,8 +248,6 @@ class AsyncPS(Strategy):
         self.shards = deal(params, self.servers)
         self.shard_params = [[params[i] for i in idx] for idx in self.shards]
         self.shard_numel = [sum(p.numel() for p in ps) for ps in self.shard_params]
-        # a gloo group of its own for the point-to-point traffic (tags apart from the default group's
-        # collectives; CPU tensors beside NCCL); created through the rendezvous store, no gloo call
         if self.dist.device.type != "cpu":
             raise ValueError(f"strategy {self.name}: the server ranks keep the master copy and its optimiser on the "
                              "CPU, and train.device is one setting for every rank; run it with train.device cpu")
@@ -259,6 +257,8 @@ class AsyncPS(Strategy):
                              f"{', ...' if len(running) > 3 else ''}: BatchNorm) that workers do not push, so the "
                              "server's master model would be evaluated and saved with its initial statistics; use "
                              "a normalisation without them (model.conformer.conv_norm: layer or group)")
+        # a gloo group of its own for the point-to-point traffic (tags apart from the default group's
+        # collectives); created through the rendezvous store, no gloo call
         self.group = tdist.new_group(backend="gloo", timeout=self.dist.timeout)
         # every rank builds the same initial model (the trainer seeds them alike): no broadcast
         if self.is_server:
