@@ -173,9 +173,10 @@ class TrainConfig:
     world_size: int = 1  # processes (ranks); 1 = a single process without torch.distributed
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True  # bf16 autocast on GPU
-    # bf16 autocast on CPU too (off by default until measured: the recipe's WER with it is not yet in
-    # RESULTS). Native on CPUs with AVX512-BF16 or AMX; on others it runs emulated, with a warning.
-    bf16_cpu: bool = False
+    # bf16 autocast on CPU ranks: auto = where the CPU has AVX512-BF16 or AMX (native; faster than
+    # float32 there, with the recipe's WER a tie: RESULTS.md), true = always (emulated, with a warning,
+    # elsewhere), false = never
+    bf16_cpu: bool | Literal["auto"] = "auto"
     seed: int = 42
     epochs: int = 10
     max_duration: float = 200.0  # seconds of audio per batch per rank (lhotse bucketing sampler)

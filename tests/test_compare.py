@@ -115,6 +115,12 @@ compare:
     t = vs["dev_worn"]
     assert r.returncode == 0 and "note:" not in r.stderr, r.stderr[-2000:]
     assert f"dev_worn: {t['difference']:+.2f} [{t['difference_ci'][0]:+.2f}, {t['difference_ci'][1]:+.2f}]" in r.stdout
+    # Two experiment directories, outside any comparison: the same figures from their decodings.
+    r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.pair", "--json", "--experiments",
+                        *(row["exp_dir"] for row in table["runs"])], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {k: v for k, v in json.loads(r.stdout).items() if k not in ("reference", "run")} == \
+        {k: v for k, v in vs.items() if k != "baseline"}
     for png in ("dev_wer_vs_time.png", "dev_wer_vs_bytes.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Re-running reuses the finished runs. Time to target: with the target at the first run's first

@@ -288,6 +288,43 @@ def test_fingerprints_of_runs_from_before_the_new_keys():
         "307a39ec1980f335"
 
 
+def test_bf16_cpu_auto_follows_the_cpu_and_the_fingerprint_what_runs(monkeypatch):
+    """``train.bf16_cpu: auto`` (the default) turns bf16 on exactly where the CPU has it natively (never
+    emulated), ``ASR_PARALLEL_BF16_CPU=0`` keeps it off, and on GPU ranks it is irrelevant; the
+    training fingerprint follows what runs: float32 under ``auto`` is the fingerprint of the float32
+    runs from before the key existed, bf16 another."""
+    import warnings
+
+    from asr_parallel.config import TrainConfig
+    from asr_parallel.train import step as step_mod
+    from asr_parallel.train.trainer import training_fingerprint
+
+    cpu, auto = torch.device("cpu"), TrainConfig()
+    assert auto.bf16_cpu == "auto"
+    assert load_config(REPO / "recipes/chime6_sim.yaml").train.bf16_cpu == "auto"
+    monkeypatch.delenv("ASR_PARALLEL_BF16_CPU")
+    monkeypatch.setattr(step_mod.torch.cuda, "is_available", lambda: False)
+    recipe = load_config(REPO / "recipes/chime6_sim.yaml")
+    monkeypatch.setattr(step_mod, "cpu_has_native_bf16", lambda: False)
+    assert not step_mod.bf16_enabled(auto, cpu)
+    assert training_fingerprint(recipe) == "307a39ec1980f335"  # as before the key
+    monkeypatch.setattr(step_mod, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert step_mod.bf16_enabled(auto, cpu)
+    assert training_fingerprint(recipe) != "307a39ec1980f335"
+    assert training_fingerprint(recipe) == training_fingerprint(
+        load_config(REPO / "recipes/chime6_sim.yaml", ["train.bf16_cpu=true"]))
+    assert not step_mod.bf16_enabled(TrainConfig(bf16_cpu=False), cpu)
+    assert not step_mod.bf16_enabled(TrainConfig(bf16=False), torch.device("cuda"))  # train.bf16 decides there
+    gpu_run = load_config(REPO / "recipes/chime6_sim.yaml", ["train.device=cuda"])
+    assert not step_mod.cpu_bf16_in_effect(gpu_run.train)
+    monkeypatch.setenv("ASR_PARALLEL_BF16_CPU", "0")
+    assert not step_mod.bf16_enabled(auto, cpu)
+    assert step_mod.bf16_enabled(TrainConfig(bf16_cpu=True), cpu)  # an explicit true still holds
+    assert training_fingerprint(recipe) == "307a39ec1980f335"
+
+
 def test_bf16_on_cpu_only_when_asked_and_said_when_emulated(monkeypatch):
     """``train.bf16`` alone leaves CPU ranks in float32; ``train.bf16_cpu`` turns autocast on (with a
     warning where the CPU has no native bf16), and a training step then runs the matmuls in bf16."""
@@ -298,7 +335,7 @@ def test_bf16_on_cpu_only_when_asked_and_said_when_emulated(monkeypatch):
     from asr_parallel.train import step as step_mod
 
     cpu = torch.device("cpu")
-    assert not step_mod.bf16_enabled(TrainConfig(bf16=True), cpu)
+    assert not step_mod.bf16_enabled(TrainConfig(bf16=True, bf16_cpu=False), cpu)
     monkeypatch.setattr(step_mod, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="emulated"):
         assert step_mod.bf16_enabled(TrainConfig(bf16_cpu=True), cpu)

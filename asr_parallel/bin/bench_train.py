@@ -106,6 +106,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output", default="exp/bench/train_loop.json")
     p.add_argument("--decode", action="store_true", help="also measure decoding real-time factor on dev")
+    p.add_argument("--other-precision", action="store_true",
+                   help="also time the bare loop at the other precision (float32 against bf16) in each round: "
+                        "what bf16 autocast gains or costs on this device, measured in the same run")
     args = p.parse_args(argv)
 
     import sentencepiece as spm
@@ -126,7 +129,7 @@ def main(argv=None):
         use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
         dist = DistContext(device=torch.device("cuda" if use_cuda else "cpu"))
     device = dist.device
-    from asr_parallel.train.step import bf16_enabled
+    from asr_parallel.train.step import bf16_enabled, cpu_has_native_bf16
 
     bf16 = bf16_enabled(cfg.train, device)
     vocab = sp.get_piece_size() if sp else 500
@@ -142,10 +145,15 @@ def main(argv=None):
     frames = sum(b.num_frames for b in batches[args.warmup:])
     bare_loop(bare_model, batches[:args.warmup], device, bf16, cfg.train)
     trainer_loop(trainer, batches[:args.warmup])
-    t_bare, t_trainer = [], []
+    other_model = copy.deepcopy(bare_model) if args.other_precision else None
+    if other_model is not None:
+        bare_loop(other_model, batches[:args.warmup], device, not bf16, cfg.train)
+    t_bare, t_trainer, t_other = [], [], []
     for _ in range(args.repeats):
         t_bare.append(bare_loop(bare_model, batches[args.warmup:], device, bf16, cfg.train))
         t_trainer.append(trainer_loop(trainer, batches[args.warmup:]))
+        if other_model is not None:
+            t_other.append(bare_loop(other_model, batches[args.warmup:], device, not bf16, cfg.train))
     fps_bare = frames / statistics.median(t_bare) * dist.world_size
     fps_trainer = frames / statistics.median(t_trainer) * dist.world_size
     result = {
@@ -160,12 +168,23 @@ def main(argv=None):
         "ratio_trainer_to_bare": round(fps_trainer / fps_bare, 4),
         "seconds_bare": [round(t, 3) for t in t_bare], "seconds_trainer": [round(t, 3) for t in t_trainer],
     }
+    if t_other:
+        fps_other = frames / statistics.median(t_other) * dist.world_size
+        fps_bf16, fps_f32 = (fps_bare, fps_other) if bf16 else (fps_other, fps_bare)
+        result.update({"native_cpu_bf16": cpu_has_native_bf16() if device.type == "cpu" else None,
+                       "bare_float32_frames_per_second": round(fps_f32, 1),
+                       "bare_bf16_frames_per_second": round(fps_bf16, 1),
+                       "ratio_bf16_to_float32_bare": round(fps_bf16 / fps_f32, 4),
+                       "seconds_bare_other_precision": [round(t, 3) for t in t_other]})
     if args.decode and dist.is_main:
         result["decode"] = decode_rtf(cfg, base, device, sp)
     if dist.is_main:
         print(json.dumps(result, indent=2))
         print(f"{cfg.model.name} on {device}{' bf16' if bf16 else ''}: bare loop {fps_bare:,.0f} frames/s, trainer "
               f"{fps_trainer:,.0f} frames/s, ratio {fps_trainer / fps_bare:.3f}")
+        if t_other:
+            print(f"bare loop in bf16 against float32: {result['bare_bf16_frames_per_second']:,.0f} against "
+                  f"{result['bare_float32_frames_per_second']:,.0f} frames/s, ratio {result['ratio_bf16_to_float32_bare']:.3f}")
         atomic_write_json(args.output, result)
     if dist.distributed:
         import torch.distributed as tdist

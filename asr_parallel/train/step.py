@@ -4,7 +4,8 @@ The trainer builds one :class:`StepContext` and hands it to the strategy (``Stra
 for strategies that own the step; the trainer's own step uses it too), so that precision, the loss,
 clipping, the skip of a bad step and the schedule live here once:
 
-* ``autocast()``: bf16 autocast on GPU when ``train.bf16``, on CPU when ``train.bf16_cpu``, else nothing;
+* ``autocast()``: bf16 autocast on GPU when ``train.bf16``, on CPU when ``train.bf16_cpu`` (``auto``: where
+  the CPU has native bf16), else nothing;
 * ``augment(feats)``: SpecAugment in training when ``train.spec_augment``;
 * ``loss_sum(...)``: CTC summed over the batch (the caller divides by the utterances it averages over);
 * ``clip(params, norm)``: scale gradients by min(1, grad_clip / (norm + 1e-6)), as
@@ -21,6 +22,7 @@ a collective of its own every step.
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import nullcontext
 
@@ -36,17 +38,34 @@ def cpu_has_native_bf16() -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def cpu_bf16_wanted(tc) -> bool:
+    """``train.bf16_cpu`` resolved to a yes or no. ``auto`` (the default) is yes where the CPU computes
+    bf16 natively (:func:`cpu_has_native_bf16`), unless the environment sets ``ASR_PARALLEL_BF16_CPU=0``
+    (the test suite does, so that its exactness checks do not depend on the machine's CPU)."""
+    if tc.bf16_cpu == "auto":
+        return os.environ.get("ASR_PARALLEL_BF16_CPU", "1") != "0" and cpu_has_native_bf16()
+    return bool(tc.bf16_cpu)
+
+
 def bf16_enabled(tc, device: torch.device) -> bool:
     """bf16 autocast for this device: ``train.bf16`` on GPU, ``train.bf16_cpu`` on CPU (emulated, and
-    said so, on a CPU without native bf16)."""
+    said so, on a CPU without native bf16: only when asked for with ``true``, never by ``auto``)."""
     if device.type == "cuda":
         return bool(tc.bf16)
-    if device.type == "cpu" and tc.bf16_cpu:
+    if device.type == "cpu" and cpu_bf16_wanted(tc):
         if not cpu_has_native_bf16():
             warnings.warn("train.bf16_cpu: this CPU has neither AVX512-BF16 nor AMX, so bf16 runs emulated "
                           "(usually slower than float32)", stacklevel=2)
         return True
     return False
+
+
+def cpu_bf16_in_effect(tc) -> bool:
+    """Whether a run of this config trains in bf16 on CPU ranks here: ``train.device`` is (or resolves
+    to) the CPU and :func:`cpu_bf16_wanted`. The training fingerprint keeps this, not the setting, so
+    that ``auto`` on a CPU without native bf16 fingerprints as the float32 runs of before."""
+    on_cpu = tc.device == "cpu" or (tc.device == "auto" and not torch.cuda.is_available())
+    return on_cpu and cpu_bf16_wanted(tc)
 
 
 class StepContext:

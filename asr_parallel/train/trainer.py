@@ -50,7 +50,7 @@ from asr_parallel.strategies.base import DistContext, process_group_calls
 from asr_parallel.train import checkpoint as ckpt
 from asr_parallel.train.data import Batch, CutDataset, filter_for_ctc, loader, loader_workers, make_sampler
 from asr_parallel.train.loss import SpecAugment, ctc_loss, host_output_lengths
-from asr_parallel.train.step import StepContext
+from asr_parallel.train.step import StepContext, cpu_bf16_in_effect
 from asr_parallel.utils import netstat
 from asr_parallel.utils.io import atomic_write_json
 
@@ -115,6 +115,7 @@ def training_fingerprint(cfg: RecipeConfig) -> str:
     if d["strategy"].get("name") in ("pipelined_bp", "synthetic_gradients"):  # checkpoints and max_steps drain the
         operational.discard("checkpoint_every_steps")  # pipeline: other updates
         operational.discard("max_steps")
+    d["train"]["bf16_cpu"] = cpu_bf16_in_effect(cfg.train)  # what runs here, not "auto"
     train = {k: v for k, v in d["train"].items()
              if k not in operational and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     model = {name: dict(sub) if isinstance(sub, dict) else sub for name, sub in d["model"].items()}
@@ -1044,7 +1045,8 @@ class Trainer:
             summary = {
                 "model": self.cfg.model.name, "strategy": self.cfg.strategy, "world_size": self.dist.world_size,
                 "fingerprint": self.fingerprint(), "code": code_version(),
-                "device": str(self.device), "params": self.model.num_params(),
+                "device": str(self.device), "precision": "bf16" if self.ctx.use_bf16 else "float32",
+                "params": self.model.num_params(),
                 "flops_per_frame": self.model.flops_per_frame(), "steps": self.step, "epochs": self.epoch,
                 "wall_seconds": round(self.elapsed_before + self._elapsed(), 1),
                 "train_seconds": round(self.train_seconds, 2), "frames_per_rank": self.frames_total,
