@@ -173,9 +173,9 @@ class TrainConfig:
     world_size: int = 1  # processes (ranks); 1 = a single process without torch.distributed
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True  # bf16 autocast on GPU
-    # bf16 autocast on CPU ranks: auto = where the CPU has AVX512-BF16 or AMX (native; faster than
-    # float32 there, with the recipe's WER a tie: RESULTS.md), true = always (emulated, with a warning,
-    # elsewhere), false = never
+    # bf16 autocast on CPU ranks: auto = where the CPU has AVX512-BF16 or AMX (native; measured on
+    # an AVX512-BF16 CPU: 1.1-1.2x float32, the recipe's WERs ties, RESULTS.md; AMX not measured),
+    # true = always (emulated, with a warning, elsewhere), false = never
     bf16_cpu: bool | Literal["auto"] = "auto"
     seed: int = 42
     epochs: int = 10

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # float32 on every CPU: train.bf16_cpu "auto" would otherwise turn bf16 on where the CPU has it, and
 # the exactness checks would depend on the machine (the tests of bf16 itself set train.bf16_cpu=true)
-os.environ["ASR_PARALLEL_BF16_CPU"] = "0"
+os.environ.setdefault("ASR_PARALLEL_BF16_CPU", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 

@@ -56,10 +56,33 @@ def test_stages_4_to_7_single_process(prepared, tmp_path):
     greedy = results["greedy"]["dev"]["worn"]["total"]
     assert greedy["del"] < 0.95 * greedy["words"], greedy
     assert results["train_summary"]["steps"] > 8
+    assert summary["precision"] == "float32"  # train.bf16_cpu auto, kept float32 by the suite's environment
     # Re-running skips the finished training and decoding.
     r = run_sh(prepared, tmp_path / "exp", *LEARN)
     assert r.returncode == 0
     assert "training already finished" in r.stdout and "already decoded" in r.stdout
+
+
+def test_bf16_on_cpu_through_run_sh_and_auto_keeps_a_runs_precision(prepared, tmp_path):
+    """Stage 5 with ``train.bf16_cpu=true`` trains in bf16 (recorded in train_summary.json and
+    config.yaml) and decodes; run again under ``auto`` where auto would choose float32 (the suite's
+    ASR_PARALLEL_BF16_CPU=0), it keeps the finished run's precision and reuses it instead of refusing
+    it as another config; a new directory under ``auto`` records the float32 it chose."""
+    import yaml
+
+    run = tmp_path / "exp" / "mlp_single_w1"
+    r = run_sh(prepared, tmp_path / "exp", "train.bf16_cpu=true")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert check_results(run)["train_summary"]["precision"] == "bf16"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["bf16_cpu"] is True
+    r = run_sh(prepared, tmp_path / "exp", "train.bf16_cpu=auto", stop_stage=5)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "training already finished" in r.stdout
+    r = run_sh(prepared, tmp_path / "other", "train.bf16_cpu=auto", stop_stage=5)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    other = tmp_path / "other" / "mlp_single_w1"
+    assert json.loads((other / "train_summary.json").read_text())["precision"] == "float32"
+    assert yaml.safe_load((other / "config.yaml").read_text())["train"]["bf16_cpu"] is False
 
 
 def test_two_gloo_ranks_under_torchrun(prepared, tmp_path):

@@ -275,7 +275,10 @@ def test_fingerprints_of_runs_from_before_the_new_keys():
     """Keys added since (``model.conformer.block``, ``train.bf16_cpu``) are left out of the training
     fingerprint at their defaults, and ``train.compile`` is operational, so a run finished before
     keeps its fingerprint: the values below are those the code of 105aa65 computed for these
-    recipes. The rotary block changes it."""
+    recipes. The rotary block changes it. (``train.bf16_cpu: auto`` fingerprints as float32 here
+    because the suite keeps ``auto`` float32; on a CPU with bf16, stage 5 settles ``auto`` to an
+    existing run's recorded precision first:
+    test_auto_settles_on_an_existing_runs_precision_and_the_environment_is_checked.)"""
     from asr_parallel.train.trainer import training_fingerprint
 
     assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml")) == "307a39ec1980f335"
@@ -323,6 +326,41 @@ def test_bf16_cpu_auto_follows_the_cpu_and_the_fingerprint_what_runs(monkeypatch
     assert not step_mod.bf16_enabled(auto, cpu)
     assert step_mod.bf16_enabled(TrainConfig(bf16_cpu=True), cpu)  # an explicit true still holds
     assert training_fingerprint(recipe) == "307a39ec1980f335"
+
+
+def test_auto_settles_on_an_existing_runs_precision_and_the_environment_is_checked(tmp_path, monkeypatch):
+    """Stage 5 resolves ``auto`` before fingerprinting: to the bool an existing run's config.yaml
+    recorded (a float32 run from before bf16 became the default is resumed as float32), else to this
+    CPU's choice; an explicit setting is left alone; an unreadable config.yaml and a malformed
+    ASR_PARALLEL_BF16_CPU are errors that name them."""
+    from asr_parallel.bin.train import settle_bf16_cpu
+    from asr_parallel.config import ConfigError, dump_config
+    from asr_parallel.train import step as step_mod
+
+    monkeypatch.setattr(step_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("ASR_PARALLEL_BF16_CPU", "on")
+    old = load_config(REPO / "recipes/chime6_sim.yaml", ["train.bf16_cpu=false"])
+    (tmp_path / "old").mkdir()
+    dump_config(old, tmp_path / "old" / "config.yaml")
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml")
+    settle_bf16_cpu(cfg, tmp_path / "old")
+    assert cfg.train.bf16_cpu is False
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml")
+    settle_bf16_cpu(cfg, tmp_path / "new")
+    assert cfg.train.bf16_cpu is True
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", ["train.bf16_cpu=true"])
+    settle_bf16_cpu(cfg, tmp_path / "old")
+    assert cfg.train.bf16_cpu is True
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad/config.yaml"):
+        settle_bf16_cpu(load_config(REPO / "recipes/chime6_sim.yaml"), tmp_path / "bad")
+    for value, wanted in (("0", False), ("off", False), ("No", False), ("1", True), ("true", True)):
+        monkeypatch.setenv("ASR_PARALLEL_BF16_CPU", value)
+        assert step_mod.cpu_bf16_wanted(cfg.train.__class__()) is wanted
+    monkeypatch.setenv("ASR_PARALLEL_BF16_CPU", "maybe")
+    with pytest.raises(ValueError, match="ASR_PARALLEL_BF16_CPU='maybe'"):
+        step_mod.cpu_bf16_wanted(cfg.train.__class__())
 
 
 def test_bf16_on_cpu_only_when_asked_and_said_when_emulated(monkeypatch):

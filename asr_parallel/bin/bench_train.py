@@ -116,7 +116,7 @@ def main(argv=None):
     from asr_parallel.bin.train import setup_distributed
     from asr_parallel.strategies.base import DistContext
     from asr_parallel.tokenizer import lang_dir_name
-    from asr_parallel.train.trainer import Trainer
+    from asr_parallel.train.trainer import Trainer, code_version
 
     cfg = load_config(args.config, args.overrides + ["train.spec_augment=false"])
     import os
@@ -157,7 +157,9 @@ def main(argv=None):
     fps_bare = frames / statistics.median(t_bare) * dist.world_size
     fps_trainer = frames / statistics.median(t_trainer) * dist.world_size
     result = {
-        "machine": f"{platform.node()}", "device": str(device), "bf16": bf16,
+        "machine": f"{platform.node()}", "cpu": platform.processor() or platform.machine(),
+        "code": code_version(), "env_ASR_PARALLEL_BF16_CPU": os.environ.get("ASR_PARALLEL_BF16_CPU"),
+        "device": str(device), "bf16": bf16,
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(), "model": cfg.model.name, "params": base.num_params(),
         "conformer_block": cfg.model.conformer.block if cfg.model.name == "conformer" else None,

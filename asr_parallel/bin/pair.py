@@ -99,6 +99,9 @@ def pair(scores: dict, reference: str, run: str, resamples: int, level: float, u
         if label not in scores:
             raise SystemExit(f"ERROR: no run '{label}' in the scores; runs: {', '.join(scores)}")
     out = {}
+    if not set(scores[run]) & set(scores[reference]):
+        raise SystemExit(f"ERROR: {reference} ({', '.join(scores[reference]) or 'no sets'}) and {run} "
+                         f"({', '.join(scores[run]) or 'no sets'}) have no test set in common")
     for key, s in scores[run].items():
         if key in scores[reference]:
             out[key] = paired_bootstrap(scores[reference][key], s, num_resamples=resamples, level=level, seed=seed,
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         scores = {args.reference: load_experiment(ref_exp, args.method),
                   args.run: load_experiment(run_exp, args.method)}
         sig = {}
+    elif args.method != "wfst":
+        ap.error("--method applies to --experiments only (a comparison's scores are its runs' chosen decodings)")
     elif not (args.scores and args.reference and args.run):
         ap.error("give a comparison's scores and two run labels, or --experiments A B")
     else:

@@ -90,6 +90,32 @@ def setup_distributed(cfg):
                        timeout=timedelta(seconds=cfg.train.collective_timeout) if launched else None)
 
 
+def settle_bf16_cpu(cfg, exp: Path) -> None:
+    """Resolve ``train.bf16_cpu: auto`` to a yes or no before anything fingerprints the config: the
+    precision an existing run in ``exp`` was trained in (its ``config.yaml``), so that a run trained
+    in float32 before bf16 became the default, or on another CPU, is resumed and reused as it was;
+    else this CPU's (:func:`asr_parallel.train.step.cpu_bf16_wanted`). The resolved value is what
+    the trainer writes to ``exp/config.yaml``. Each process resolves it alone: on nodes of different
+    CPUs (some without native bf16) set it explicitly, or the ranks train in different precisions."""
+    from asr_parallel.train.step import cpu_bf16_wanted
+
+    if cfg.train.bf16_cpu != "auto":
+        return
+    recorded = exp / "config.yaml"
+    if recorded.is_file():
+        import yaml
+
+        try:
+            before = ((yaml.safe_load(recorded.read_text()) or {}).get("train") or {}).get("bf16_cpu")
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{recorded}: not YAML ({e}); it records the run in {exp}: delete that directory "
+                              "or train into another one")
+        if isinstance(before, bool):
+            cfg.train.bf16_cpu = before
+            return
+    cfg.train.bf16_cpu = cpu_bf16_wanted(cfg.train)
+
+
 def main(argv=None, parser=None, make_trainer=None):
     """Stage 5. ``parser`` and ``make_trainer(args, cfg, exp, dist, train_cuts, dev_cuts, sp)`` let a
     variant of the trainer (:mod:`asr_parallel.bin.delay_probe`) run through the same checks."""
@@ -112,6 +138,7 @@ def main(argv=None, parser=None, make_trainer=None):
     exp = Path(args.exp_dir) if args.exp_dir else experiment_dir(cfg)
     data = Path(cfg.data_dir)
     try:
+        settle_bf16_cpu(cfg, exp)
         if (exp / "final.pt").is_file() and (exp / "train_summary.json").is_file():
             import json
 

@@ -43,8 +43,20 @@ def cpu_bf16_wanted(tc) -> bool:
     bf16 natively (:func:`cpu_has_native_bf16`), unless the environment sets ``ASR_PARALLEL_BF16_CPU=0``
     (the test suite does, so that its exactness checks do not depend on the machine's CPU)."""
     if tc.bf16_cpu == "auto":
-        return os.environ.get("ASR_PARALLEL_BF16_CPU", "1") != "0" and cpu_has_native_bf16()
+        return env_allows_bf16_cpu() and cpu_has_native_bf16()
     return bool(tc.bf16_cpu)
+
+
+def env_allows_bf16_cpu() -> bool:
+    """``ASR_PARALLEL_BF16_CPU``: unset, ``1``/``true``/``yes``/``on`` let ``auto`` choose bf16;
+    ``0``/``false``/``no``/``off`` keep it float32; anything else is an error naming the variable."""
+    value = os.environ.get("ASR_PARALLEL_BF16_CPU", "1").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable ASR_PARALLEL_BF16_CPU={os.environ['ASR_PARALLEL_BF16_CPU']!r}: "
+                     "expected 0/false/no/off (float32) or 1/true/yes/on (bf16 where the CPU has it)")
 
 
 def bf16_enabled(tc, device: torch.device) -> bool:
