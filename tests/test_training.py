@@ -291,7 +291,7 @@ def test_fingerprints_of_runs_from_before_the_new_keys():
         "307a39ec1980f335"
 
 
-def test_bf16_cpu_auto_follows_the_cpu_and_the_fingerprint_what_runs(monkeypatch):
+def test_bf16_cpu_auto_follows_the_cpu_and_the_fingerprint_follows_what_runs(monkeypatch):
     """``train.bf16_cpu: auto`` (the default) turns bf16 on exactly where the CPU has it natively (never
     emulated), ``ASR_PARALLEL_BF16_CPU=0`` keeps it off, and on GPU ranks it is irrelevant; the
     training fingerprint follows what runs: float32 under ``auto`` is the fingerprint of the float32
@@ -338,6 +338,7 @@ def test_auto_settles_on_an_existing_runs_precision_and_the_environment_is_check
     from asr_parallel.train import step as step_mod
 
     monkeypatch.setattr(step_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(step_mod.torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("ASR_PARALLEL_BF16_CPU", "on")
     old = load_config(REPO / "recipes/chime6_sim.yaml", ["train.bf16_cpu=false"])
     (tmp_path / "old").mkdir()
@@ -351,6 +352,9 @@ def test_auto_settles_on_an_existing_runs_precision_and_the_environment_is_check
     cfg = load_config(REPO / "recipes/chime6_sim.yaml", ["train.bf16_cpu=true"])
     settle_bf16_cpu(cfg, tmp_path / "old")
     assert cfg.train.bf16_cpu is True
+    gpu = load_config(REPO / "recipes/chime6_sim.yaml", ["train.device=cuda"])
+    settle_bf16_cpu(gpu, tmp_path / "new")
+    assert gpu.train.bf16_cpu is False  # GPU ranks: train.bf16 decides, recorded as no CPU bf16
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad/config.yaml"):

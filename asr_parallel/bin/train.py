@@ -94,10 +94,10 @@ def settle_bf16_cpu(cfg, exp: Path) -> None:
     """Resolve ``train.bf16_cpu: auto`` to a yes or no before anything fingerprints the config: the
     precision an existing run in ``exp`` was trained in (its ``config.yaml``), so that a run trained
     in float32 before bf16 became the default, or on another CPU, is resumed and reused as it was;
-    else this CPU's (:func:`asr_parallel.train.step.cpu_bf16_wanted`). The resolved value is what
-    the trainer writes to ``exp/config.yaml``. Each process resolves it alone: on nodes of different
+    else what runs here (:func:`asr_parallel.train.step.cpu_bf16_in_effect`: false on GPU ranks, where
+    ``train.bf16`` decides). The resolved value is what the trainer writes to ``exp/config.yaml``. Each process resolves it alone: on nodes of different
     CPUs (some without native bf16) set it explicitly, or the ranks train in different precisions."""
-    from asr_parallel.train.step import cpu_bf16_wanted
+    from asr_parallel.train.step import cpu_bf16_in_effect
 
     if cfg.train.bf16_cpu != "auto":
         return
@@ -113,7 +113,7 @@ def settle_bf16_cpu(cfg, exp: Path) -> None:
         if isinstance(before, bool):
             cfg.train.bf16_cpu = before
             return
-    cfg.train.bf16_cpu = cpu_bf16_wanted(cfg.train)
+    cfg.train.bf16_cpu = cpu_bf16_in_effect(cfg.train)
 
 
 def main(argv=None, parser=None, make_trainer=None):
