@@ -249,8 +249,20 @@ class DecodeConfig:
     min_active: int = 20
     # Tried on dev; the best by dev worn-microphone WER is applied to eval, as Kaldi's scoring does.
     lm_weights: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 1.1])
-    blank_penalty: float = 0.0
+    # subtracted from the CTC blank's log-probability before the search (icefall's blank penalty:
+    # fewer deletions); a list is tried on dev worn together with lm_weights, every pair, and the
+    # best pair decodes the other sets (asr_parallel.decode.run)
+    blank_penalty: float | list[float] = 0.0
     batch_size: int = 16
+    # Text for the word LM and the lexicon besides the training transcripts (stages 3-4): "auto" =
+    # the simulated corpus's text source less every sentence dev and eval speak (a corpus's LM text,
+    # as LibriSpeech ships one), nothing for a real corpus; "none" = transcripts only; or a file of
+    # one sentence per line (its lines equal to a dev or eval transcript are dropped).
+    lm_extra_text: str = "auto"
+
+    def blank_penalties(self) -> list[float]:
+        return [float(x) for x in self.blank_penalty] if isinstance(self.blank_penalty, list) else [
+            float(self.blank_penalty)]
 
 
 @dataclass
@@ -310,8 +322,8 @@ class RecipeConfig:
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections (all when none are named), for stage markers."""
         d = self.to_dict()
-        if sections:
-            d = {s: d[s] for s in sections}
+        if sections:  # a section, or one key of one ("decode.lm_extra_text")
+            d = {s: (d[s] if "." not in s else d[s.split(".")[0]][s.split(".", 1)[1]]) for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -475,6 +487,13 @@ def validate(cfg: RecipeConfig) -> None:
     need(set(cfg.decode.methods) <= {"greedy", "wfst"} and cfg.decode.methods, "decode.methods",
          "must be a non-empty list from ['greedy', 'wfst']")
     need(bool(cfg.decode.lm_weights), "decode.lm_weights", "must list at least one weight")
+    need(bool(cfg.decode.blank_penalties()), "decode.blank_penalty", "must be a number or a non-empty list")
+    need(len(set(cfg.decode.lm_weights)) == len(cfg.decode.lm_weights)
+         and len(set(cfg.decode.blank_penalties())) == len(cfg.decode.blank_penalties()), "decode.lm_weights",
+         "decode.lm_weights and decode.blank_penalty must not repeat a value")
+    need(all(w > 0 for w in cfg.decode.lm_weights), "decode.lm_weights", "every weight must be > 0")
+    need(cfg.decode.lm_extra_text.strip() != "", "decode.lm_extra_text",
+         "must be 'auto', 'none' or a text file's path")
     need(1 <= cfg.decode.lm_order <= 5, "decode.lm_order", "must be 1..5")
     td = cfg.model.tdnn
     need(len(td.kernels) == len(td.dilations), "model.tdnn.dilations", "must have one entry per kernel")

@@ -30,7 +30,7 @@ STAGES = {
     1: ("manifests", "lhotse manifests and supervision cuts per split and microphone"),
     2: ("features", "80-dim log-mel filterbanks (lilcom) for worn and array microphones"),
     3: ("tokenizer", "sentencepiece BPE and Kaldi-style tokens.txt / words.txt / lexicon.txt"),
-    4: ("graph", "word n-gram LM from the training transcripts and the TLG decoding graph"),
+    4: ("graph", "word n-gram LM from the training transcripts (and extra LM text) and the TLG decoding graph"),
     5: ("train", "train the acoustic model with the configured strategy (torchrun for world_size > 1)"),
     6: ("decode", "greedy and WFST decoding of dev and eval, worn and array microphones"),
     7: ("score", "WER by CHiME-6 rules per split, microphone, session and location; results.json"),

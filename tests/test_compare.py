@@ -66,7 +66,10 @@ compare:
     for row in table["runs"]:
         results = json.loads((Path(row["exp_dir"]) / "results.json").read_text())
         assert row["dev_worn_wer"] == results["wfst"]["dev"]["worn"]["total"]["wer"]
-        assert row["decode"] == f"wfst_lmwt{results['wfst']['lm_weight']:g}" and row["seed"] == 42
+        bp = results["wfst"]["blank_penalty"]  # the pair chosen on dev worn names the decoding compared
+        assert row["decode"] == f"wfst_lmwt{results['wfst']['lm_weight']:g}" + (f"_bp{bp:g}" if bp else "")
+        assert row["decode"] == json.loads((Path(row["exp_dir"]) / "decode" / "wfst_choice.json").read_text())["dir"]
+        assert row["seed"] == 42
         for key in ("dev_worn", "dev_array", "eval_worn", "eval_array"):
             low, high = row[f"{key}_wer_ci"]
             assert low <= row[f"{key}_wer"] <= high

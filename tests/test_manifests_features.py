@@ -73,6 +73,53 @@ def test_tokenizer_tables(prepared):
     assert all("[" not in w for w in lexicon)  # event tags are not words
     w = words[3]
     assert sp.decode(lexicon[w].split()) == w
+    # The LM text (decode.lm_extra_text auto, the simulated corpus): the training transcripts, then the
+    # text source less every dev and eval sentence; its words are in the word list, and no dev or eval
+    # sentence is among the extra lines
+    from asr_parallel.corpus.text import words_of
+
+    transcripts = (lang / "transcript_words.txt").read_text().splitlines()
+    lm_text = (lang / "lm_text.txt").read_text().splitlines()
+    assert lm_text[:len(transcripts)] == transcripts
+    extra = lm_text[len(transcripts):]
+    assert len(extra) > len(transcripts)
+    assert {w for line in extra for w in line.split()} <= set(lexicon)
+    held_out = {" ".join(words_of(s)) for s in json.loads((prepared / "sentences.json").read_text())["eval"]}
+    assert held_out and not held_out & set(extra)
+    assert set(json.loads((prepared / "sentences.json").read_text())["train"]) and any(
+        " ".join(words_of(s)) in set(extra) for s in json.loads((prepared / "sentences.json").read_text())["train"])
+
+
+def test_lm_extra_text_from_a_file_drops_test_sentences(prepared, tmp_path):
+    """decode.lm_extra_text naming a file: its lines join the LM text and the word list, normalised
+    as transcripts are, except a line equal to a dev or eval transcript; 'none' keeps transcripts only."""
+    from lhotse import load_manifest
+
+    from asr_parallel.text import training_text
+
+    dev_text = next(s.text for s in load_manifest(prepared / "manifests" / "chime6-ihm_supervisions_dev.jsonl.gz")
+                    if len(training_text(s.text).split()) >= 3 and "[" not in s.text)
+    known = [line.split()[0] for line in (prepared / "lang_bpe_60" / "words.txt").read_text().splitlines()][3:-3]
+    known = [w for w in known if w.isalpha()]
+    new_words = [known[0] + known[1], known[2] + known[3]]  # new words the pieces can spell
+    assert not set(new_words) & set(known)
+    text = tmp_path / "lm.txt"
+    text.write_text(f"{new_words[0].capitalize()}, {new_words[1]}!\n{dev_text.upper()}\n\nSeñor {known[0]}\n")
+    r = run_entry("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=55",
+                  "--set", f"decode.lm_extra_text={text}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lang = prepared / "lang_bpe_55"
+    transcripts = (lang / "transcript_words.txt").read_text().splitlines()
+    # the dev sentence is dropped, and the line with a character the pieces lack ("ñ")
+    assert (lang / "lm_text.txt").read_text().splitlines() == transcripts + [" ".join(new_words)]
+    assert set(new_words) <= {line.split()[0] for line in (lang / "words.txt").read_text().splitlines()}
+    r = run_entry("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=55",
+                  "--set", "decode.lm_extra_text=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (lang / "lm_text.txt").read_text().splitlines() == transcripts
+    r = run_entry("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=55",
+                  "--set", f"decode.lm_extra_text={tmp_path / 'missing.txt'}")
+    assert r.returncode == 1 and "missing.txt" in r.stderr and "decode.lm_extra_text" in r.stderr
 
 
 def test_stages_are_idempotent(prepared):

@@ -57,6 +57,23 @@ def test_stages_4_to_7_single_process(prepared, tmp_path):
     assert greedy["del"] < 0.95 * greedy["words"], greedy
     assert results["train_summary"]["steps"] > 8
     assert summary["precision"] == "float32"  # train.bf16_cpu auto, kept float32 by the suite's environment
+    # WFST tuning: dev worn decoded at every (LM weight, blank penalty) pair of the recipe's grid, the
+    # pair of lowest dev worn WER chosen (the first of equals), only it decoding the other sets, and
+    # the report giving that pair's figures
+    from asr_parallel.score.report import read_rows, score_rows
+
+    decode = tmp_path / "exp" / "mlp_single_w1" / "decode"
+    choice = json.loads((decode / "wfst_choice.json").read_text())
+    grid = [f"wfst_lmwt{w:g}" + (f"_bp{p:g}" if p else "") for p in (0.0, 2.0, 3.0, 4.0) for w in (0.5, 1.0)]
+    assert sorted(d.name for d in decode.glob("wfst_*") if d.is_dir()) == sorted(grid)
+    dev = {g: score_rows(read_rows(decode / g / "dev_ihm.jsonl"))["total"].wer for g in grid}
+    assert choice["dir"] == min(grid, key=lambda g: dev[g])
+    assert choice["dev_worn_wer"] == {g: round(w, 2) for g, w in dev.items()}
+    for g in grid:
+        assert (decode / g / "eval_ihm.jsonl").is_file() == (g == choice["dir"])
+    assert (results["wfst"]["lm_weight"], results["wfst"]["blank_penalty"]) == (choice["lm_weight"],
+                                                                               choice["blank_penalty"])
+    assert results["wfst"]["dev"]["worn"]["total"]["wer"] == pytest.approx(dev[choice["dir"]], abs=0.01)
     # Re-running skips the finished training and decoding.
     r = run_sh(prepared, tmp_path / "exp", *LEARN)
     assert r.returncode == 0

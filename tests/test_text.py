@@ -22,3 +22,16 @@ def test_scoring_rules():
     assert scoring_text("this is [redacted]") is None
     assert scoring_text("[inaudible]") == ""
     assert scoring_text("mmmm summer") == "mmmm summer"  # only the listed hesitations are mapped
+
+
+def test_lm_text_leaves_out_the_held_out_sentences(tmp_path):
+    """The simulated corpus's LM text: every sentence of the source as lower-case words, less those
+    spoken in dev and eval, matched as word sequences (punctuation and case do not hide one)."""
+    from asr_parallel.corpus.text import lm_text_sentences
+
+    (tmp_path / "sayings").write_text("Time flies like an arrow.\n%\nFruit flies like a banana!  A third one here.\n%\n"
+                                      "Never odd or even.\n")
+    (tmp_path / "sayings.dat").write_text("index files are skipped")
+    out = lm_text_sentences(["time flies, like an ARROW", "Never odd or even."], tmp_path)
+    assert out == ["fruit flies like a banana", "a third one here"]
+    assert lm_text_sentences([], tmp_path)[0] == "time flies like an arrow"

@@ -193,9 +193,12 @@ def trained_seed(exp: Path, plan: Plan) -> int:
 
 
 def decode_method(results: dict) -> str:
-    """The decoding the WERs of ``results.json`` come from: WFST at the chosen LM weight, else greedy."""
+    """The decoding the WERs of ``results.json`` come from: WFST at the chosen LM weight (and blank
+    penalty), else greedy."""
+    from asr_parallel.decode.run import wfst_dir_name
+
     if "wfst" in results and "lm_weight" in results["wfst"]:
-        return f"wfst_lmwt{results['wfst']['lm_weight']:g}"
+        return wfst_dir_name(results["wfst"]["lm_weight"], results["wfst"].get("blank_penalty", 0.0))
     return "greedy"
 
 

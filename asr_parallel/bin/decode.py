@@ -1,5 +1,5 @@
 """Stage 6: decode dev and eval (worn and array microphones) with the trained model: greedy CTC and
-WFST search over TLG at each LM weight of decode.lm_weights. Hypotheses per utterance go to
+WFST search over TLG, tuned on dev worn over decode.lm_weights x decode.blank_penalty. Hypotheses per utterance go to
 EXP/decode/; decoding speed (real-time factors) to EXP/decode/timing.json."""
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def main(argv=None):
         if "wfst" in cfg.decode.methods and not graph.is_file():
             raise FileNotFoundError(f"{graph}: no decoding graph; run stage 4 (graph) first")
         st = final.stat()
-        fp = hashlib.sha256(json.dumps([str(final), st.st_mtime_ns, cfg.to_dict()["decode"]]).encode()).hexdigest()[:16]
+        # the model, the decoding options and the graph (a rebuilt LM decodes again)
+        graph_stamp = graph.stat().st_mtime_ns if graph.is_file() else None
+        fp = hashlib.sha256(json.dumps([str(final), st.st_mtime_ns, cfg.to_dict()["decode"], graph_stamp]
+                                       ).encode()).hexdigest()[:16]
         marker = StageMarker(exp, "decode", fp)
         if marker.is_done() and not args.force:
             print(f"{exp}/decode: already decoded with this model and these options; skipping")

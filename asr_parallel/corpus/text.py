@@ -118,3 +118,18 @@ def sentence_pools(
     random.Random(seed + 1).shuffle(eval_pool)
     used_vocab = sorted({w for s in train_pool + eval_pool for w in words_of(s)})
     return SentencePools(train=train_pool, eval=eval_pool, vocabulary=used_vocab)
+
+
+def lm_text_sentences(spoken_elsewhere: list[str], directory: Path = FORTUNE_DIR) -> list[str]:
+    """The simulated corpus's LM text: every sentence of the text source, as lower-case words, except
+    those in ``spoken_elsewhere`` (the dev and eval pool: compared as word sequences, so that a
+    sentence differing only in punctuation or case is dropped too). Sentences of any length and
+    vocabulary are kept: like LibriSpeech's LM corpus (Panayotov et al., ICASSP 2015: the books of
+    the test sets left out), it is text of the source's own distribution, not of the test sets' choice."""
+    held_out = {" ".join(words_of(s)) for s in spoken_elsewhere}
+    out = []
+    for s in read_fortune_sentences(directory):
+        line = " ".join(words_of(s))
+        if line and line not in held_out:
+            out.append(line)
+    return out

@@ -1,8 +1,9 @@
 """The WER report of an experiment: per split (dev, eval) and microphone condition (worn, array),
 with a breakdown per session and per location, Kaldi-style lines, and ``results.json``.
 
-The LM weight of WFST decoding is chosen on dev (worn microphones) and the same weight is reported
-for eval, as Kaldi's CHiME-6 scoring chooses the LM weight on dev.
+The LM weight (and blank penalty) of WFST decoding is chosen on dev (worn microphones) and the same
+is reported for eval, as Kaldi's CHiME-6 scoring chooses the LM weight on dev: stage 6's choice
+(``decode/wfst_choice.json``) where it made one, else the decoding with the lowest dev worn WER.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from asr_parallel.decode.run import MIC_NAMES
+from asr_parallel.decode.run import MIC_NAMES, parse_wfst_dir_name
 from asr_parallel.score.wer import ErrorCounts, utterance_errors
 from asr_parallel.utils.io import atomic_write_json, atomic_write_text
 
@@ -52,14 +53,21 @@ def score_experiment(decode_dir: Path) -> tuple[dict, str]:
             s = wfst[name].get("dev_ihm") or next(iter(wfst[name].values()))
             return s["total"].wer
 
-        best = min(wfst, key=dev_wer)
-        weight = float(best.removeprefix("wfst_lmwt"))
-        methods["wfst"] = (best, {"lm_weight": weight,
-                                  "dev_worn_wer_by_lm_weight": {k.removeprefix("wfst_lmwt"): round(dev_wer(k), 2)
-                                                                for k in sorted(wfst)}})
+        choice_file = decode_dir / "wfst_choice.json"
+        choice = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
+        best = choice.get("dir") if choice.get("dir") in wfst else min(wfst, key=dev_wer)
+        weight, penalty = parse_wfst_dir_name(best)
+        extra = {"lm_weight": weight, "blank_penalty": penalty}
+        by_weight = {k.removeprefix("wfst_lmwt"): round(dev_wer(k), 2) for k in sorted(wfst)
+                     if parse_wfst_dir_name(k)[1] == penalty}
+        extra["dev_worn_wer_by_lm_weight"] = by_weight  # at the chosen blank penalty
+        if len({parse_wfst_dir_name(k)[1] for k in wfst}) > 1:
+            extra["dev_worn_wer_by_setting"] = {k.removeprefix("wfst_"): round(dev_wer(k), 2) for k in sorted(wfst)}
+        methods["wfst"] = (best, extra)
     for method, (dirname, extra) in methods.items():
         results[method] = dict(extra)
-        lines.append(f"== {method}" + (f" (LM weight {extra['lm_weight']:g}, chosen on dev worn)" if extra else ""))
+        lines.append(f"== {method}" + (f" (LM weight {extra['lm_weight']:g}, blank penalty {extra['blank_penalty']:g}, "
+                                       "chosen on dev worn)" if extra else ""))
         for set_name, s in scored[dirname].items():
             split, mic = set_name.split("_")
             cond = MIC_NAMES.get(mic, mic)
@@ -86,7 +94,9 @@ def summary_table(results: dict) -> str:
             for cond in ("worn", "array"):
                 t = r.get(split, {}).get(cond, {}).get("total")
                 cells.append(f"{t['wer']:.2f}" if t else "-")
-        label = method + (f" (lmwt {r['lm_weight']:g})" if "lm_weight" in r else "")
+        label = method + (f" (lmwt {r['lm_weight']:g}" + (f", blank penalty {r['blank_penalty']:g}"
+                                                            if r.get("blank_penalty") else "") + ")"
+                          if "lm_weight" in r else "")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
