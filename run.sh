@@ -27,9 +27,9 @@ Stages:
   1  manifests   lhotse manifests and supervision cuts per split and microphone
   2  features    80-dim log-mel filterbanks (lilcom) for worn and array microphones
   3  tokenizer   sentencepiece BPE, tokens.txt, words.txt, lexicon.txt
-  4  graph       word n-gram LM from the training transcripts, TLG decoding graph
+  4  graph       word n-gram LM from the training transcripts (and decode.lm_extra_text), TLG graph
   5  train       acoustic model with the configured strategy (torchrun when train.world_size > 1)
-  6  decode      greedy and WFST decoding of dev and eval, worn and array microphones
+  6  decode      greedy and WFST decoding of dev and eval (WFST tuned on dev worn), worn and array
   7  score       WER by CHiME-6 rules per split, microphone, session, location; results.json
   8  compare     (not in the default range) train, decode and score every run of compare.runs and
                 write a side-by-side table, TensorBoard HParams and plots under exp_dir/compare

@@ -322,8 +322,8 @@ class RecipeConfig:
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections (all when none are named), for stage markers."""
         d = self.to_dict()
-        if sections:  # a section, or one key of one ("decode.lm_extra_text")
-            d = {s: (d[s] if "." not in s else d[s.split(".")[0]][s.split(".", 1)[1]]) for s in sections}
+        if sections:
+            d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -488,9 +488,10 @@ def validate(cfg: RecipeConfig) -> None:
          "must be a non-empty list from ['greedy', 'wfst']")
     need(bool(cfg.decode.lm_weights), "decode.lm_weights", "must list at least one weight")
     need(bool(cfg.decode.blank_penalties()), "decode.blank_penalty", "must be a number or a non-empty list")
-    need(len(set(cfg.decode.lm_weights)) == len(cfg.decode.lm_weights)
-         and len(set(cfg.decode.blank_penalties())) == len(cfg.decode.blank_penalties()), "decode.lm_weights",
-         "decode.lm_weights and decode.blank_penalty must not repeat a value")
+    need(len({f"{w:g}" for w in cfg.decode.lm_weights}) == len(cfg.decode.lm_weights), "decode.lm_weights",
+         f"must not repeat a value (decodings are named by it), got {cfg.decode.lm_weights}")
+    need(len({f"{p:g}" for p in cfg.decode.blank_penalties()}) == len(cfg.decode.blank_penalties()),
+         "decode.blank_penalty", f"must not repeat a value (decodings are named by it), got {cfg.decode.blank_penalty}")
     need(all(w > 0 for w in cfg.decode.lm_weights), "decode.lm_weights", "every weight must be > 0")
     need(cfg.decode.lm_extra_text.strip() != "", "decode.lm_extra_text",
          "must be 'auto', 'none' or a text file's path")

@@ -69,7 +69,7 @@ def corpus_dir(cfg: RecipeConfig) -> Path:
     return Path(cfg.corpus.dir) if cfg.corpus.dir else Path(cfg.data_dir) / "corpus"
 
 
-def marker(cfg: RecipeConfig, stage: int, sections: tuple[str, ...]) -> StageMarker:
+def marker(cfg: RecipeConfig, stage: int, sections: tuple[str, ...], extra: str = "") -> StageMarker:
     upstream = ""
     if stage in UPSTREAM:
         up = UPSTREAM[stage]
@@ -78,12 +78,14 @@ def marker(cfg: RecipeConfig, stage: int, sections: tuple[str, ...]) -> StageMar
             upstream = json.loads(path.read_text())["fingerprint"]
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             upstream = "missing"
-    text = cfg.fingerprint(*sections) + upstream + str(corpus_dir(cfg).resolve())
+    text = cfg.fingerprint(*sections) + upstream + str(corpus_dir(cfg).resolve()) + extra
     return StageMarker(cfg.data_dir, f"stage{stage}_{STAGES[stage][0]}", hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
-def run_stage(stage: int, args, sections: tuple[str, ...], work: Callable[[RecipeConfig], dict | None]) -> None:
-    """Load the config, skip if done, run ``work`` and mark done; expected errors exit with a message."""
+def run_stage(stage: int, args, sections: tuple[str, ...], work: Callable[[RecipeConfig], dict | None],
+              extra_fingerprint: Callable[[RecipeConfig], str] | None = None) -> None:
+    """Load the config, skip if done, run ``work`` and mark done; expected errors exit with a message.
+    ``extra_fingerprint`` adds what the config's sections do not show (a named file's content)."""
     setup_logging()
     name = STAGES[stage][0]
     try:
@@ -92,7 +94,7 @@ def run_stage(stage: int, args, sections: tuple[str, ...], work: Callable[[Recip
             up = UPSTREAM[stage]
             if not (Path(cfg.data_dir) / ".done" / f"stage{up}_{STAGES[up][0]}.done").is_file():
                 raise RuntimeError(f"stage {up} ({STAGES[up][0]}) has not finished; run it first")
-        m = marker(cfg, stage, sections)
+        m = marker(cfg, stage, sections, extra_fingerprint(cfg) if extra_fingerprint else "")
         if m.is_done() and not args.force:
             log.info("stage %d (%s) already done with these inputs (%s); skipping", stage, name, m.path)
             return

@@ -7,10 +7,7 @@ Outputs in ``data_dir/lang_{model_type}_{vocab_size}`` (icefall's layout, read b
 * ``words.txt``  ``word id``: ``<eps>`` 0, ``!SIL`` 1, ``<UNK>`` 2, the training words in order, then
   ``#0``, ``<s>``, ``</s>`` (disambiguation symbol and sentence boundaries for the grammar);
 * ``lexicon.txt`` each word and its pieces;
-* ``transcript_words.txt`` the training text the model was trained on;
-* ``lm_text.txt`` the word LM's text (stage 4): the training text, then the extra LM text, if any
-  (``decode.lm_extra_text``), whose words join ``words.txt`` and ``lexicon.txt`` (their pieces from
-  the same sentencepiece model, which is trained on the transcripts only).
+* ``transcript_words.txt`` the training text the model was trained on.
 """
 
 from __future__ import annotations
@@ -31,16 +28,23 @@ def lang_dir_name(cfg: TokenizerConfig) -> str:
     return f"lang_{cfg.model_type}_{cfg.vocab_size}"
 
 
-def train_tokenizer(texts: list[str], out_dir: str | Path, cfg: TokenizerConfig,
-                    extra_lm_lines: list[str] | None = None) -> dict:
-    """Train on normalised transcripts (event tags are removed first); write the symbol tables.
-    ``extra_lm_lines`` (normalised words) add to the LM text and the word list, not to the pieces."""
+def write_word_tables(directory: Path, words: list[str], sp) -> None:
+    """``words.txt`` (Kaldi's specials around ``words``, in order) and ``lexicon.txt`` (each word and
+    its pieces by the sentencepiece model ``sp``) in ``directory``."""
+    table = ["<eps>", "!SIL", "<UNK>"] + words + ["#0", "<s>", "</s>"]
+    atomic_write_text(directory / "words.txt", "".join(f"{w} {i}\n" for i, w in enumerate(table)))
+    atomic_write_text(directory / "lexicon.txt",
+                      "".join(f"{w} {' '.join(sp.encode(w, out_type=str))}\n" for w in words))
+
+
+def train_tokenizer(texts: list[str], out_dir: str | Path, cfg: TokenizerConfig) -> dict:
+    """Train on normalised transcripts (event tags are removed first); write the symbol tables."""
     import sentencepiece as spm
 
     lines = [t for t in (training_text(x) for x in texts) if t]
     if not lines:
         raise ValueError("no training text: every transcript is empty after normalisation")
-    extra = [t for t in (" ".join(x.split()) for x in extra_lm_lines or []) if t]
+    words = sorted({w for line in lines for w in line.split()})
     with atomic_dir(out_dir) as tmp:
         text_file = tmp / "transcript_words.txt"
         atomic_write_text(text_file, "\n".join(lines) + "\n")
@@ -53,27 +57,9 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, cfg: TokenizerConfig,
         )
         (tmp / "bpe.vocab").unlink(missing_ok=True)
         sp = spm.SentencePieceProcessor(model_file=str(tmp / "bpe.model"))
-        # An extra LM line with a word the pieces cannot spell (a character the transcripts lack) is
-        # dropped: the model could never output that word.
-        spellable: dict[str, bool] = {}
-
-        def can_spell(word: str) -> bool:
-            if word not in spellable:
-                spellable[word] = all(sp.piece_to_id(p) != sp.unk_id() for p in sp.encode(word, out_type=str))
-            return spellable[word]
-
-        n_extra = len(extra)
-        extra = [line for line in extra if all(can_spell(w) for w in line.split())]
-        dropped = n_extra - len(extra)
-        words = sorted({w for line in lines + extra for w in line.split()})
-        atomic_write_text(tmp / "lm_text.txt", "\n".join(lines + extra) + "\n")
         pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         atomic_write_text(tmp / "tokens.txt", "".join(f"{p} {i}\n" for i, p in enumerate(pieces)))
-        table = ["<eps>", "!SIL", "<UNK>"] + words + ["#0", "<s>", "</s>"]
-        atomic_write_text(tmp / "words.txt", "".join(f"{w} {i}\n" for i, w in enumerate(table)))
-        atomic_write_text(tmp / "lexicon.txt",
-                          "".join(f"{w} {' '.join(sp.encode(w, out_type=str))}\n" for w in words))
-    log.info("tokenizer: %d pieces (%s), %d words, %d training lines, %d extra LM lines (%d dropped: a "
-             "character the pieces lack)", len(pieces), cfg.model_type, len(words), len(lines), len(extra), dropped)
-    return {"pieces": len(pieces), "words": len(words), "lines": len(lines), "lm_extra_lines": len(extra),
-            "lm_extra_lines_dropped": dropped}
+        write_word_tables(tmp, words, sp)
+    log.info("tokenizer: %d pieces (%s), %d words, %d training lines", len(pieces), cfg.model_type,
+             len(words), len(lines))
+    return {"pieces": len(pieces), "words": len(words), "lines": len(lines)}

@@ -106,3 +106,49 @@ def test_report_chooses_lm_weight_on_dev(tmp_path):
     assert results["greedy"]["dev"]["array"]["sessions"]["S09"]["wer"] == 100.0
     assert results["greedy"]["dev"]["array"]["locations"]["kitchen"]["wer"] == 0.0
     assert "%WER 25.00 [ 1 / 4, 0 ins, 1 del, 0 sub ]" in report
+
+
+def test_blank_penalty_turns_a_weak_unit_into_a_word(tiny_graph):
+    """A frame where "▁b" is less likely than blank: decoded as blank without a penalty, and as "b"
+    once the blank's log-probability is lowered by more than the gap."""
+    dec = WfstDecoder(tiny_graph / "TLG.fst", tiny_graph / "words.txt")
+    lp = posteriors(["▁a", "▁b"])
+    lp[4] = math.log(0.01)
+    lp[4, 0], lp[4, UNITS.index("▁b")] = math.log(0.75), math.log(0.2)
+    assert dec.decode(lp, lm_weight=0.5) == ["a"]
+    assert dec.decode(lp, lm_weight=0.5, blank_penalty=3.0) == ["a", "b"]
+
+
+def _write_decodings(root, method, name, rows):
+    d = root / method
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _row(ref, hyp, session="S02", location="kitchen"):
+    return {"id": "x", "session": session, "speaker": "P05", "location": location, "ref": ref, "hyp": hyp}
+
+
+def test_report_follows_stage_6s_choice_of_weight_and_penalty(tmp_path):
+    """With decode/wfst_choice.json the report gives the chosen pair's figures (here not the lowest
+    dev WER by name order: two pairs tie on dev), dev worn by LM weight at the chosen penalty and by
+    pair; a choice naming a decoding that is not there is an error naming the file."""
+    from asr_parallel.bin.compare import decode_method
+
+    _write_decodings(tmp_path, "wfst_lmwt0.5", "dev_ihm", [_row("a b c d", "a b")])           # 50 %
+    _write_decodings(tmp_path, "wfst_lmwt0.5_bp3", "dev_ihm", [_row("a b c d", "a b c")])     # 25 %
+    _write_decodings(tmp_path, "wfst_lmwt1_bp3", "dev_ihm", [_row("a b c d", "a b c")])       # 25 %, chosen
+    _write_decodings(tmp_path, "wfst_lmwt1_bp3", "eval_ihm", [_row("a b", "a", "S01")])       # 50 %
+    choice = {"lm_weight": 1.0, "blank_penalty": 3.0, "dir": "wfst_lmwt1_bp3"}
+    (tmp_path / "wfst_choice.json").write_text(json.dumps(choice))
+    results, report = score_experiment(tmp_path)
+    assert (results["wfst"]["lm_weight"], results["wfst"]["blank_penalty"]) == (1.0, 3.0)
+    assert results["wfst"]["eval"]["worn"]["total"]["wer"] == 50.0
+    assert results["wfst"]["dev_worn_wer_by_lm_weight"] == {"0.5": 25.0, "1": 25.0}
+    assert results["wfst"]["dev_worn_wer_by_setting"] == {"lmwt0.5": 50.0, "lmwt0.5_bp3": 25.0, "lmwt1_bp3": 25.0}
+    assert "LM weight 1, blank penalty 3, chosen on dev worn" in report
+    assert decode_method(results) == "wfst_lmwt1_bp3"
+    assert decode_method({"wfst": {"lm_weight": 0.8}}) == "wfst_lmwt0.8"  # a results.json from before
+    (tmp_path / "wfst_choice.json").write_text(json.dumps({**choice, "dir": "wfst_lmwt2_bp3"}))
+    with pytest.raises(ValueError, match="wfst_choice.json.*wfst_lmwt2_bp3"):
+        score_experiment(tmp_path)

@@ -73,52 +73,80 @@ def test_tokenizer_tables(prepared):
     assert all("[" not in w for w in lexicon)  # event tags are not words
     w = words[3]
     assert sp.decode(lexicon[w].split()) == w
-    # The LM text (decode.lm_extra_text auto, the simulated corpus): the training transcripts, then the
-    # text source less every dev and eval sentence; its words are in the word list, and no dev or eval
-    # sentence is among the extra lines
-    from asr_parallel.corpus.text import words_of
+    assert not (lang / "lm_text.txt").exists()  # stage 3 is the transcripts' alone
 
+
+def test_lm_text_graph_of_the_simulated_corpus(prepared):
+    """Stage 4 with decode.lm_extra_text auto (the recipe's default) on the simulated corpus: the LM's
+    own directory holds the transcripts, then the text source less the entries of the dev and eval
+    sentences (every line the pieces can spell), its words in words.txt and lexicon.txt, and the graph;
+    no extra line holds a dev or eval sentence; stage 3's directory keeps no graph of it."""
+    import sentencepiece as spm
+
+    from asr_parallel.corpus.text import lm_text_sentences, words_of
+
+    lang, lm = prepared / "lang_bpe_60", prepared / "lang_bpe_60_lmtext_auto"
+    sp = spm.SentencePieceProcessor(model_file=str(lang / "bpe.model"))
+    pools = json.loads((prepared / "sentences.json").read_text())
     transcripts = (lang / "transcript_words.txt").read_text().splitlines()
-    lm_text = (lang / "lm_text.txt").read_text().splitlines()
-    assert lm_text[:len(transcripts)] == transcripts
-    extra = lm_text[len(transcripts):]
-    assert len(extra) > len(transcripts)
-    assert {w for line in extra for w in line.split()} <= set(lexicon)
-    held_out = {" ".join(words_of(s)) for s in json.loads((prepared / "sentences.json").read_text())["eval"]}
-    assert held_out and not held_out & set(extra)
-    assert set(json.loads((prepared / "sentences.json").read_text())["train"]) and any(
-        " ".join(words_of(s)) in set(extra) for s in json.loads((prepared / "sentences.json").read_text())["train"])
+    lm_text = (lm / "lm_text.txt").read_text().splitlines()
+    expected = [line for line in lm_text_sentences(pools["eval"])
+                if all(sp.piece_to_id(p) != sp.unk_id() for w in line.split() for p in sp.encode(w, out_type=str))]
+    assert lm_text == transcripts + expected and len(expected) > len(transcripts)
+    held_out = [f" {' '.join(words_of(s))} " for s in pools["eval"]]
+    assert not any(h in f" {line} " for line in expected for h in held_out)
+    assert any(" ".join(words_of(s)) in set(expected) for s in pools["train"])  # the source's other sentences
+    words = [line.split()[0] for line in (lm / "words.txt").read_text().splitlines()][3:-3]
+    assert words == sorted({w for line in lm_text for w in line.split()})
+    lexicon = dict(line.split(" ", 1) for line in (lm / "lexicon.txt").read_text().splitlines())
+    assert set(lexicon) == set(words) and all(sp.decode(lexicon[w].split()) == w for w in words[:50])
+    assert (lm / "tokens.txt").read_text() == (lang / "tokens.txt").read_text()
+    assert (lm / "TLG_3gram.fst").is_file() and not (lang / "TLG_3gram.fst").exists()
 
 
 def test_lm_extra_text_from_a_file_drops_test_sentences(prepared, tmp_path):
     """decode.lm_extra_text naming a file: its lines join the LM text and the word list, normalised
-    as transcripts are, except a line equal to a dev or eval transcript; 'none' keeps transcripts only."""
+    as transcripts are, except a line that holds a dev or eval transcript (or equals a short one) and
+    a line with a character the pieces lack; the graph goes to a directory named by the file's
+    content, so an edited file builds another; 'none' builds stage 3's directory's graph; a missing
+    file is an error naming it."""
+    import shutil
+
     from lhotse import load_manifest
 
     from asr_parallel.text import training_text
 
+    data = tmp_path / "data"  # a copy of the prepared data directory's stage 0-3 outputs
+    data.mkdir()
+    for name in ("manifests", "fbank", "sentences.json", "corpus"):
+        (data / name).symlink_to(prepared / name)
+    shutil.copytree(prepared / "lang_bpe_60", data / "lang_bpe_60")
+    shutil.copytree(prepared / ".done", data / ".done")
     dev_text = next(s.text for s in load_manifest(prepared / "manifests" / "chime6-ihm_supervisions_dev.jsonl.gz")
                     if len(training_text(s.text).split()) >= 3 and "[" not in s.text)
-    known = [line.split()[0] for line in (prepared / "lang_bpe_60" / "words.txt").read_text().splitlines()][3:-3]
+    known = [line.split()[0] for line in (data / "lang_bpe_60" / "words.txt").read_text().splitlines()][3:-3]
     known = [w for w in known if w.isalpha()]
     new_words = [known[0] + known[1], known[2] + known[3]]  # new words the pieces can spell
     assert not set(new_words) & set(known)
     text = tmp_path / "lm.txt"
-    text.write_text(f"{new_words[0].capitalize()}, {new_words[1]}!\n{dev_text.upper()}\n\nSeñor {known[0]}\n")
-    r = run_entry("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=55",
-                  "--set", f"decode.lm_extra_text={text}")
+    text.write_text(f"{new_words[0].capitalize()}, {new_words[1]}!\n{dev_text.upper()}\n"
+                    f"{known[4]} {dev_text} {known[5]}\n\nSeñor {known[0]}\n")
+    r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", f"decode.lm_extra_text={text}")
     assert r.returncode == 0, r.stderr[-3000:]
-    lang = prepared / "lang_bpe_55"
-    transcripts = (lang / "transcript_words.txt").read_text().splitlines()
-    # the dev sentence is dropped, and the line with a character the pieces lack ("ñ")
-    assert (lang / "lm_text.txt").read_text().splitlines() == transcripts + [" ".join(new_words)]
-    assert set(new_words) <= {line.split()[0] for line in (lang / "words.txt").read_text().splitlines()}
-    r = run_entry("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=55",
-                  "--set", "decode.lm_extra_text=none")
+    dirs = sorted(data.glob("lang_bpe_60_lmtext_*"))
+    assert len(dirs) == 1
+    transcripts = (data / "lang_bpe_60" / "transcript_words.txt").read_text().splitlines()
+    assert (dirs[0] / "lm_text.txt").read_text().splitlines() == transcripts + [" ".join(new_words)]
+    assert set(new_words) <= {line.split()[0] for line in (dirs[0] / "words.txt").read_text().splitlines()}
+    assert (dirs[0] / "TLG_3gram.fst").is_file()
+    text.write_text(f"{new_words[1]} {new_words[0]}\n")  # edited: stage 4 is redone into another directory
+    r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", f"decode.lm_extra_text={text}")
+    assert r.returncode == 0 and "already done" not in r.stderr, r.stderr[-3000:]
+    assert len(list(data.glob("lang_bpe_60_lmtext_*"))) == 2
+    r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", "decode.lm_extra_text=none")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (lang / "lm_text.txt").read_text().splitlines() == transcripts
-    r = run_entry("asr_parallel.bin.train_bpe", prepared, "--set", "tokenizer.vocab_size=55",
-                  "--set", f"decode.lm_extra_text={tmp_path / 'missing.txt'}")
+    assert (data / "lang_bpe_60" / "TLG_3gram.fst").is_file()
+    r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", f"decode.lm_extra_text={tmp_path / 'missing.txt'}")
     assert r.returncode == 1 and "missing.txt" in r.stderr and "decode.lm_extra_text" in r.stderr
 
 

@@ -64,7 +64,7 @@ def test_stages_4_to_7_single_process(prepared, tmp_path):
 
     decode = tmp_path / "exp" / "mlp_single_w1" / "decode"
     choice = json.loads((decode / "wfst_choice.json").read_text())
-    grid = [f"wfst_lmwt{w:g}" + (f"_bp{p:g}" if p else "") for p in (0.0, 2.0, 3.0, 4.0) for w in (0.5, 1.0)]
+    grid = [f"wfst_lmwt{w:g}" + (f"_bp{p:g}" if p else "") for p in (0.0, 2.0, 3.0, 4.0, 5.0) for w in (0.5, 1.0)]
     assert sorted(d.name for d in decode.glob("wfst_*") if d.is_dir()) == sorted(grid)
     dev = {g: score_rows(read_rows(decode / g / "dev_ihm.jsonl"))["total"].wer for g in grid}
     assert choice["dir"] == min(grid, key=lambda g: dev[g])
@@ -78,6 +78,14 @@ def test_stages_4_to_7_single_process(prepared, tmp_path):
     r = run_sh(prepared, tmp_path / "exp", *LEARN)
     assert r.returncode == 0
     assert "training already finished" in r.stdout and "already decoded" in r.stdout
+    # Decoding again (other options) leaves no decoding of before beside the new ones.
+    (decode / "wfst_lmwt9").mkdir()
+    (decode / "wfst_lmwt9" / "dev_ihm.jsonl").write_text("")
+    r = run_sh(prepared, tmp_path / "exp", *LEARN, "decode.blank_penalty=[0.0,1.0]")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert sorted(d.name for d in decode.glob("wfst_*") if d.is_dir()) == ["wfst_lmwt0.5", "wfst_lmwt0.5_bp1",
+                                                                          "wfst_lmwt1", "wfst_lmwt1_bp1"]
+    assert json.loads((decode / "wfst_choice.json").read_text())["blank_penalty"] in (0.0, 1.0)
 
 
 def test_bf16_on_cpu_through_run_sh_and_auto_keeps_a_runs_precision(prepared, tmp_path):

@@ -202,7 +202,6 @@ def decode_rtf(cfg, model, device, sp) -> dict:
     from asr_parallel.bin.prepare_graph import graph_paths
     from asr_parallel.decode.run import network_outputs
     from asr_parallel.decode.wfst import WfstDecoder
-    from asr_parallel.tokenizer import lang_dir_name
 
     path = Path(cfg.data_dir) / "fbank" / "chime6-ihm_cuts_dev.jsonl.gz"
     _, graph = graph_paths(cfg)
@@ -213,7 +212,7 @@ def decode_rtf(cfg, model, device, sp) -> dict:
     t0 = time.perf_counter()
     outputs = network_outputs(model.to(device), cuts, device)
     t_net = time.perf_counter() - t0
-    dec = WfstDecoder(graph, Path(cfg.data_dir) / lang_dir_name(cfg.tokenizer) / "words.txt", cfg.decode.beam,
+    dec = WfstDecoder(graph, graph.parent / "words.txt", cfg.decode.beam,
                       cfg.decode.max_active)
     t0 = time.perf_counter()
     for lp, _ in outputs.values():

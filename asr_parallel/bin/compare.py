@@ -1,7 +1,7 @@
 """Stage 8: train, decode and score every run of ``compare.runs`` and set them side by side.
 
 For each run (a strategy, its number of ranks and optional config overrides) the effective config
-is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 5-7 run on it (a finished
+is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 4-7 run on it (4: its graph, skipped when built) (a finished
 training or decoding is reused). With ``compare.seeds`` every run is trained once per seed
 (``train.seed=<s>``, into ``exp_dir/seed<s>/``, labelled ``<label>_seed<s>``). A run whose overrides
 change what is trained (``train.lr``, ``train.momentum``: a sweep; ``model.name``) trains under
@@ -588,7 +588,7 @@ def main(argv=None):
             dump_config(plan.cfg, path)
             print(f"=== {plan.label}: training, decoding and scoring into {exp}", flush=True)
             r = subprocess.run(["bash", str(REPO / "run.sh"), "--setup", "false", "--config", str(path),
-                                "--stage", "5", "--stop-stage", "7"], cwd=REPO)
+                                "--stage", "4", "--stop-stage", "7"], cwd=REPO)  # 4: its graph (skipped when built)
             if r.returncode != 0:
                 print(f"ERROR: stage 8 (compare): run {plan.label} failed (see above); {exp} keeps what it finished",
                       file=sys.stderr)

@@ -40,7 +40,7 @@ def main(argv=None):
             raise FileNotFoundError(f"{graph}: no decoding graph; run stage 4 (graph) first")
         st = final.stat()
         # the model, the decoding options and the graph (a rebuilt LM decodes again)
-        graph_stamp = graph.stat().st_mtime_ns if graph.is_file() else None
+        graph_stamp = [str(graph), graph.stat().st_mtime_ns if graph.is_file() else None]
         fp = hashlib.sha256(json.dumps([str(final), st.st_mtime_ns, cfg.to_dict()["decode"], graph_stamp]
                                        ).encode()).hexdigest()[:16]
         marker = StageMarker(exp, "decode", fp)
@@ -54,7 +54,7 @@ def main(argv=None):
         model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True)["model"])
         model.to(device)
         timing = decode_all(model, device, sp, Path(cfg.data_dir), exp / "decode", cfg.decode, graph,
-                            lang / "words.txt")
+                            graph.parent / "words.txt")
         atomic_write_json(exp / "decode" / "timing.json", timing)
         print(f"decoded {timing['audio_seconds'] / 60:.1f} min of audio: real-time factor "
               f"{timing['rtf_greedy']:.4f} greedy" + (f", {timing['rtf_wfst']:.4f} WFST" if "rtf_wfst" in timing else ""))

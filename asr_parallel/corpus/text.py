@@ -53,15 +53,16 @@ def _clean(sentence: str) -> str | None:
     return s
 
 
-def read_fortune_sentences(directory: Path = FORTUNE_DIR) -> list[str]:
-    """All usable sentences of the fortune files, in a fixed order, without duplicates."""
+def read_fortune_entries(directory: Path = FORTUNE_DIR) -> list[list[str]]:
+    """The usable sentences of the fortune files entry by entry (a quotation, joke or saying), in a
+    fixed order; a sentence seen in an earlier entry is left out of later ones."""
     if not directory.is_dir():
         raise FileNotFoundError(
             f"{directory}: the fortune text files are missing; install the Debian packages "
             "'fortunes' and 'fortunes-min' (tools/setup.sh does this when run as root)"
         )
     seen: set[str] = set()
-    out: list[str] = []
+    out: list[list[str]] = []
     for path in sorted(directory.iterdir()):
         if path.suffix or path.name in EXCLUDED_FILES or not path.is_file():
             continue
@@ -69,12 +70,20 @@ def read_fortune_sentences(directory: Path = FORTUNE_DIR) -> list[str]:
         for entry in text.split("\n%\n"):
             lines = [ln for ln in entry.splitlines() if not _ATTRIBUTION.match(ln)]
             joined = " ".join(lines).replace('"', "")
+            kept = []
             for raw in _SENTENCE_END.split(joined):
                 s = _clean(raw)
                 if s and s.lower() not in seen:
                     seen.add(s.lower())
-                    out.append(s)
+                    kept.append(s)
+            if kept:
+                out.append(kept)
     return out
+
+
+def read_fortune_sentences(directory: Path = FORTUNE_DIR) -> list[str]:
+    """All usable sentences of the fortune files, in a fixed order, without duplicates."""
+    return [s for entry in read_fortune_entries(directory) for s in entry]
 
 
 def sentence_pools(
@@ -121,15 +130,29 @@ def sentence_pools(
 
 
 def lm_text_sentences(spoken_elsewhere: list[str], directory: Path = FORTUNE_DIR) -> list[str]:
-    """The simulated corpus's LM text: every sentence of the text source, as lower-case words, except
-    those in ``spoken_elsewhere`` (the dev and eval pool: compared as word sequences, so that a
-    sentence differing only in punctuation or case is dropped too). Sentences of any length and
-    vocabulary are kept: like LibriSpeech's LM corpus (Panayotov et al., ICASSP 2015: the books of
-    the test sets left out), it is text of the source's own distribution, not of the test sets' choice."""
+    """The simulated corpus's LM text: the sentences of the text source, as lower-case words, less
+    every entry (a whole quotation or joke) that holds a sentence of ``spoken_elsewhere`` (the dev
+    and eval pool) or a sentence containing one as a run of words; sentences are compared as word
+    sequences, so punctuation and case do not hide one. Sentences of any length are kept.
+
+    In-domain text from the test sets' own source, which a real corpus rarely has: every test word is
+    in it (the test sentences use the source's most frequent words), so the test sets have no
+    out-of-vocabulary word against it, and near-duplicates of a test sentence (a word different) may
+    remain. What it does not hold is the test sentences or their entries' other sentences."""
     held_out = {" ".join(words_of(s)) for s in spoken_elsewhere}
+    held_out.discard("")
+    by_first: dict[str, list[str]] = {}
+    for h in held_out:
+        by_first.setdefault(h.split()[0], []).append(f" {h} ")
+
+    def holds_test_sentence(line: str) -> bool:
+        padded = f" {line} "
+        return any(h in padded for w in set(line.split()) for h in by_first.get(w, ()))
+
     out = []
-    for s in read_fortune_sentences(directory):
-        line = " ".join(words_of(s))
-        if line and line not in held_out:
-            out.append(line)
+    for entry in read_fortune_entries(directory):
+        lines = [" ".join(words_of(s)) for s in entry]
+        if any(holds_test_sentence(line) for line in lines):
+            continue
+        out += [line for line in lines if line]
     return out

@@ -1,9 +1,9 @@
 """Language model and CTC decoding graph (TLG) with kaldingram, kaldilm and kaldifst.
 
-* G: a word n-gram LM with Kneser-Ney smoothing estimated from the training transcripts by
+* G: a word n-gram LM with Kneser-Ney smoothing estimated from the LM text (stage 4: the training transcripts and any extra text) by
   kaldingram (the Next-gen Kaldi team's port of Kaldi's ``make_kn_lm.py``), converted to an FST by
   kaldilm's ``arpa2fst`` with ``#0`` on the input side of back-off arcs (Kaldi's convention).
-* L: the lexicon of BPE pieces (``lexicon.txt`` of stage 3), a transducer from piece sequences to
+* L: the lexicon of BPE pieces (``lexicon.txt`` of stage 3, or of the LM text's own directory), a transducer from piece sequences to
   words. Piece sequences that are a prefix of another word's (or equal to it) get a disambiguation
   symbol ``#1, #2, ...`` appended, as Kaldi's ``add_lex_disambig.pl`` does, so L o G determinizes; a
   ``#0`` self-loop lets G's back-off symbol through.

@@ -139,6 +139,12 @@ def decode_all(model, device, sp, data_dir: Path, decode_dir: Path, cfg, graph_p
                     "dev_worn_wer": {wfst_dir_name(w, p): round(wers[(w, p)], 2) for w, p in grid}}, indent=1) + "\n")
                 log.info("WFST: LM weight %g, blank penalty %g chosen on dev worn (%.2f%% WER)", chosen[0],
                          chosen[1], wers[chosen])
+                edges = [name for name, values, v in (("decode.lm_weights", cfg.lm_weights, chosen[0]),
+                                                      ("decode.blank_penalty", cfg.blank_penalties(), chosen[1]))
+                         if len(values) > 1 and v in (min(values), max(values)) and v != 0.0]
+                if edges:  # the best may lie beyond the values tried
+                    log.warning("WFST: the pair chosen on dev worn is at the edge of %s; consider a wider grid",
+                                " and ".join(edges))
         log.info("decoded %s (%d utterances)", name, len(outputs))
     a = max(timing["audio_seconds"], 1e-9)
     timing["rtf_network"] = timing["network_seconds"] / a

@@ -54,13 +54,17 @@ def score_experiment(decode_dir: Path) -> tuple[dict, str]:
             return s["total"].wer
 
         choice_file = decode_dir / "wfst_choice.json"
-        choice = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
-        best = choice.get("dir") if choice.get("dir") in wfst else min(wfst, key=dev_wer)
+        if choice_file.is_file():  # stage 6 chose on dev worn and decoded the other sets with that pair only
+            best = json.loads(choice_file.read_text())["dir"]
+            if best not in wfst:
+                raise ValueError(f"{choice_file}: names {best}, which {decode_dir} does not hold; decode again "
+                                 "(stage 6 with --force)")
+        else:  # decodings from before the choice file: every set at every LM weight
+            best = min(wfst, key=dev_wer)
         weight, penalty = parse_wfst_dir_name(best)
         extra = {"lm_weight": weight, "blank_penalty": penalty}
-        by_weight = {k.removeprefix("wfst_lmwt"): round(dev_wer(k), 2) for k in sorted(wfst)
-                     if parse_wfst_dir_name(k)[1] == penalty}
-        extra["dev_worn_wer_by_lm_weight"] = by_weight  # at the chosen blank penalty
+        extra["dev_worn_wer_by_lm_weight"] = {  # at the chosen blank penalty
+            f"{w:g}": round(dev_wer(k), 2) for k in sorted(wfst) for w, p in [parse_wfst_dir_name(k)] if p == penalty}
         if len({parse_wfst_dir_name(k)[1] for k in wfst}) > 1:
             extra["dev_worn_wer_by_setting"] = {k.removeprefix("wfst_"): round(dev_wer(k), 2) for k in sorted(wfst)}
         methods["wfst"] = (best, extra)
