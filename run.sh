@@ -90,7 +90,7 @@ cfg_values=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get exp_dir,dat
 
 # lock DIR MODE: hold DIR/.run.lock (MODE exclusive, or shared for readers) while this script runs;
 # another run.sh that needs it otherwise stops with a message naming the holder. A run.sh started by
-# one that holds the lock (stage 8 runs stages 5-7 per run) shares it.
+# one that holds the lock (stage 8 runs stages 4-7 per run) shares it.
 lock() {
   local dir=$1 mode=$2 fd abs rc=0
   mkdir -p "$dir"

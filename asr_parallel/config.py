@@ -254,10 +254,12 @@ class DecodeConfig:
     # best pair decodes the other sets (asr_parallel.decode.run)
     blank_penalty: float | list[float] = 0.0
     batch_size: int = 16
-    # Text for the word LM and the lexicon besides the training transcripts (stages 3-4): "auto" =
-    # the simulated corpus's text source less every sentence dev and eval speak (a corpus's LM text,
-    # as LibriSpeech ships one), nothing for a real corpus; "none" = transcripts only; or a file of
-    # one sentence per line (its lines equal to a dev or eval transcript are dropped).
+    # Text for the word LM and its lexicon besides the training transcripts (stage 4, which builds its
+    # graph in data_dir/lang_bpe_N_lmtext_<tag>/): "auto" = where the data directory holds the
+    # simulated corpus, its text source less every entry that holds a dev or eval sentence (in-domain
+    # text, see asr_parallel.corpus.text.lm_text_sentences), nothing for a real corpus; "none" =
+    # transcripts only (stage 3's lang directory); or a file of one sentence per line, relative to the
+    # directory run.sh runs in (its lines holding a dev or eval transcript are dropped).
     lm_extra_text: str = "auto"
 
     def blank_penalties(self) -> list[float]:

@@ -69,7 +69,7 @@ def corpus_dir(cfg: RecipeConfig) -> Path:
     return Path(cfg.corpus.dir) if cfg.corpus.dir else Path(cfg.data_dir) / "corpus"
 
 
-def marker(cfg: RecipeConfig, stage: int, sections: tuple[str, ...], extra: str = "") -> StageMarker:
+def marker(cfg: RecipeConfig, stage: int, sections: tuple[str, ...], extra: str = "", suffix: str = "") -> StageMarker:
     upstream = ""
     if stage in UPSTREAM:
         up = UPSTREAM[stage]
@@ -79,13 +79,18 @@ def marker(cfg: RecipeConfig, stage: int, sections: tuple[str, ...], extra: str 
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             upstream = "missing"
     text = cfg.fingerprint(*sections) + upstream + str(corpus_dir(cfg).resolve()) + extra
-    return StageMarker(cfg.data_dir, f"stage{stage}_{STAGES[stage][0]}", hashlib.sha256(text.encode()).hexdigest()[:16])
+    return StageMarker(cfg.data_dir, f"stage{stage}_{STAGES[stage][0]}{suffix}",
+                       hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
 def run_stage(stage: int, args, sections: tuple[str, ...], work: Callable[[RecipeConfig], dict | None],
-              extra_fingerprint: Callable[[RecipeConfig], str] | None = None) -> None:
+              extra_fingerprint: Callable[[RecipeConfig], str] | None = None,
+              marker_suffix: Callable[[RecipeConfig], str] | None = None,
+              outputs_exist: Callable[[RecipeConfig], bool] | None = None) -> None:
     """Load the config, skip if done, run ``work`` and mark done; expected errors exit with a message.
-    ``extra_fingerprint`` adds what the config's sections do not show (a named file's content)."""
+    ``extra_fingerprint`` adds what the config's sections do not show (a named file's content);
+    ``marker_suffix`` names one of several markers of the stage (one per output directory);
+    ``outputs_exist`` false redoes a stage marked done whose outputs are gone."""
     setup_logging()
     name = STAGES[stage][0]
     try:
@@ -94,8 +99,9 @@ def run_stage(stage: int, args, sections: tuple[str, ...], work: Callable[[Recip
             up = UPSTREAM[stage]
             if not (Path(cfg.data_dir) / ".done" / f"stage{up}_{STAGES[up][0]}.done").is_file():
                 raise RuntimeError(f"stage {up} ({STAGES[up][0]}) has not finished; run it first")
-        m = marker(cfg, stage, sections, extra_fingerprint(cfg) if extra_fingerprint else "")
-        if m.is_done() and not args.force:
+        m = marker(cfg, stage, sections, extra_fingerprint(cfg) if extra_fingerprint else "",
+                   marker_suffix(cfg) if marker_suffix else "")
+        if m.is_done() and not args.force and (outputs_exist is None or outputs_exist(cfg)):
             log.info("stage %d (%s) already done with these inputs (%s); skipping", stage, name, m.path)
             return
         t0 = time.time()

@@ -39,6 +39,7 @@ def hparams(event_dir: Path) -> tuple[dict, dict, list]:
 def test_two_strategy_comparison(prepared, tmp_path):
     cfg = tmp_path / "compare.yaml"
     cfg.write_text(f"""base: {REPO / 'recipes/chime6_sim.yaml'}
+decode: {{lm_extra_text: none}}   # as the comparison recipes pin it: its graph is stage 3's directory's
 compare:
   target_dev_wer: 60.0    # set from the runs' own histories on the re-run below
   seeds: []               # one run each (the default recipe compares two seeds)
@@ -90,6 +91,9 @@ compare:
         assert len(scalars["compare/dev_wer_vs_seconds"]) == len(history) == 2
         assert [s for s, _ in scalars["compare/dev_wer_vs_bytes"]] == [h["bytes_sent"] for h in history]
     assert table["runs"][0]["bytes_sent_per_rank"] == 0 < table["runs"][1]["bytes_sent_per_rank"]
+    # stage 8 built the pinned LM's graph for its runs (stage 4 per run), beside the default's
+    assert (prepared / "lang_bpe_60" / "TLG_3gram.fst").is_file()
+    assert (prepared / "lang_bpe_60_lmtext_auto" / "TLG_3gram.fst").is_file()
     # Against the baseline (the first run) on the same utterances: a paired test per set.
     assert table["baseline"] == "single" and table["runs"][0]["vs_baseline"] is None
     vs = table["runs"][1]["vs_baseline"]

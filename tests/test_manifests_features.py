@@ -104,6 +104,20 @@ def test_lm_text_graph_of_the_simulated_corpus(prepared):
     assert (lm / "TLG_3gram.fst").is_file() and not (lang / "TLG_3gram.fst").exists()
 
 
+def test_lm_extra_text_auto_is_nothing_for_a_real_corpus(tmp_path):
+    """``auto`` is decided from the data directory (every stage sees it, --corpus-dir only stages 0-4
+    do): the simulated corpus's sentences.json gives its LM text, without it the transcripts alone."""
+    from asr_parallel.bin.prepare_graph import extra_lm_text, graph_paths
+    from asr_parallel.config import load_config
+
+    cfg = load_config(REPO / "recipes/chime6.yaml", [f"data_dir={tmp_path}"])
+    assert cfg.decode.lm_extra_text == "auto"
+    assert graph_paths(cfg)[1] == tmp_path / "lang_bpe_500" / "TLG_3gram.fst"
+    assert extra_lm_text(cfg) == ([], "none")
+    (tmp_path / "sentences.json").write_text(json.dumps({"train": [], "eval": []}))
+    assert graph_paths(cfg)[1].parent.name == "lang_bpe_500_lmtext_auto"
+
+
 def test_lm_extra_text_from_a_file_drops_test_sentences(prepared, tmp_path):
     """decode.lm_extra_text naming a file: its lines join the LM text and the word list, normalised
     as transcripts are, except a line that holds a dev or eval transcript (or equals a short one) and
@@ -121,6 +135,7 @@ def test_lm_extra_text_from_a_file_drops_test_sentences(prepared, tmp_path):
     for name in ("manifests", "fbank", "sentences.json", "corpus"):
         (data / name).symlink_to(prepared / name)
     shutil.copytree(prepared / "lang_bpe_60", data / "lang_bpe_60")
+    shutil.copytree(prepared / "lang_bpe_60_lmtext_auto", data / "lang_bpe_60_lmtext_auto")
     shutil.copytree(prepared / ".done", data / ".done")
     dev_text = next(s.text for s in load_manifest(prepared / "manifests" / "chime6-ihm_supervisions_dev.jsonl.gz")
                     if len(training_text(s.text).split()) >= 3 and "[" not in s.text)
@@ -133,7 +148,7 @@ def test_lm_extra_text_from_a_file_drops_test_sentences(prepared, tmp_path):
                     f"{known[4]} {dev_text} {known[5]}\n\nSeñor {known[0]}\n")
     r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", f"decode.lm_extra_text={text}")
     assert r.returncode == 0, r.stderr[-3000:]
-    dirs = sorted(data.glob("lang_bpe_60_lmtext_*"))
+    dirs = sorted(set(data.glob("lang_bpe_60_lmtext_*")) - {data / "lang_bpe_60_lmtext_auto"})
     assert len(dirs) == 1
     transcripts = (data / "lang_bpe_60" / "transcript_words.txt").read_text().splitlines()
     assert (dirs[0] / "lm_text.txt").read_text().splitlines() == transcripts + [" ".join(new_words)]
@@ -142,10 +157,19 @@ def test_lm_extra_text_from_a_file_drops_test_sentences(prepared, tmp_path):
     text.write_text(f"{new_words[1]} {new_words[0]}\n")  # edited: stage 4 is redone into another directory
     r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", f"decode.lm_extra_text={text}")
     assert r.returncode == 0 and "already done" not in r.stderr, r.stderr[-3000:]
-    assert len(list(data.glob("lang_bpe_60_lmtext_*"))) == 2
+    assert len(list(data.glob("lang_bpe_60_lmtext_*"))) == 3  # auto's, the file's first and its edit's
     r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", "decode.lm_extra_text=none")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (data / "lang_bpe_60" / "TLG_3gram.fst").is_file()
+    # one marker per graph: the default's (auto) and this one are both still built, whatever ran last,
+    # and other search options do not rebuild a graph
+    for lm_text in ("auto", "none", "auto"):
+        r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", f"decode.lm_extra_text={lm_text}",
+                      "--set", "decode.beam=9")
+        assert r.returncode == 0 and "already done" in r.stderr, (lm_text, r.stderr[-3000:])
+    (data / "lang_bpe_60" / "TLG_3gram.fst").unlink()  # a graph gone is built again
+    r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", "decode.lm_extra_text=none")
+    assert r.returncode == 0 and "already done" not in r.stderr and (data / "lang_bpe_60" / "TLG_3gram.fst").is_file()
     r = run_entry("asr_parallel.bin.prepare_graph", data, "--set", f"decode.lm_extra_text={tmp_path / 'missing.txt'}")
     assert r.returncode == 1 and "missing.txt" in r.stderr and "decode.lm_extra_text" in r.stderr
 

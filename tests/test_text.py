@@ -35,3 +35,17 @@ def test_lm_text_leaves_out_the_held_out_sentences(tmp_path):
     out = lm_text_sentences(["time flies, like an ARROW", "Never odd or even."], tmp_path)
     assert out == ["fruit flies like a banana", "a third one here"]
     assert lm_text_sentences([], tmp_path)[0] == "time flies like an arrow"
+
+
+def test_lm_text_leaves_out_every_entry_of_a_test_sentence(tmp_path):
+    """An entry that holds a test sentence, or a sentence containing one as a run of words, is left
+    out whole, in every copy of it and with its other sentences wherever else they occur."""
+    from asr_parallel.corpus.text import lm_text_sentences
+
+    (tmp_path / "jokes").write_text(
+        "Look at this. The toast fell butter side up.\n%\n"          # a test sentence and a neighbour
+        "Never trust a cat. The toast fell butter side up.\n%\n"      # the neighbour elsewhere
+        "She said look at this again.\n%\n"                           # holds the test sentence
+        "Birds sing at dawn.\n%\nLook at this. Dogs bark at night.\n")  # a later copy of the test sentence
+    out = lm_text_sentences(["Look at this!"], tmp_path)
+    assert out == ["never trust a cat", "birds sing at dawn"]

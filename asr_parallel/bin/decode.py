@@ -37,10 +37,16 @@ def main(argv=None):
             raise FileNotFoundError(f"{final}: no trained model; run stage 5 (train) first")
         _, graph = graph_paths(cfg)
         if "wfst" in cfg.decode.methods and not graph.is_file():
-            raise FileNotFoundError(f"{graph}: no decoding graph; run stage 4 (graph) first")
+            raise FileNotFoundError(f"{graph}: no decoding graph; run stage 4 (graph) first" + (
+                f" (decode.lm_extra_text {cfg.decode.lm_extra_text}: a graph is built per content of the file)"
+                if cfg.decode.lm_extra_text.strip() not in ("auto", "none") else ""))
         st = final.stat()
-        # the model, the decoding options and the graph (a rebuilt LM decodes again)
-        graph_stamp = [str(graph), graph.stat().st_mtime_ns if graph.is_file() else None]
+        # the model, the decoding options and the graph: its directory and what stage 4 built it from
+        # (its marker's fingerprint), so a graph built from other inputs decodes again
+        from asr_parallel.bin.prepare_graph import graph_marker_suffix
+
+        built = Path(cfg.data_dir) / ".done" / f"stage4_graph{graph_marker_suffix(cfg)}.done"
+        graph_stamp = [str(graph), json.loads(built.read_text()).get("fingerprint") if built.is_file() else None]
         fp = hashlib.sha256(json.dumps([str(final), st.st_mtime_ns, cfg.to_dict()["decode"], graph_stamp]
                                        ).encode()).hexdigest()[:16]
         marker = StageMarker(exp, "decode", fp)

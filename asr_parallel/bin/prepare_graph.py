@@ -17,16 +17,26 @@ from asr_parallel.stages import parser, run_stage
 
 
 def lm_tag(cfg) -> str:
-    """"" for the transcripts only, else the name that tells this LM text's directory apart."""
+    """"" for the transcripts only, else the name that tells this LM text's directory apart. ``auto``
+    is the simulated corpus's text where the data directory holds a simulated corpus (stage 0 wrote
+    its ``sentences.json``), nothing for a real one: decided from the data directory, which every
+    stage sees, not from ``--corpus-dir``, which only stages 0-4 get."""
     choice = cfg.decode.lm_extra_text.strip()
-    if choice == "none" or (choice == "auto" and cfg.corpus.dir):
+    if choice == "none" or (choice == "auto" and not (Path(cfg.data_dir) / "sentences.json").is_file()):
         return ""
     if choice == "auto":
         return "auto"
     path = Path(choice)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: decode.lm_extra_text names no file (or use 'auto' or 'none')")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # an edited file is another LM
+
+
+def graph_marker_suffix(cfg) -> str:
+    """Stage 4 keeps one marker per graph directory, so that recipes of one data directory that use
+    different LM texts (the default and the comparison recipes) do not rebuild each other's graph."""
+    tag = lm_tag(cfg)
+    return f"_lmtext_{tag}" if tag else ""
 
 
 def graph_dir(cfg) -> Path:
@@ -84,14 +94,16 @@ def extra_lm_text(cfg) -> tuple[list[str], str]:
     return out, str(path)
 
 
-def write_lm_lang(cfg, out_dir: Path, extra: list[str]) -> dict:
-    """The LM's own lang directory: tokens.txt and bpe.model from stage 3, the transcripts' and the
-    extra text's words in words.txt and lexicon.txt, and lm_text.txt. An extra line with a word the
-    pieces cannot spell (a character the transcripts lack) is dropped: no output could be that word."""
+def build_lm_lang(cfg, out_dir: Path, extra: list[str]) -> dict:
+    """The LM's own lang directory, written whole or not at all (a decoding that reads it meanwhile
+    sees the one before): tokens.txt and bpe.model from stage 3, the transcripts' and the extra text's
+    words in words.txt and lexicon.txt, lm_text.txt, the LM and the graph. An extra line with a word
+    the pieces cannot spell (a character the transcripts lack) is dropped: no output could be that word."""
     import shutil
 
     import sentencepiece as spm
 
+    from asr_parallel.decode.graph import build_graph, train_lm
     from asr_parallel.tokenizer import lang_dir_name, write_word_tables
     from asr_parallel.utils.io import atomic_dir, atomic_write_text
 
@@ -112,7 +124,10 @@ def write_lm_lang(cfg, out_dir: Path, extra: list[str]) -> dict:
             shutil.copy2(lang / name, tmp / name)
         write_word_tables(tmp, words, sp)
         atomic_write_text(tmp / "lm_text.txt", "\n".join(transcripts + kept) + "\n")
-    return {"lm_lines": len(transcripts) + len(kept), "lm_extra_lines": len(kept),
+        arpa, graph = (tmp / p.name for p in graph_paths(cfg))
+        train_lm(transcripts + kept, cfg.decode.lm_order, arpa)
+        info = build_graph(tmp, arpa, graph)
+    return {**info, "lm_lines": len(transcripts) + len(kept), "lm_extra_lines": len(kept),
             "lm_extra_lines_dropped": len(extra) - len(kept)}
 
 
@@ -131,17 +146,20 @@ def main(argv=None):
         extra, origin = extra_lm_text(cfg)
         info = {"graph_dir": str(graph.parent), "lm_extra_text": origin}
         if graph.parent != lang:
-            info |= write_lm_lang(cfg, graph.parent, extra)
-        else:
-            info["lm_lines"] = sum(1 for _ in transcripts.open(encoding="utf-8"))
-        text = graph.parent / ("lm_text.txt" if graph.parent != lang else "transcript_words.txt")
-        train_lm(text.read_text(encoding="utf-8").splitlines(), cfg.decode.lm_order, arpa)
-        info |= build_graph(graph.parent, arpa, graph)
+            info |= build_lm_lang(cfg, graph.parent, extra)
+        else:  # stage 3's directory: the LM and the graph, each file written atomically
+            lines = transcripts.read_text(encoding="utf-8").splitlines()
+            info["lm_lines"] = len(lines)
+            train_lm(lines, cfg.decode.lm_order, arpa)
+            info |= build_graph(graph.parent, arpa, graph)
         print(f"{graph}: {info['TLG_states']} states ({info['words']} words, {info['units']} units, "
               f"{cfg.decode.lm_order}-gram LM {arpa.name} from {info['lm_lines']} lines; extra text: {origin})")
         return info
 
-    run_stage(4, args, ("tokenizer", "decode"), work, extra_fingerprint=lambda cfg: lm_tag(cfg))
+    # what the graph depends on: the pieces, the LM order and the LM text (not the search options)
+    run_stage(4, args, ("tokenizer",), work,
+              extra_fingerprint=lambda cfg: f"order{cfg.decode.lm_order}:{lm_tag(cfg)}",
+              marker_suffix=graph_marker_suffix, outputs_exist=lambda cfg: graph_paths(cfg)[1].is_file())
 
 
 if __name__ == "__main__":

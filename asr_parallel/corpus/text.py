@@ -53,9 +53,9 @@ def _clean(sentence: str) -> str | None:
     return s
 
 
-def read_fortune_entries(directory: Path = FORTUNE_DIR) -> list[list[str]]:
+def read_fortune_entries(directory: Path = FORTUNE_DIR, dedupe: bool = True) -> list[list[str]]:
     """The usable sentences of the fortune files entry by entry (a quotation, joke or saying), in a
-    fixed order; a sentence seen in an earlier entry is left out of later ones."""
+    fixed order; with ``dedupe``, a sentence seen in an earlier entry is left out of later ones."""
     if not directory.is_dir():
         raise FileNotFoundError(
             f"{directory}: the fortune text files are missing; install the Debian packages "
@@ -73,7 +73,7 @@ def read_fortune_entries(directory: Path = FORTUNE_DIR) -> list[list[str]]:
             kept = []
             for raw in _SENTENCE_END.split(joined):
                 s = _clean(raw)
-                if s and s.lower() not in seen:
+                if s and (not dedupe or s.lower() not in seen):
                     seen.add(s.lower())
                     kept.append(s)
             if kept:
@@ -135,10 +135,10 @@ def lm_text_sentences(spoken_elsewhere: list[str], directory: Path = FORTUNE_DIR
     and eval pool) or a sentence containing one as a run of words; sentences are compared as word
     sequences, so punctuation and case do not hide one. Sentences of any length are kept.
 
-    In-domain text from the test sets' own source, which a real corpus rarely has: every test word is
-    in it (the test sentences use the source's most frequent words), so the test sets have no
-    out-of-vocabulary word against it, and near-duplicates of a test sentence (a word different) may
-    remain. What it does not hold is the test sentences or their entries' other sentences."""
+    In-domain text from the test sets' own source, which a real corpus rarely has: nearly every test
+    word is in it (the test sentences use the source's most frequent words), and near-duplicates of a
+    test sentence (a word different) may remain. What it does not hold is the test sentences, a
+    sentence containing one, or any sentence of an entry (any copy of it) that holds one."""
     held_out = {" ".join(words_of(s)) for s in spoken_elsewhere}
     held_out.discard("")
     by_first: dict[str, list[str]] = {}
@@ -149,10 +149,14 @@ def lm_text_sentences(spoken_elsewhere: list[str], directory: Path = FORTUNE_DIR
         padded = f" {line} "
         return any(h in padded for w in set(line.split()) for h in by_first.get(w, ()))
 
-    out = []
-    for entry in read_fortune_entries(directory):
-        lines = [" ".join(words_of(s)) for s in entry]
-        if any(holds_test_sentence(line) for line in lines):
-            continue
-        out += [line for line in lines if line]
+    entries = [[" ".join(words_of(s)) for s in entry] for entry in read_fortune_entries(directory, dedupe=False)]
+    # every copy of an entry counts, and a sentence of an entry that holds a test sentence is left out
+    # wherever else it occurs too
+    left_out = {line for lines in entries if any(holds_test_sentence(x) for x in lines) for line in lines}
+    out, seen = [], set(left_out)
+    for lines in entries:
+        for line in lines:
+            if line and line not in seen:
+                seen.add(line)
+                out.append(line)
     return out
