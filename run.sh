@@ -90,7 +90,7 @@ cfg_values=$("$python" -m asr_parallel.config "${cfg_args[@]}" --get exp_dir,dat
 
 # lock DIR MODE: hold DIR/.run.lock (MODE exclusive, or shared for readers) while this script runs;
 # another run.sh that needs it otherwise stops with a message naming the holder. A run.sh started by
-# one that holds the lock (stage 8 runs stages 4-7 per run) shares it.
+# one that holds the lock (stage 8 runs stages 5-7 per run) shares it.
 lock() {
   local dir=$1 mode=$2 fd abs rc=0
   mkdir -p "$dir"
@@ -134,7 +134,7 @@ if [ "$cfg_nnodes" -le 1 ] || [ "$cfg_node_rank" = 0 ]; then
   if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 0 ]; then
     lock "$data_dir" exclusive      # stages 0-4 write the data directory
   elif [ "$stop_stage" -ge 5 ]; then
-    lock "$data_dir" shared         # later stages only read it: several may run at once
+    lock "$data_dir" shared         # later stages only read it (stage 8 may build a graph, under its own lock)
   fi
   if [ "$stop_stage" -ge 5 ]; then
     lock "$exp_dir_cfg" exclusive

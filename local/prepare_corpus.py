@@ -7,6 +7,8 @@ interrupted generation session by session, and print its totals.
 With one: check that it has CHiME-6's layout and stop with a list of what is missing or malformed.
 """
 
+from pathlib import Path
+
 from asr_parallel.corpus import chime6
 from asr_parallel.stages import corpus_dir, parser, run_stage
 
@@ -25,6 +27,13 @@ def main(argv=None):
                 raise RuntimeError(report.message(corpus))
             print(f"CHiME-6 corpus at {corpus}: layout complete, {report.segments} usable segments"
                   + "".join(f"; {n} to skip ({r})" for r, n in report.skipped.items()))
+            # a simulated corpus's own files in this data directory (an earlier simulated run) would
+            # make stage 4 take its text as this corpus's LM text (decode.lm_extra_text auto)
+            for name in ("sentences.json", "voices.json"):
+                stale = Path(cfg.data_dir) / name
+                if stale.is_file():
+                    stale.unlink()
+                    print(f"{stale}: removed (the simulated corpus's, not this corpus's)")
             return {"segments": report.segments}
         from asr_parallel.corpus.simulate import format_summary, simulate_corpus
 

@@ -80,7 +80,7 @@ def test_lm_text_graph_of_the_simulated_corpus(prepared):
     """Stage 4 with decode.lm_extra_text auto (the recipe's default) on the simulated corpus: the LM's
     own directory holds the transcripts, then the text source less the entries of the dev and eval
     sentences (every line the pieces can spell), its words in words.txt and lexicon.txt, and the graph;
-    no extra line holds a dev or eval sentence; stage 3's directory keeps no graph of it."""
+    no extra line holds a dev or eval sentence."""
     import sentencepiece as spm
 
     from asr_parallel.corpus.text import lm_text_sentences, words_of
@@ -101,7 +101,7 @@ def test_lm_text_graph_of_the_simulated_corpus(prepared):
     lexicon = dict(line.split(" ", 1) for line in (lm / "lexicon.txt").read_text().splitlines())
     assert set(lexicon) == set(words) and all(sp.decode(lexicon[w].split()) == w for w in words[:50])
     assert (lm / "tokens.txt").read_text() == (lang / "tokens.txt").read_text()
-    assert (lm / "TLG_3gram.fst").is_file() and not (lang / "TLG_3gram.fst").exists()
+    assert (lm / "TLG_3gram.fst").is_file() and (lm / "G_3gram.arpa").is_file()
 
 
 def test_lm_extra_text_auto_is_nothing_for_a_real_corpus(tmp_path):

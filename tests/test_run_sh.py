@@ -36,8 +36,13 @@ def test_unknown_option_and_missing_value():
 def test_real_layout_corpus_end_to_end_and_rerun(fixture_corpus, tmp_path):
     args = ["--config", "recipes/chime6.yaml", "--corpus-dir", str(fixture_corpus), "--stop-stage", "3",
             "--overrides", f"data_dir={tmp_path}/data tokenizer.vocab_size=40"]
+    # a simulated corpus's sentence pools left in the data directory: removed by stage 0, so that
+    # stage 4's decode.lm_extra_text auto does not take the simulated text for this corpus's
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sentences.json").write_text('{"train": ["A b."], "eval": ["C d."]}')
     r = run_sh(*args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert not (tmp_path / "data" / "sentences.json").exists()
     for n, name in enumerate(["corpus", "manifests", "features", "tokenizer"]):
         assert f"Stage {n} ({name}): start" in r.stdout and f"Stage {n} ({name}): done in" in r.stdout
     assert (tmp_path / "data/lang_bpe_40/tokens.txt").is_file()

@@ -2,7 +2,8 @@
 # GPU checks, run on a lent GPU machine through the device tool (see RESULTS.md for what it gave):
 #   1. NCCL: torchrun with one rank, sync_sgd (DDP over NCCL), bf16 autocast, trainer steps;
 #   2. throughput of the project's trainer against a bare PyTorch loop (bf16): conformer (torchaudio's
-#      block, and the rotary block with and without torch.compile), tdnn and mlp;
+#      block, and the rotary block with and without torch.compile), tdnn and mlp (with and without
+#      torch.compile), and the survey's 6 x 2048 MLP;
 #   3. tests/test_gpu.py: training steps of every model under torch.cuda.set_sync_debug_mode("error"), and
 #      the devices of CTC's lengths in the strategies with their own steps;
 #   4. bench_loader: the data loader (0, 2, 4 workers) against the GPU step, when the features are carried;
@@ -22,7 +23,7 @@ run() {  # name, then the command
   echo "== $name"
   timeout 240 "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/$name.log" | tail -4
 }
-big="--set train.max_duration=600 --set train.device=cuda --set train.bf16=true --steps 20 --warmup 3 --repeats 3"
+big="--set train.max_duration=600 --set train.device=cuda --set train.bf16=true --steps 50 --warmup 5 --repeats 3"
 run nccl_sync_sgd_conformer python3 -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m asr_parallel.bin.bench_train --set strategy.name=sync_sgd $big --output "$OUT/bench_nccl_sync_sgd_conformer.json"
 run bench_conformer python3 -m asr_parallel.bin.bench_train $big --output "$OUT/bench_conformer.json"
@@ -32,6 +33,14 @@ run bench_conformer_rotary python3 -m asr_parallel.bin.bench_train --set model.c
   --output "$OUT/bench_conformer_rotary.json"
 run bench_conformer_rotary_compile python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary \
   --set train.compile=true $big --output "$OUT/bench_conformer_rotary_compile.json"
+run bench_tdnn_compile python3 -m asr_parallel.bin.bench_train --set model.name=tdnn --set train.compile=true $big \
+  --output "$OUT/bench_tdnn_compile.json"
+run bench_mlp_compile python3 -m asr_parallel.bin.bench_train --set model.name=mlp --set train.compile=true $big \
+  --output "$OUT/bench_mlp_compile.json"
+# the survey's MLP (6 x 2048, RESULTS' anchor): frames/s here; model FLOP utilisation is frames/s times
+# 3 x the model's forward FLOPs per frame (its stage table) over the GPU's peak, worked out from the JSON
+run bench_mlp_6x2048 python3 -m asr_parallel.bin.bench_train --set model.name=mlp --set model.mlp.num_layers=6 \
+  --set model.mlp.hidden_dim=2048 $big --output "$OUT/bench_mlp_6x2048.json"
 run test_gpu python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # the loader against the GPU step: needs the recipe's training features, carried with the run
 # (carry: data/chime6_sim/fbank/feats_ihm_train, data/chime6_sim/fbank/chime6-ihm_cuts_train.jsonl.gz,

@@ -1,7 +1,8 @@
 """Stage 8: train, decode and score every run of ``compare.runs`` and set them side by side.
 
 For each run (a strategy, its number of ranks and optional config overrides) the effective config
-is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 4-7 run on it (4: its graph, skipped when built) (a finished
+is written to ``exp_dir/compare/configs/<label>.yaml`` and run.sh's stages 5-7 run on it, after stage 4 has
+built the decoding graph of every distinct LM among the runs (skipped when built) (a finished
 training or decoding is reused). With ``compare.seeds`` every run is trained once per seed
 (``train.seed=<s>``, into ``exp_dir/seed<s>/``, labelled ``<label>_seed<s>``). A run whose overrides
 change what is trained (``train.lr``, ``train.momentum``: a sweep; ``model.name``) trains under
@@ -581,6 +582,17 @@ def main(argv=None):
     out = Path(base.exp_dir) / comparison_name(base)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     rows, scores = [], {}
+    if not args.collect_only:  # the decoding graph of every distinct LM among the runs (stage 4, skipped when built)
+        graphs = {}
+        for plan in plans:
+            graphs.setdefault(plan.cfg.fingerprint("tokenizer", "decode"), plan)
+        for i, plan in enumerate(graphs.values()):
+            path = out / "configs" / f"graph{i}.yaml"
+            dump_config(plan.cfg, path)
+            r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.prepare_graph", "--config", str(path)], cwd=REPO)
+            if r.returncode != 0:
+                print("ERROR: stage 8 (compare): the decoding graph could not be built (see above)", file=sys.stderr)
+                raise SystemExit(1)
     for plan in plans:
         exp = experiment_dir(plan.cfg)
         if not args.collect_only:
@@ -588,7 +600,7 @@ def main(argv=None):
             dump_config(plan.cfg, path)
             print(f"=== {plan.label}: training, decoding and scoring into {exp}", flush=True)
             r = subprocess.run(["bash", str(REPO / "run.sh"), "--setup", "false", "--config", str(path),
-                                "--stage", "4", "--stop-stage", "7"], cwd=REPO)  # 4: its graph (skipped when built)
+                                "--stage", "5", "--stop-stage", "7"], cwd=REPO)
             if r.returncode != 0:
                 print(f"ERROR: stage 8 (compare): run {plan.label} failed (see above); {exp} keeps what it finished",
                       file=sys.stderr)

@@ -156,10 +156,30 @@ def main(argv=None):
               f"{cfg.decode.lm_order}-gram LM {arpa.name} from {info['lm_lines']} lines; extra text: {origin})")
         return info
 
-    # what the graph depends on: the pieces, the LM order and the LM text (not the search options)
-    run_stage(4, args, ("tokenizer",), work,
-              extra_fingerprint=lambda cfg: f"order{cfg.decode.lm_order}:{lm_tag(cfg)}",
-              marker_suffix=graph_marker_suffix, outputs_exist=lambda cfg: graph_paths(cfg)[1].is_file())
+    # One builder at a time per data directory (stage 8 builds graphs beside runs that read others),
+    # and the marker is checked once the lock is held.
+    import fcntl
+
+    from asr_parallel.corpus.text import LM_TEXT_VERSION
+    from asr_parallel.stages import load
+
+    try:
+        data_dir = Path(load(args).data_dir)
+    except Exception:  # a bad config: run_stage reports it
+        data_dir = None
+    lock = None
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / ".graph.lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        # what the graph depends on: the pieces, the LM order and the LM text (not the search options)
+        run_stage(4, args, ("tokenizer",), work,
+                  extra_fingerprint=lambda cfg: f"order{cfg.decode.lm_order}:{lm_tag(cfg)}:text{LM_TEXT_VERSION}",
+                  marker_suffix=graph_marker_suffix, outputs_exist=lambda cfg: graph_paths(cfg)[1].is_file())
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
+# The version of lm_text_sentences' rule: part of stage 4's fingerprint, so that a changed rule
+# rebuilds the simulated corpus's LM and graph (and decodes again).
+LM_TEXT_VERSION = 3
 # Files of pictures, definitions or non-English material; the rest is prose.
 EXCLUDED_FILES = {"art", "ascii-art", "translate-me", "perl", "linux", "debian", "definitions"}
 
