@@ -271,23 +271,26 @@ def test_compiled_stages_train_as_the_eager_model(prepared, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+E12 = ["train.epochs=12"]  # the default recipe's epochs before 2026-12-02 (now 10)
+
+
 def test_fingerprints_of_runs_from_before_the_new_keys():
     """Keys added since (``model.conformer.block``, ``train.bf16_cpu``) are left out of the training
     fingerprint at their defaults, and ``train.compile`` is operational, so a run finished before
     keeps its fingerprint: the values below are those the code of 105aa65 computed for these
-    recipes. The rotary block changes it. (``train.bf16_cpu: auto`` fingerprints as float32 here
+    recipes (the default recipe then trained 12 epochs: E12). The rotary block changes it. (``train.bf16_cpu: auto`` fingerprints as float32 here
     because the suite keeps ``auto`` float32; on a CPU with bf16, stage 5 settles ``auto`` to an
     existing run's recorded precision first:
     test_auto_settles_on_an_existing_runs_precision_and_the_environment_is_checked.)"""
     from asr_parallel.train.trainer import training_fingerprint
 
-    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml")) == "307a39ec1980f335"
+    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", E12)) == "307a39ec1980f335"
     assert training_fingerprint(load_config(REPO / "recipes/chime6_sim_stragglers.yaml")) == "62d123f811ab4794"
-    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", ["train.compile=true"])) == \
+    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", E12 + ["train.compile=true"])) == \
         "307a39ec1980f335"
-    rotary = load_config(REPO / "recipes/chime6_sim.yaml", ["model.conformer.block=rotary"])
+    rotary = load_config(REPO / "recipes/chime6_sim.yaml", E12 + ["model.conformer.block=rotary"])
     assert training_fingerprint(rotary) != "307a39ec1980f335"
-    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", ["train.bf16_cpu=true"])) != \
+    assert training_fingerprint(load_config(REPO / "recipes/chime6_sim.yaml", E12 + ["train.bf16_cpu=true"])) != \
         "307a39ec1980f335"
 
 
@@ -304,10 +307,10 @@ def test_bf16_cpu_auto_follows_the_cpu_and_the_fingerprint_follows_what_runs(mon
 
     cpu, auto = torch.device("cpu"), TrainConfig()
     assert auto.bf16_cpu == "auto"
-    assert load_config(REPO / "recipes/chime6_sim.yaml").train.bf16_cpu == "auto"
+    assert load_config(REPO / "recipes/chime6_sim.yaml", E12).train.bf16_cpu == "auto"
     monkeypatch.delenv("ASR_PARALLEL_BF16_CPU")
     monkeypatch.setattr(step_mod.torch.cuda, "is_available", lambda: False)
-    recipe = load_config(REPO / "recipes/chime6_sim.yaml")
+    recipe = load_config(REPO / "recipes/chime6_sim.yaml", E12)
     monkeypatch.setattr(step_mod, "cpu_has_native_bf16", lambda: False)
     assert not step_mod.bf16_enabled(auto, cpu)
     assert training_fingerprint(recipe) == "307a39ec1980f335"  # as before the key
@@ -317,10 +320,10 @@ def test_bf16_cpu_auto_follows_the_cpu_and_the_fingerprint_follows_what_runs(mon
         assert step_mod.bf16_enabled(auto, cpu)
     assert training_fingerprint(recipe) != "307a39ec1980f335"
     assert training_fingerprint(recipe) == training_fingerprint(
-        load_config(REPO / "recipes/chime6_sim.yaml", ["train.bf16_cpu=true"]))
+        load_config(REPO / "recipes/chime6_sim.yaml", E12 + ["train.bf16_cpu=true"]))
     assert not step_mod.bf16_enabled(TrainConfig(bf16_cpu=False), cpu)
     assert not step_mod.bf16_enabled(TrainConfig(bf16=False), torch.device("cuda"))  # train.bf16 decides there
-    gpu_run = load_config(REPO / "recipes/chime6_sim.yaml", ["train.device=cuda"])
+    gpu_run = load_config(REPO / "recipes/chime6_sim.yaml", E12 + ["train.device=cuda"])
     assert not step_mod.cpu_bf16_in_effect(gpu_run.train)
     monkeypatch.setenv("ASR_PARALLEL_BF16_CPU", "0")
     assert not step_mod.bf16_enabled(auto, cpu)
