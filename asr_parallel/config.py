@@ -177,6 +177,10 @@ class TrainConfig:
     # an AVX512-BF16 CPU: 1.1-1.2x float32, the recipe's WERs ties, RESULTS.md; AMX not measured),
     # true = always (emulated, with a warning, elsewhere), false = never
     bf16_cpu: bool | Literal["auto"] = "auto"
+    # float32 matmuls on GPU in TF32 (asr_parallel.train.step.set_tf32): the step's precision with
+    # bf16 false, and what stays float32 under autocast; off = torch's default (float32 matmuls;
+    # cuDNN's convolutions are TF32 by torch's default either way)
+    tf32: bool = False
     seed: int = 42
     epochs: int = 10
     max_duration: float = 200.0  # seconds of audio per batch per rank (lhotse bucketing sampler)
@@ -236,6 +240,12 @@ class TrainConfig:
     rdzv_id: str = "asr-parallel"  # the same on every node of one run, different between runs
     max_restarts: int = 3  # torchrun restarts the whole group this often after a rank fails
     collective_timeout: float = 600.0  # seconds a collective (or barrier) waits for the other ranks
+    # the process group: "auto" = NCCL for CUDA tensors with gloo beside it for CPU ones on GPU ranks
+    # (cpu:gloo,cuda:nccl), gloo on CPU ranks; "gloo" = gloo for everything, which lets several ranks
+    # share a GPU (NCCL refuses two ranks on one device; ranks take the node's GPUs in turn) at
+    # gloo's speed: all-reduces stage CUDA tensors through the host, and the pipelines send through
+    # host copies (asr_parallel.strategies.pipeline.p2p_via_host). For tests and small hosts.
+    dist_backend: Literal["auto", "gloo"] = "auto"
 
 
 @dataclass

@@ -12,12 +12,26 @@ def test_train_loop_benchmark_writes_ratio(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "asr_parallel.bin.bench_train", "--set", f"data_dir={tmp_path}/none",
                         "--set", "model.name=mlp", "--set", "model.mlp.hidden_dim=64", "--set", "train.max_duration=10",
-                        "--steps", "2", "--warmup", "1", "--repeats", "1", "--output", str(out)],
+                        "--steps", "2", "--warmup", "1", "--repeats", "1", "--output", str(out),
+                        "--peak-tflops", "2.5", "--measure-peak"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d["batches"] == "synthetic" and d["bare_frames_per_second"] > 0 and d["ratio_trainer_to_bare"] > 0
     assert "ratio" in r.stdout
+    # model FLOP utilisation: 3 x the model's forward FLOPs per frame x the trainer's frames/s over the peak
+    u = d["utilisation"]
+    from asr_parallel.config import load_config
+    from asr_parallel.models import build_model
+
+    cfg = load_config(REPO / "recipes/chime6_sim.yaml", ["model.name=mlp", "model.mlp.hidden_dim=64"])
+    assert u["model_forward_flops_per_frame"] == build_model(cfg.model, cfg.features.num_mel_bins, 500).flops_per_frame()
+    flops = 3 * u["model_forward_flops_per_frame"] * d["trainer_frames_per_second"]  # one rank: its frames/s
+    assert u["model_flops_per_second"] > 0 and abs(u["model_flops_per_second"] / flops - 1) < 1e-3
+    assert u["devices"] == 1 and u["precision"] in ("bf16", "fp32")
+    assert u["peak_tflops"] == 2.5 and u["mfu"] > 0 and abs(u["mfu"] - u["model_flops_per_second"] / 2.5e12) < 1e-12
+    assert u["matmul_tflops_measured"] > 0 and "MFU" in r.stdout
+    assert abs(u["fraction_of_measured_matmul"] / (u["model_flops_per_second"] / (u["matmul_tflops_measured"] * 1e12)) - 1) < 1e-9
 
 
 def test_data_benchmark_writes_rates(tmp_path):

@@ -149,7 +149,7 @@ def drive(spec: dict, dist, tmp) -> dict:
     return {"eval": {k: v.clone() for k, v in evaluated.state_dict().items()} if evaluated is not None else None,
             "comm": st.comm.state_dict(), "predicted": st.predicted_comm(), "steps": ctx.step,
             "delays": list(getattr(st, "delays", [])), "starts": list(st.starts), "part": sorted(part.state_dict()),
-            "summary": st.summary_figures(), "scalars": st.log_scalars(), "calls": calls,
+            "summary": st.summary_figures(), "scalars": st.log_scalars(), "calls": calls, "via_host": st.via_host,
             "params_after": params_after, "busy": st.busy, "busy_at_checkpoint": busy_at_checkpoint,
             "outs": [{"bad": float(o["bad"]), "loss": None if o["loss"] is None else float(o["loss"]),
                       "grad_norm": float(o["grad_norm"]), "cut_ids": list(o["cut_ids"])} for o in outs]}
@@ -284,6 +284,30 @@ def test_hybrid_data_and_pipeline_equals_one_process_on_the_union(four_ranks_hyb
 @pytest.fixture(scope="module")
 def two_stages(tmp_path_factory):
     return _run_stages(2, SCENARIOS, tmp_path_factory.mktemp("pipelines"))
+
+
+@pytest.fixture(scope="module")
+def two_stages_via_host(tmp_path_factory):
+    """Pipelined back-propagation, GPipe and 1F1B with every message through host buffers, as on GPU ranks of
+    a gloo group (train.dist_backend: gloo), forced on these CPU ranks."""
+    os.environ["ASR_PARALLEL_P2P_VIA_HOST"] = "1"  # the spawned ranks inherit it
+    try:
+        return _run_stages(2, {k: SCENARIOS[k] for k in ("pbp", "gpipe", "1f1b")}, tmp_path_factory.mktemp("via_host"))
+    finally:
+        del os.environ["ASR_PARALLEL_P2P_VIA_HOST"]
+
+
+@pytest.mark.parametrize("name", ["pbp", "gpipe", "1f1b"])
+def test_messages_through_host_buffers_train_the_same(two_stages, two_stages_via_host, name):
+    """Sends of host copies and receives into host buffers copied to the tensors (the path of GPU ranks
+    whose process group is gloo) train exactly as direct messages do, with the same calls counted."""
+    direct, via_host = two_stages[0][name], two_stages_via_host[0][name]
+    assert via_host["via_host"] and not direct["via_host"]
+    assert sorted(via_host["eval"]) == sorted(direct["eval"])
+    assert all(torch.equal(via_host["eval"][k], direct["eval"][k]) for k in direct["eval"])
+    for r in range(2):
+        assert two_stages_via_host[r][name]["comm"] == two_stages[r][name]["comm"]
+        assert two_stages_via_host[r][name]["calls"] == two_stages[r][name]["calls"]
 
 
 def plain_training(steps: int, model=MLP, pad_frames: int = 1, grad_clip: float | None = None) -> torch.Tensor:

@@ -7,9 +7,17 @@
 #   3. tests/test_gpu.py: training steps of every model under torch.cuda.set_sync_debug_mode("error"), and
 #      the devices of CTC's lengths in the strategies with their own steps;
 #   4. bench_loader: the data loader (0, 2, 4 workers) against the GPU step, when the features are carried;
+#   5. the conformer's bf16 step against float32 with TF32 matmuls (train.tf32), and the survey MLP's
+#      model FLOP utilisation against the datasheet's peak and a measured matmul;
+#   6. the strategies with the trainer's step or their own on GPU tensors: one rank under NCCL, and two
+#      ranks sharing the GPU through gloo (train.dist_backend=gloo; NCCL refuses two ranks on one GPU):
+#      synchronous SGD with and without compression, and the pipelines. Not the asynchronous ones.
+# Usage: tools/gpu_check.sh [all|bench|strategies] (default all; device time is short: "bench" then
+# "strategies" as two calls when one call would run past its limit).
 # The machine has torch but not lhotse or the kaldi* packages: they travel as wheels in .whl/
 # (python 3.12; tools/gpu_wheels.sh downloads them here). Results are written under $OUT.
 set -uo pipefail
+PART=${1:-all}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -18,11 +26,18 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, lhotse, kaldifst, kaldi_decoder; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
+# Each check runs at most LIMIT seconds (240; the strategies' 90), and none starts once BUDGET
+# seconds (default 540, inside the device tool's 600 per call) have passed since the script began.
+BUDGET=${BUDGET:-540}
+START=$SECONDS
+LIMIT=240
 run() {  # name, then the command
   local name=$1; shift
-  echo "== $name"
-  timeout 240 "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/$name.log" | tail -4
+  if [ $((SECONDS - START)) -ge "$BUDGET" ]; then echo "== $name skipped: past ${BUDGET}s"; return; fi
+  echo "== $name ($((SECONDS - START))s)"
+  timeout "$LIMIT" "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/$name.log" | tail -4
 }
+if [ "$PART" = all ] || [ "$PART" = bench ]; then
 big="--set train.max_duration=600 --set train.device=cuda --set train.bf16=true --steps 50 --warmup 5 --repeats 3"
 run nccl_sync_sgd_conformer python3 -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m asr_parallel.bin.bench_train --set strategy.name=sync_sgd $big --output "$OUT/bench_nccl_sync_sgd_conformer.json"
@@ -37,10 +52,13 @@ run bench_tdnn_compile python3 -m asr_parallel.bin.bench_train --set model.name=
   --output "$OUT/bench_tdnn_compile.json"
 run bench_mlp_compile python3 -m asr_parallel.bin.bench_train --set model.name=mlp --set train.compile=true $big \
   --output "$OUT/bench_mlp_compile.json"
-# the survey's MLP (6 x 2048, RESULTS' anchor): frames/s here; model FLOP utilisation is frames/s times
-# 3 x the model's forward FLOPs per frame (its stage table) over the GPU's peak, worked out from the JSON
+# the conformer in float32 with TF32 matmuls, against its bf16 runs above
+run bench_conformer_rotary_tf32 python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary $big \
+  --set train.bf16=false --set train.tf32=true --output "$OUT/bench_conformer_rotary_tf32.json"
+# the survey's MLP (6 x 2048, RESULTS' anchor): frames/s and model FLOP utilisation (3 x its forward
+# FLOPs per frame x frames/s, over the datasheet's dense bf16 peak and over a measured bf16 matmul)
 run bench_mlp_6x2048 python3 -m asr_parallel.bin.bench_train --set model.name=mlp --set model.mlp.num_layers=6 \
-  --set model.mlp.hidden_dim=2048 $big --output "$OUT/bench_mlp_6x2048.json"
+  --set model.mlp.hidden_dim=2048 $big --measure-peak --output "$OUT/bench_mlp_6x2048.json"
 run test_gpu python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # the loader against the GPU step: needs the recipe's training features, carried with the run
 # (carry: data/chime6_sim/fbank/feats_ihm_train, data/chime6_sim/fbank/chime6-ihm_cuts_train.jsonl.gz,
@@ -51,10 +69,26 @@ if [ -f data/chime6_sim/fbank/chime6-ihm_cuts_train.jsonl.gz ]; then
 else
   echo "== bench_loader skipped: the recipe's features were not carried"
 fi
+fi
+if [ "$PART" = all ] || [ "$PART" = strategies ]; then
+LIMIT=90
 # every strategy that takes the trainer's step, on one rank under NCCL (cpu:gloo,cuda:nccl), 5 steps
-small="--set train.max_duration=200 --set train.device=cuda --set train.bf16=true --steps 5 --warmup 2 --repeats 1"
+small="--set train.max_duration=200 --set train.device=cuda --set train.bf16=true --steps 5 --warmup 2 --repeats 1 \
+  --set train.collective_timeout=60"
 for s in sync_sgd model_averaging bmuf easgd hierarchical pipelined_bp gpipe one_f_one_b synthetic_gradients; do
   run "nccl_$s" python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m asr_parallel.bin.bench_train \
     --set strategy.name=$s $small --output "$OUT/bench_nccl_$s.json"
 done
+# two ranks on the one GPU through gloo: synchronous SGD (DDP; model averaging, BMUF and EASGD use
+# the same all-reduce and broadcast), its compressed schemes (all-gather, all-to-all) and the
+# pipelines (whose messages then travel through host copies), 3 steps each
+two="--set train.world_size=2 --set train.dist_backend=gloo --set train.max_duration=100 --set train.device=cuda \
+  --set train.bf16=true --steps 3 --warmup 1 --repeats 1 --set train.collective_timeout=60"
+for s in sync_sgd pipelined_bp gpipe one_f_one_b synthetic_gradients sync_sgd:onebit sync_sgd:powersgd; do
+  name=${s%%:*}; scheme=${s#*:}; extra=""; label=$name
+  if [ "$scheme" != "$s" ]; then extra="--set strategy.compression=$scheme"; label=${name}_$scheme; fi
+  run "gloo2_$label" python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m asr_parallel.bin.bench_train \
+    --set strategy.name=$name $extra $two --output "$OUT/bench_gloo2_$label.json"
+done
+fi
 echo "== done"

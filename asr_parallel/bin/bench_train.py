@@ -25,6 +25,66 @@ from asr_parallel.config import add_config_args, load_config
 from asr_parallel.utils.io import atomic_write_json
 
 
+# Dense peak TFLOP/s (no structured sparsity) from NVIDIA's datasheets, by the name torch reports and
+# the precision of the step's matmuls; first match wins. Other devices: --peak-tflops or --measure-peak.
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H200 NVL", {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM (GH200's GPU: the same figures)
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+]
+
+
+def matmul_precision(bf16: bool, device) -> str:
+    if bf16:
+        return "bf16"
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def measured_matmul_tflops(device, precision: str, n: int = 0, repeats: int = 10) -> float:
+    """TFLOP/s of an n x n by n x n matmul in ``precision`` on ``device``, the best of ``repeats``
+    (measured: what the device's matmul reaches here, a practical peak to set the model against)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best, per = float("inf"), 10  # back-to-back products per timing: launch and sync costs amortised
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(per):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t0) / per)
+    return 2 * n ** 3 / best / 1e12
+
+
+def utilisation(model, fps: float, device, precision: str, devices: int = 1, peak: float = 0.0,
+                measure: bool = False) -> dict:
+    """Model FLOP utilisation: 3 x the model's forward FLOPs per input frame (modelled from its layer
+    table, :meth:`AcousticModel.flops_per_frame`: forward, and twice that backward) times ``fps``, the
+    measured frames/s of distinct training data (a pipeline's ranks share their minibatches), over
+    ``devices`` devices' peak: ``peak`` (TFLOP/s per device, given), else the datasheet's
+    (:data:`PEAK_TFLOPS`), and with ``measure`` also over the measured matmul rate of
+    :func:`measured_matmul_tflops` (on this process's device)."""
+    flops = 3 * model.flops_per_frame() * fps
+    out = {"precision": precision, "model_forward_flops_per_frame": model.flops_per_frame(), "devices": devices,
+           "model_flops_per_second": flops, "model_tflops": round(flops / 1e12, 4)}
+    source = "given"
+    if not peak and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak, source = next(((p[precision], f"datasheet ({key}, dense {precision})") for key, p in PEAK_TFLOPS
+                             if key in name), (0.0, None))
+    if peak:
+        out.update({"peak_tflops": peak, "peak_source": source, "mfu": flops / (devices * peak * 1e12)})
+    if measure:
+        m = measured_matmul_tflops(device, precision)
+        out.update({"matmul_tflops_measured": m, "fraction_of_measured_matmul": flops / (devices * m * 1e12)})
+    return out
+
+
 def get_batches(cfg, n: int, sp):
     from asr_parallel.train.data import Batch, CutDataset, make_sampler
 
@@ -109,6 +169,12 @@ def main(argv=None):
     p.add_argument("--other-precision", action="store_true",
                    help="also time the bare loop at the other precision (float32 against bf16) in each round: "
                         "what bf16 autocast gains or costs on this device, measured in the same run")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's peak TFLOP/s in the step's precision, for model FLOP utilisation "
+                        "(0: the datasheet's for known GPUs)")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="also time a large matmul in the step's precision and report the trainer's model "
+                        "FLOP/s as a fraction of it")
     args = p.parse_args(argv)
 
     import sentencepiece as spm
@@ -159,7 +225,7 @@ def main(argv=None):
     result = {
         "machine": f"{platform.node()}", "cpu": platform.processor() or platform.machine(),
         "code": code_version(), "env_ASR_PARALLEL_BF16_CPU": os.environ.get("ASR_PARALLEL_BF16_CPU"),
-        "device": str(device), "bf16": bf16,
+        "device": str(device), "bf16": bf16, "tf32": bool(cfg.train.tf32) if device.type == "cuda" else None,
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(), "model": cfg.model.name, "params": base.num_params(),
         "conformer_block": cfg.model.conformer.block if cfg.model.name == "conformer" else None,
@@ -178,12 +244,23 @@ def main(argv=None):
                        "bare_bf16_frames_per_second": round(fps_bf16, 1),
                        "ratio_bf16_to_float32_bare": round(fps_bf16 / fps_f32, 4),
                        "seconds_bare_other_precision": [round(t, 3) for t in t_other]})
+    # distinct frames/s: every data shard's (a pipeline's ranks train the same minibatches); the devices
+    # the ranks run on (ranks sharing a GPU through gloo count it once)
+    shards = trainer.strategy.data_shard()[1]
+    devices = min(dist.world_size, torch.cuda.device_count()) if device.type == "cuda" else 1
+    result["utilisation"] = utilisation(base, frames / statistics.median(t_trainer) * shards, device,
+                                        matmul_precision(bf16, device), devices, args.peak_tflops, args.measure_peak)
     if args.decode and dist.is_main:
         result["decode"] = decode_rtf(cfg, base, device, sp)
     if dist.is_main:
         print(json.dumps(result, indent=2))
         print(f"{cfg.model.name} on {device}{' bf16' if bf16 else ''}: bare loop {fps_bare:,.0f} frames/s, trainer "
               f"{fps_trainer:,.0f} frames/s, ratio {fps_trainer / fps_bare:.3f}")
+        u = result["utilisation"]
+        print(f"model FLOP/s (modelled FLOPs x measured frames/s): {u['model_flops_per_second'] / 1e12:.4f} TFLOP/s"
+              + (f", MFU {u['mfu']:.1%} of {u['peak_tflops']:g} ({u['peak_source']})" if "mfu" in u else "")
+              + (f", {u['fraction_of_measured_matmul']:.1%} of a measured {u['matmul_tflops_measured']:.3g} TFLOP/s "
+                 "matmul" if "matmul_tflops_measured" in u else ""))
         if t_other:
             print(f"bare loop in bf16 against float32: {result['bare_bf16_frames_per_second']:,.0f} against "
                   f"{result['bare_float32_frames_per_second']:,.0f} frames/s, ratio {result['ratio_bf16_to_float32_bare']:.3f}")

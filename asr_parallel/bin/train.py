@@ -67,8 +67,17 @@ def setup_distributed(cfg):
                           "launch with torchrun --nproc-per-node train.world_size (run.sh does)")
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ConfigError("train.device is cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, the driver); "
+                              "set train.device=cpu or auto")
+        if local_rank >= gpus and cfg.train.dist_backend != "gloo":
+            raise ConfigError(f"local rank {local_rank} has no GPU of its own ({gpus} on this node) and NCCL refuses "
+                              "two ranks on one GPU: launch at most one rank per GPU, or set "
+                              "train.dist_backend=gloo to let ranks share GPUs")
+        index = local_rank % gpus
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
         per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -80,10 +89,11 @@ def setup_distributed(cfg):
         import torch.distributed as dist
 
         # On GPU, NCCL for CUDA tensors and gloo beside it for CPU tensors (control messages, the
-        # pipelines' figures); every collective gives up after train.collective_timeout seconds.
+        # pipelines' figures), unless train.dist_backend is gloo; every collective gives up after
+        # train.collective_timeout seconds.
         timeout = timedelta(seconds=cfg.train.collective_timeout)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timeout,
-                                **restart_store(rank, world, timeout))
+        backend = "cpu:gloo,cuda:nccl" if use_cuda and cfg.train.dist_backend == "auto" else "gloo"
+        dist.init_process_group(backend, timeout=timeout, **restart_store(rank, world, timeout))
     from datetime import timedelta
 
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, initialized=launched,

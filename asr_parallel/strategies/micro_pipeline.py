@@ -45,8 +45,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from asr_parallel.strategies.pipeline import PipelineStrategy, boundary_shapes
+from asr_parallel.strategies.pipeline import PipelineStrategy, boundary_shapes, host_copy
 from asr_parallel.train.data import ladder
+
+
+class CopyBack:
+    """The last work of a batch of transfers through host buffers: its ``wait`` copies every received
+    host buffer into its device tensor (``keep``: the host buffers of the sends, alive until then)."""
+
+    def __init__(self, received: list, keep: list):
+        self.received, self.keep = received, keep
+
+    def wait(self, timeout=None):
+        with torch.no_grad():  # the schedule's receive buffers may be leaves that require grad
+            for target, host in self.received:
+                target.copy_(host)
+        return True
 
 
 @dataclass
@@ -167,6 +181,7 @@ class MicroPipeline(PipelineStrategy):
     @contextmanager
     def _instrumented(self):
         """Count the bytes of the schedule's sends by direction, time its waits, and bound them."""
+        import torch.distributed as tdist
         import torch.distributed.pipelining.schedules as sch
 
         batch_p2p, wait_p2p = sch._batch_p2p, sch._wait_batch_p2p
@@ -193,9 +208,25 @@ class MicroPipeline(PipelineStrategy):
                     strategy.comm.add(0, 1, label)
                     strategy.comm.bytes_received += nbytes
             try:
-                return batch_p2p(ops, desc)
+                if not strategy.via_host:
+                    return batch_p2p(ops, desc)
+                return via_host(ops, desc)
             except RuntimeError as e:
                 strategy._fail(desc or "neighbour handshake", -1, e)
+
+        def via_host(ops, desc):
+            """The schedule's transfers through host buffers (p2p_via_host): sends of host copies,
+            receives into host buffers that a last work copies into the schedule's tensors once the
+            others are done (the schedule waits for its works in order: torch 2.11's
+            ``_wait_batch_p2p``, which every wait of its schedules goes through)."""
+            staged, received = [], []
+            for op in ops:
+                send = getattr(op.op, "__name__", "") == "isend"
+                host = host_copy(op.tensor) if send else torch.empty_like(op.tensor, device="cpu")
+                if not send:
+                    received.append((op.tensor, host))
+                staged.append(tdist.P2POp(op.op, host, op.peer, op.group, op.tag))
+            return list(batch_p2p(staged, desc)) + [CopyBack(received, [op.tensor for op in staged])]
 
         def timed_wait(works):
             t0 = time.perf_counter()

@@ -32,6 +32,7 @@ weight delay (staleness), updates skipped for a non-finite gradient, and bytes p
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import time
 
@@ -45,6 +46,57 @@ _LINK_FAILURE = re.compile(r"[Tt]imed? ?out|[Tt]imeout|[Cc]onnection|closed|rese
 
 HEADER = 4  # int64 values ahead of every activation: batch, time, feature dims, dtype code
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def p2p_via_host(device: torch.device, group=None) -> bool:
+    """Whether point-to-point messages of tensors on ``device`` travel through host copies. Gloo sends
+    and receives host memory only: its collectives take CUDA tensors (staged through the host), but
+    its send and recv hand the tensor's data pointer to the TCP transport whatever the device (a CUDA
+    tensor is not refused, it is read as host memory). So on GPU ranks whose process group is gloo
+    (``train.dist_backend: gloo``: several ranks sharing one GPU, which NCCL refuses) an activation or
+    gradient is copied to the host to be sent, and received into a host buffer copied to the device.
+    ``ASR_PARALLEL_P2P_VIA_HOST=1`` forces the host path (tests on CPU ranks), ``=0`` turns it off."""
+    forced = os.environ.get("ASR_PARALLEL_P2P_VIA_HOST", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if device.type == "cpu":
+        return False
+    import torch.distributed as tdist
+
+    return tdist.is_initialized() and tdist.get_backend(group) == "gloo"
+
+
+class ViaHost:
+    """A posted send or receive of a device tensor through a host copy (:func:`p2p_via_host`):
+    :meth:`wait` completes the transfer and copies a received host buffer into the device tensor."""
+
+    def __init__(self, work, host: torch.Tensor, target: torch.Tensor | None = None):
+        self.work, self.host, self.target = work, host, target
+
+    def wait(self, timeout=None):
+        done = self.work.wait() if timeout is None else self.work.wait(timeout=timeout)
+        if self.target is not None:
+            with torch.no_grad():  # as the backend writes a buffer: not an operation autograd records
+                self.target.copy_(self.host)
+        return done
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``tensor`` to send (a new buffer on CPU ranks too, so that a test that forces the
+    host path sends from a copy, as a GPU rank does)."""
+    return tensor.detach().to("cpu", copy=True)
+
+
+def post_p2p(op, tensor: torch.Tensor, peer: int, via_host: bool, **kwargs):
+    """``op`` (``isend`` or ``irecv``) of ``tensor`` with ``peer``, through a host copy when
+    ``via_host`` (then the returned work is a :class:`ViaHost`, which keeps the host buffer alive)."""
+    if not via_host:
+        return op(tensor, peer, **kwargs)
+    if getattr(op, "__name__", "") == "isend":
+        host = host_copy(tensor)
+        return ViaHost(op(host, peer, **kwargs), host)
+    host = torch.empty_like(tensor, device="cpu")
+    return ViaHost(op(host, peer, **kwargs), host, tensor)
 
 
 def partition(weights: list[float], parts: int) -> list[int]:
@@ -152,6 +204,7 @@ class PipelineStrategy(Strategy):
         self.skipped = 0  # updates this part skipped for a non-finite gradient or loss
         self.max_staleness = [0.0] * self.num_parts
         self.figures: dict | None = None  # the last exchange's figures (every stage's)
+        self.via_host = False  # point-to-point messages through host copies (p2p_via_host; set in wrap_model)
 
     # -- data: every rank of a pipeline reads the same batches; R pipelines read R shards
     def data_shard(self) -> tuple[int, int]:
@@ -192,6 +245,7 @@ class PipelineStrategy(Strategy):
         self.bytes_forward = [0] * (self.num_parts - 1)
         self.bytes_backward = [0] * (self.num_parts - 1)
         self.predicted = CommCounter()
+        self.via_host = p2p_via_host(self.dist.device, self.pipe_group)
         return self.part
 
     def prepare_checkpoint(self, ctx) -> list[dict]:
@@ -231,7 +285,7 @@ class PipelineStrategy(Strategy):
     def _post(self, op, tensor: torch.Tensor, peer: int, what: str):
         """``isend`` or ``irecv``, with a broken connection reported as :meth:`_wait` does."""
         try:
-            return op(tensor, peer)
+            return post_p2p(op, tensor, peer, self.via_host)
         except RuntimeError as e:
             self._fail(what, peer, e)
 
@@ -453,7 +507,7 @@ class PipelineStrategy(Strategy):
                 flat = torch.cat([t.detach().reshape(-1).to(tensors[0].dtype) for t in tensors])
                 for counter in (self.comm, self.predicted):
                     counter.add(nbytes, 1, "eval")
-                tdist.send(flat, 0)
+                tdist.send(host_copy(flat) if self.via_host else flat, 0)
             elif self.first:
                 flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
                 for counter in (self.comm, self.predicted):

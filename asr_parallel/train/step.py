@@ -80,9 +80,20 @@ def cpu_bf16_in_effect(tc) -> bool:
     return on_cpu and cpu_bf16_wanted(tc)
 
 
+def set_tf32(tc, device: torch.device) -> None:
+    """``train.tf32`` on GPU ranks: float32 matmuls in TF32 (10-bit mantissa products, float32
+    accumulation; NVIDIA Ampere and later), i.e. what runs outside bf16 autocast, or the whole step
+    with ``train.bf16: false``. cuDNN's convolutions are TF32 by torch's default whatever this says
+    (``torch.backends.cudnn.allow_tf32``, left as it is). Process-wide (torch's flag), so a
+    benchmark's bare loop in the same process runs in the same precision."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(tc.tf32)
+
+
 class StepContext:
     def __init__(self, tc, device: torch.device, optimizer: torch.optim.Optimizer, spec_augment=None,
                  fused: bool = False):
+        set_tf32(tc, device)
         self.grad_clip = float(tc.grad_clip)
         self.device = device
         self.optimizer = optimizer

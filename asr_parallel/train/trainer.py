@@ -96,12 +96,12 @@ OPERATIONAL_KEYS = ("max_steps", "time_limit_minutes", "log_every_steps", "check
                     "keep_checkpoints", "num_workers", "max_bad_batches", "average_last_checkpoints",
                     "emulate_nodes", "link_rate", "launcher", "nnodes", "node_rank", "rdzv_endpoint",
                     "rdzv_backend", "rdzv_id", "max_restarts", "collective_timeout", "ranks_per_node",
-                    "compile", "compile_backend")
+                    "compile", "compile_backend", "dist_backend")
 
 
 # Training keys added after fingerprints were first recorded, with their defaults: left out of the
 # fingerprint at the default, so that a finished run from before keeps its fingerprint.
-ADDED_KEYS = {"slow_ranks": {}, "bf16_cpu": False, "pad_growth": 1.0, "lazy_manifests": False}
+ADDED_KEYS = {"slow_ranks": {}, "bf16_cpu": False, "pad_growth": 1.0, "lazy_manifests": False, "tf32": False}
 ADDED_MODEL_KEYS = {("conformer", "block"): "torchaudio"}  # the same for keys of the model section
 
 
