@@ -154,7 +154,8 @@ class ConformerConfig:
     # batch, padding included: configs from before this option); "group" torchaudio's GroupNorm.
     conv_norm: Literal["layer", "batch", "group"] = "layer"
     # "torchaudio": torchaudio's ConformerLayer (no positional encoding); "rotary": the project's block
-    # with rotary positions and scaled_dot_product_attention (asr_parallel/models/conformer.py)
+    # with rotary positions and scaled_dot_product_attention (asr_parallel/models/conformer.py), the
+    # default recipe's; torchaudio's stays the dataclass default so that older configs keep their block
     block: Literal["torchaudio", "rotary"] = "torchaudio"
 
 
@@ -174,7 +175,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True  # bf16 autocast on GPU
     # bf16 autocast on CPU ranks: auto = where the CPU has AVX512-BF16 or AMX (native; measured on
-    # an AVX512-BF16 CPU: 1.1-1.2x float32, the recipe's WERs ties, RESULTS.md; AMX not measured),
+    # an AVX512-BF16 CPU: 1.1-1.2x float32, the recipe's WERs ties; on AMX 1.12-1.16x; RESULTS.md),
     # true = always (emulated, with a warning, elsewhere), false = never
     bf16_cpu: bool | Literal["auto"] = "auto"
     # float32 matmuls on GPU in TF32 (asr_parallel.train.step.set_tf32): the step's precision with

@@ -17,7 +17,7 @@ LR = 0.01
 # and change a gradient by far more than rounding (seen: 0.09 from a 5e-7 change of the weights).
 MLP = ["model.name=mlp", "model.mlp.num_layers=2", "model.mlp.hidden_dim=32", "model.mlp.dropout=0.0",
        "model.mlp.activation=tanh"]
-CONFORMER = ["model.name=conformer", "model.conformer.model_dim=16", "model.conformer.num_layers=1",
+CONFORMER = ["model.name=conformer", "model.conformer.block=torchaudio", "model.conformer.model_dim=16", "model.conformer.num_layers=1",
              "model.conformer.num_heads=2", "model.conformer.ffn_dim=32", "model.conformer.kernel=3",
              "model.conformer.dropout=0.0"]
 CONFORMER_BN = CONFORMER + ["model.conformer.conv_norm=batch"]  # batch-norm buffers in the conv module

@@ -7,7 +7,7 @@ import torch
 from asr_parallel.config import ConfigError, load_config
 from asr_parallel.models import build_model
 
-TINY = ["model.name=conformer", "model.conformer.model_dim=16", "model.conformer.num_layers=2",
+TINY = ["model.name=conformer", "model.conformer.block=torchaudio", "model.conformer.model_dim=16", "model.conformer.num_layers=2",
         "model.conformer.num_heads=2", "model.conformer.ffn_dim=32", "model.conformer.kernel=5",
         "model.conformer.dropout=0.0"]
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     "conformer_rotary": ["model.name=conformer", "model.conformer.block=rotary"],
-    "conformer_torchaudio": ["model.name=conformer"],
+    "conformer_torchaudio": ["model.name=conformer", "model.conformer.block=torchaudio"],
     "tdnn": ["model.name=tdnn"],
     "mlp": ["model.name=mlp"],
 }

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# GPU checks, run on a lent GPU machine through the device tool (see RESULTS.md for what it gave):
-#   1. NCCL: torchrun with one rank, sync_sgd (DDP over NCCL), bf16 autocast, trainer steps;
-#   2. throughput of the project's trainer against a bare PyTorch loop (bf16): conformer (torchaudio's
-#      block, and the rotary block with and without torch.compile), tdnn and mlp (with and without
-#      torch.compile), and the survey's 6 x 2048 MLP;
-#   3. tests/test_gpu.py: training steps of every model under torch.cuda.set_sync_debug_mode("error"), and
+# GPU checks, run on a lent GPU machine through the device tool (see RESULTS.md for what it gave).
+# "bench", in order of what issue 15 needs first:
+#   1. the project's trainer against a bare PyTorch loop (bf16): the default conformer (rotary block),
+#      tdnn and mlp, each with and without torch.compile (repeats' spread in the JSON: within 3%?);
+#   2. the survey's 6 x 2048 MLP: model FLOP utilisation against the datasheet's peak and a measured matmul;
+#   3. the conformer in float32 with TF32 matmuls (train.tf32) against its bf16 run; torchaudio's block;
+#   4. NCCL: torchrun with one rank, sync_sgd (DDP over NCCL), bf16 autocast;
+#   5. tests/test_gpu.py: training steps of every model under torch.cuda.set_sync_debug_mode("error"), and
 #      the devices of CTC's lengths in the strategies with their own steps;
-#   4. bench_loader: the data loader (0, 2, 4 workers) against the GPU step, when the features are carried;
-#   5. the conformer's bf16 step against float32 with TF32 matmuls (train.tf32), and the survey MLP's
-#      model FLOP utilisation against the datasheet's peak and a measured matmul;
-#   6. the strategies with the trainer's step or their own on GPU tensors: one rank under NCCL, and two
-#      ranks sharing the GPU through gloo (train.dist_backend=gloo; NCCL refuses two ranks on one GPU):
-#      synchronous SGD with and without compression, and the pipelines. Not the asynchronous ones.
-# Usage: tools/gpu_check.sh [all|bench|strategies] (default all; device time is short: "bench" then
-# "strategies" as two calls when one call would run past its limit).
+#   6. bench_loader: the data loader (0, 2, 4 workers) against the GPU step, when the features are carried.
+# "strategies": the strategies with the trainer's step or their own on GPU tensors: one rank under NCCL
+#   (the data-parallel ones and the pipelines), and two ranks sharing the GPU through gloo
+#   (train.dist_backend=gloo; NCCL refuses two ranks on one GPU): synchronous SGD with and without
+#   compression (model averaging, BMUF and EASGD use the same collectives), and the pipelines. Not
+#   the asynchronous strategies (the parameter server and Hogwild refuse GPU ranks; AD-PSGD is untested there).
+# Usage: tools/gpu_check.sh [all|bench|strategies] (default all). Device time is short (15 minutes a
+# session, start-up included): run "bench" first with BUDGET=420, then "strategies" with what is left;
+# a check that would start past BUDGET seconds is skipped and says so.
 # The machine has torch but not lhotse or the kaldi* packages: they travel as wheels in .whl/
-# (python 3.12; tools/gpu_wheels.sh downloads them here). Results are written under $OUT.
+# (python 3.12; tools/gpu_wheels.sh downloads them here; .whl/ is ignored by git, so name it in the
+# device tool's carry). Results are written under $OUT.
 set -uo pipefail
 PART=${1:-all}
 OUT=${OUT:-/tmp/gpu_check}
@@ -39,26 +43,29 @@ run() {  # name, then the command
 }
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
 big="--set train.max_duration=600 --set train.device=cuda --set train.bf16=true --steps 50 --warmup 5 --repeats 3"
-run nccl_sync_sgd_conformer python3 -m torch.distributed.run --standalone --nproc-per-node 1 \
-  -m asr_parallel.bin.bench_train --set strategy.name=sync_sgd $big --output "$OUT/bench_nccl_sync_sgd_conformer.json"
+# in order of what the issue needs first: the trainer against the bare loop in bf16 for the default
+# conformer (the rotary block), TDNN and MLP, with and without torch.compile
 run bench_conformer python3 -m asr_parallel.bin.bench_train $big --output "$OUT/bench_conformer.json"
-run bench_mlp python3 -m asr_parallel.bin.bench_train --set model.name=mlp $big --output "$OUT/bench_mlp.json"
 run bench_tdnn python3 -m asr_parallel.bin.bench_train --set model.name=tdnn $big --output "$OUT/bench_tdnn.json"
-run bench_conformer_rotary python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary $big \
-  --output "$OUT/bench_conformer_rotary.json"
-run bench_conformer_rotary_compile python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary \
-  --set train.compile=true $big --output "$OUT/bench_conformer_rotary_compile.json"
+run bench_mlp python3 -m asr_parallel.bin.bench_train --set model.name=mlp $big --output "$OUT/bench_mlp.json"
+run bench_conformer_compile python3 -m asr_parallel.bin.bench_train --set train.compile=true $big \
+  --output "$OUT/bench_conformer_compile.json"
 run bench_tdnn_compile python3 -m asr_parallel.bin.bench_train --set model.name=tdnn --set train.compile=true $big \
   --output "$OUT/bench_tdnn_compile.json"
 run bench_mlp_compile python3 -m asr_parallel.bin.bench_train --set model.name=mlp --set train.compile=true $big \
   --output "$OUT/bench_mlp_compile.json"
-# the conformer in float32 with TF32 matmuls, against its bf16 runs above
-run bench_conformer_rotary_tf32 python3 -m asr_parallel.bin.bench_train --set model.conformer.block=rotary $big \
-  --set train.bf16=false --set train.tf32=true --output "$OUT/bench_conformer_rotary_tf32.json"
 # the survey's MLP (6 x 2048, RESULTS' anchor): frames/s and model FLOP utilisation (3 x its forward
 # FLOPs per frame x frames/s, over the datasheet's dense bf16 peak and over a measured bf16 matmul)
 run bench_mlp_6x2048 python3 -m asr_parallel.bin.bench_train --set model.name=mlp --set model.mlp.num_layers=6 \
   --set model.mlp.hidden_dim=2048 $big --measure-peak --output "$OUT/bench_mlp_6x2048.json"
+# the conformer in float32 with TF32 matmuls, against its bf16 run above; torchaudio's block (an option)
+run bench_conformer_tf32 python3 -m asr_parallel.bin.bench_train $big --set train.bf16=false --set train.tf32=true \
+  --output "$OUT/bench_conformer_tf32.json"
+run bench_conformer_torchaudio python3 -m asr_parallel.bin.bench_train --set model.conformer.block=torchaudio $big \
+  --output "$OUT/bench_conformer_torchaudio.json"
+# one rank under NCCL through torchrun (DDP), bf16
+run nccl_sync_sgd_conformer python3 -m torch.distributed.run --standalone --nproc-per-node 1 \
+  -m asr_parallel.bin.bench_train --set strategy.name=sync_sgd $big --output "$OUT/bench_nccl_sync_sgd_conformer.json"
 run test_gpu python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # the loader against the GPU step: needs the recipe's training features, carried with the run
 # (carry: data/chime6_sim/fbank/feats_ihm_train, data/chime6_sim/fbank/chime6-ihm_cuts_train.jsonl.gz,

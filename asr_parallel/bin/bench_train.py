@@ -225,6 +225,7 @@ def main(argv=None):
     result = {
         "machine": f"{platform.node()}", "cpu": platform.processor() or platform.machine(),
         "code": code_version(), "env_ASR_PARALLEL_BF16_CPU": os.environ.get("ASR_PARALLEL_BF16_CPU"),
+        "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
         "device": str(device), "bf16": bf16, "tf32": bool(cfg.train.tf32) if device.type == "cuda" else None,
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(), "model": cfg.model.name, "params": base.num_params(),
@@ -235,6 +236,9 @@ def main(argv=None):
         "bare_frames_per_second": round(fps_bare, 1), "trainer_frames_per_second": round(fps_trainer, 1),
         "ratio_trainer_to_bare": round(fps_trainer / fps_bare, 4),
         "seconds_bare": [round(t, 3) for t in t_bare], "seconds_trainer": [round(t, 3) for t in t_trainer],
+        # how far the repeats agree: slowest over fastest, less one
+        "repeat_spread": {"bare": round(max(t_bare) / min(t_bare) - 1, 4),
+                          "trainer": round(max(t_trainer) / min(t_trainer) - 1, 4)},
     }
     if t_other:
         fps_other = frames / statistics.median(t_other) * dist.world_size

@@ -2,9 +2,10 @@
 end that subsamples time by 4 (two 3x3 convolutions of stride 2, as in ESPnet and icefall). The
 blocks are grouped into stages of ``layers_per_stage`` for pipeline cuts. ``block`` chooses them:
 
-* ``torchaudio`` (default): torchaudio's ConformerLayer, which adds no positional information of
-  its own (the attention sees positions only through the convolution module's padding);
-* ``rotary``: this project's block (:class:`RotaryBlock`): rotary positions in the attention
+* ``torchaudio`` (the dataclass default, so that configs from before the option keep it):
+  torchaudio's ConformerLayer, which adds no positional information of its own (the attention sees
+  positions only through the convolution module's padding);
+* ``rotary`` (the default recipe's since 2026-12-02): this project's block (:class:`RotaryBlock`): rotary positions in the attention
   (RoFormer, Su et al. 2021), ``scaled_dot_product_attention`` with a boolean key mask, and the
   convolution module's normalisation per frame, padding zeroed; no host synchronisation and one
   graph for ``torch.compile``.

@@ -1051,6 +1051,8 @@ class Trainer:
                 "wall_seconds": round(self.elapsed_before + self._elapsed(), 1),
                 "train_seconds": round(self.train_seconds, 2), "frames_per_rank": self.frames_total,
                 "threads_per_rank": torch.get_num_threads() if self.device.type == "cpu" else None,
+                # oneDNN's primitive cache (asr_parallel/__init__.py): it moves CPU step times by 20% or more
+                "onednn_primitive_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
                 "slow_ranks": {str(k): v for k, v in self.tc.slow_ranks.items()},
                 "slow_basis": self._slow_basis(),
                 "slow_seconds_per_rank": ranks["slow_seconds"],
