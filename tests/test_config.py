@@ -85,3 +85,19 @@ def test_uneven_placement_is_checked():
         assert words in str(e.value)
     with pytest.raises(ConfigError, match="emulated nodes only"):
         load_config(REPO / "recipes/chime6_sim.yaml", ["train.world_size=3", "train.ranks_per_node=[2, 1]"])
+
+
+def test_the_package_sets_onednns_primitive_cache_unless_the_environment_does():
+    """Importing asr_parallel raises oneDNN's primitive cache to 16384 (the default 1024 overflows
+    with the batches' shapes, RESULTS.md); a value already in the environment is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import asr_parallel, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "16384"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}, cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "64"

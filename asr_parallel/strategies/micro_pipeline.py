@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from asr_parallel.strategies.pipeline import PipelineStrategy, boundary_shapes, host_copy
+from asr_parallel.strategies.pipeline import PipelineStrategy, boundary_shapes, host_buffer, is_send
 from asr_parallel.train.data import ladder
 
 
@@ -190,7 +190,7 @@ class MicroPipeline(PipelineStrategy):
         def counted(ops, desc=None):
             for op in ops:
                 nbytes = op.tensor.numel() * op.tensor.element_size()
-                send = getattr(op.op, "__name__", "") == "isend"
+                send = is_send(op.op)
                 # The neighbour handshake of a new stage goes out without a description.
                 if desc is None:
                     label = "handshake"
@@ -221,9 +221,8 @@ class MicroPipeline(PipelineStrategy):
             ``_wait_batch_p2p``, which every wait of its schedules goes through)."""
             staged, received = [], []
             for op in ops:
-                send = getattr(op.op, "__name__", "") == "isend"
-                host = host_copy(op.tensor) if send else torch.empty_like(op.tensor, device="cpu")
-                if not send:
+                host = host_buffer(op.op, op.tensor)
+                if not is_send(op.op):
                     received.append((op.tensor, host))
                 staged.append(tdist.P2POp(op.op, host, op.peer, op.group, op.tag))
             return list(batch_p2p(staged, desc)) + [CopyBack(received, [op.tensor for op in staged])]

@@ -87,16 +87,23 @@ def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
+def is_send(op) -> bool:
+    return getattr(op, "__name__", "") == "isend"
+
+
+def host_buffer(op, tensor: torch.Tensor) -> torch.Tensor:
+    """The host buffer that ``op`` (``isend`` or ``irecv``) moves in place of ``tensor``: a copy of it
+    to send, or an empty buffer of its shape to receive into."""
+    return host_copy(tensor) if is_send(op) else torch.empty_like(tensor, device="cpu")
+
+
 def post_p2p(op, tensor: torch.Tensor, peer: int, via_host: bool, **kwargs):
-    """``op`` (``isend`` or ``irecv``) of ``tensor`` with ``peer``, through a host copy when
+    """``op`` (``isend`` or ``irecv``) of ``tensor`` with ``peer``, through a host buffer when
     ``via_host`` (then the returned work is a :class:`ViaHost`, which keeps the host buffer alive)."""
     if not via_host:
         return op(tensor, peer, **kwargs)
-    if getattr(op, "__name__", "") == "isend":
-        host = host_copy(tensor)
-        return ViaHost(op(host, peer, **kwargs), host)
-    host = torch.empty_like(tensor, device="cpu")
-    return ViaHost(op(host, peer, **kwargs), host, tensor)
+    host = host_buffer(op, tensor)
+    return ViaHost(op(host, peer, **kwargs), host, None if is_send(op) else tensor)
 
 
 def partition(weights: list[float], parts: int) -> list[int]:
