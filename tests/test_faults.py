@@ -133,6 +133,33 @@ def test_launcher_prints_the_command_and_config_checks_nodes(tmp_path):
     assert r.returncode == 1 and "train.nnodes" in r.stderr and "equal numbers of ranks per node" in r.stderr
 
 
+def test_the_launchers_lines_reach_a_shared_stderr_whole(monkeypatch):
+    """Each node's launcher writes its command line (and each warning) in one write, newline included.
+    stderr is write-through and ``print`` writes the newline separately, so the two launchers of an
+    emulated cluster, sharing one pipe, once ran their command lines together into a single line (a
+    CI failure of the SLURM test below). A write of one line under PIPE_BUF is atomic on a pipe."""
+    import io
+
+    from asr_parallel.bin import launch
+
+    class Recorder(io.StringIO):
+        writes: list[str] = []
+
+        def write(self, s):
+            self.writes.append(s)
+            return len(s)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    monkeypatch.chdir(REPO)
+    launch.main(["--config", "recipes/chime6_sim.yaml", "--set", "train.world_size=2", "--set",
+                 "train.emulate_nodes=2", "--dry-run"])
+    writes = [w for w in sys.stderr.writes if w]
+    assert any(w.startswith("launch_train: ") for w in writes)
+    assert any(w.startswith("WARNING: launch_train: ") for w in writes) == (os.geteuid() != 0)
+    for w in writes:
+        assert w.endswith("\n") and w.count("\n") == 1, writes
+
+
 def test_overrides_with_spaces_and_lists(tmp_path):
     from asr_parallel.config import ConfigError, load_config, split_overrides
 

@@ -41,6 +41,7 @@ import sys
 from pathlib import Path
 
 from asr_parallel.config import ConfigError, add_config_args, load_config
+from asr_parallel.utils.logging import say
 
 REPO = Path(__file__).resolve().parents[2]
 RDZV_PORT = 29400
@@ -206,11 +207,11 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, sets)
         cmd, warnings = build(cfg, train_args, dict(os.environ), node_env=args.node_env, local_addr=args.local_addr)
     except ConfigError as e:
-        print(f"ERROR: launch_train: {e}", file=sys.stderr)
+        say(f"ERROR: launch_train: {e}")
         raise SystemExit(1)
     for w in warnings:
-        print(f"WARNING: launch_train: {w}", file=sys.stderr)
-    print(f"launch_train: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        say(f"WARNING: launch_train: {w}")
+    say(f"launch_train: {shlex.join(cmd)}")
     if args.dry_run:
         return
     os.chdir(REPO)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from asr_parallel.config import ConfigError, load_config
 from asr_parallel.stages import experiment_parser
-from asr_parallel.utils.logging import setup_logging
+from asr_parallel.utils.logging import say, setup_logging
 
 
 def experiment_dir(cfg) -> Path:
@@ -44,10 +44,10 @@ def restart_store(rank: int, world: int, timeout) -> dict:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and rank == 0:
-        print("WARNING: torchrun shares its store with the workers on several nodes: after a restart the nodes "
-              "may disagree on it; restarts across nodes need the c10d rendezvous with "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (local/launch_train.sh sets it; with the static rendezvous it "
-              "turns restarts off)", file=sys.stderr, flush=True)
+        say("WARNING: torchrun shares its store with the workers on several nodes: after a restart the nodes "
+            "may disagree on it; restarts across nodes need the c10d rendezvous with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (local/launch_train.sh sets it; with the static rendezvous it "
+            "turns restarts off)")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=False, timeout=timeout, multi_tenant=False)
     prefix = f"asr_parallel/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
@@ -136,7 +136,7 @@ def main(argv=None, parser=None, make_trainer=None):
         cfg = load_config(args.config, args.overrides)
         dist = setup_distributed(cfg)
     except ConfigError as e:
-        print(f"ERROR: stage 5 (train): {e}", file=sys.stderr)
+        say(f"ERROR: stage 5 (train): {e}")
         raise SystemExit(1)
     import sentencepiece as spm
     from lhotse import load_manifest, load_manifest_lazy
@@ -185,7 +185,7 @@ def main(argv=None, parser=None, make_trainer=None):
             import traceback
 
             traceback.print_exception(e.__cause__, file=sys.stderr)
-        print(f"ERROR: stage 5 (train), rank {dist.rank}: {e}", file=sys.stderr)
+        say(f"ERROR: stage 5 (train), rank {dist.rank}: {e}")
         raise SystemExit(1)
     finally:
         if dist.distributed:

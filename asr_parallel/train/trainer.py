@@ -34,7 +34,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -53,6 +52,7 @@ from asr_parallel.train.loss import SpecAugment, ctc_loss, host_output_lengths
 from asr_parallel.train.step import StepContext, cpu_bf16_in_effect
 from asr_parallel.utils import netstat
 from asr_parallel.utils.io import atomic_write_json
+from asr_parallel.utils.logging import say
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +362,7 @@ class Trainer:
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError) as e:  # a cache: warn, count again, rewrite it
-            print(f"WARNING: {path} cannot be read ({type(e).__name__}: {e}); counting epoch 0's batches again",
-                  file=sys.stderr, flush=True)
+            say(f"WARNING: {path} cannot be read ({type(e).__name__}: {e}); counting epoch 0's batches again")
         n = self._epoch_batches(0, count_only=True, kept=kept)
         if n > 0 and n != kept:
             atomic_write_json(path, {"key": key, "batches": n})
@@ -513,10 +512,9 @@ class Trainer:
                 except FileNotFoundError:  # another rank of this storage set it aside first
                     pass
             older = [s for s in steps if s < step]
-            print(f"WARNING: rank {self.dist.rank}: checkpoint {path} is unusable"
-                  + (f": {problem}" if problem else " on another rank")
-                  + (f"; falling back to the one before (step {max(older)})" if older else "; starting afresh"),
-                  file=sys.stderr, flush=True)
+            say(f"WARNING: rank {self.dist.rank}: checkpoint {path} is unusable"
+                + (f": {problem}" if problem else " on another rank")
+                + (f"; falling back to the one before (step {max(older)})" if older else "; starting afresh"))
             steps = older
         self.load_state_dict(state, path)
         if self.dist.is_main:
@@ -818,7 +816,7 @@ class Trainer:
         if self.dist.rank != rank or self.step < step or marker.exists():
             return
         marker.write_text(f"{time.time()}\n")
-        print(f"fault injection: rank {rank} at step {self.step}: {kind}", file=sys.stderr, flush=True)
+        say(f"fault injection: rank {rank} at step {self.step}: {kind}")
         os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
 
     def _run_owned_loop(self) -> None:
@@ -936,9 +934,9 @@ class Trainer:
                 metrics = self.evaluate(model) if has_dev else {}
                 took = time.time() - t0
                 if self.dist.distributed and took > 0.5 * self.tc.collective_timeout:
-                    print(f"WARNING: the evaluation on rank 0 took {took:.0f} s, more than half of "
-                          f"train.collective_timeout ({self.tc.collective_timeout:g} s), while the other ranks wait "
-                          "for it in a barrier: raise train.collective_timeout", file=sys.stderr, flush=True)
+                    say(f"WARNING: the evaluation on rank 0 took {took:.0f} s, more than half of "
+                        f"train.collective_timeout ({self.tc.collective_timeout:g} s), while the other ranks wait "
+                        "for it in a barrier: raise train.collective_timeout")
             elif not has_dev:
                 metrics = {}
             elapsed = self.elapsed_before + self._elapsed()
