@@ -134,16 +134,20 @@ def test_launcher_prints_the_command_and_config_checks_nodes(tmp_path):
 
 
 def test_the_launchers_lines_reach_a_shared_stderr_whole(monkeypatch):
-    """Each node's launcher writes its command line (and each warning) in one write, newline included.
-    stderr is write-through and ``print`` writes the newline separately, so the two launchers of an
-    emulated cluster, sharing one pipe, once ran their command lines together into a single line (a
-    CI failure of the SLURM test below). A write of one line under PIPE_BUF is atomic on a pipe."""
+    """The launcher writes its command line (and each warning) in one write, newline included.
+    Unbuffered (PYTHONUNBUFFERED=1) stderr is write-through and ``print`` writes the newline
+    separately, so the two launchers of an emulated cluster, sharing one pipe, once ran their
+    command lines together into a single line (a CI failure of the SLURM test below). One write of
+    a line under PIPE_BUF is not interleaved on a pipe. The output code is the one every launch
+    path (SLURM, the emulated nodes) shares."""
     import io
 
     from asr_parallel.bin import launch
 
     class Recorder(io.StringIO):
-        writes: list[str] = []
+        def __init__(self):
+            super().__init__()
+            self.writes: list[str] = []
 
         def write(self, s):
             self.writes.append(s)
