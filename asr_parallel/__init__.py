@@ -20,6 +20,6 @@ import os as _os
 # layer and shape (forward, backward data, backward weights; per precision), so the default cache
 # overflows and the steps rebuild primitives they had: measured (RESULTS.md, 2026-12-02, an Intel CPU
 # with AMX, one run each) as 21% of the default recipe's training time, same results, and as a
-# benchmark loop that runs after another precision's losing 20% to the loop it judges. Set before torch builds its first primitive; the environment
-# still decides when it sets the variable.
+# benchmark loop that runs after another precision's losing 20% to the loop it judges. Set before
+# torch builds its first primitive; the environment still decides when it sets the variable.
 _os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")

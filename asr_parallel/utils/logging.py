@@ -21,10 +21,10 @@ def say(message: str, file=None) -> None:
     """Print one line to ``file`` (stderr by default) in a single write, then flush.
 
     ``print`` writes the text and its newline separately, and when Python runs unbuffered
-    (PYTHONUNBUFFERED=1 or ``-u``; the build machines here set it) stderr
-    is write-through, so each part is its own write(2): two processes sharing a stream (the
-    launchers of two nodes, the ranks of one) can run their lines together, one "line" holding
-    both messages and an empty one after it. A single ``write`` of up to PIPE_BUF bytes (4096 on
+    (PYTHONUNBUFFERED=1 or ``-u``; the build machines here set it) stderr is write-through, so
+    each part is its own write(2): two processes sharing a stream (the launchers of two nodes, the
+    ranks of one) can run their lines together, one "line" holding both messages and an empty one
+    after it. A single ``write`` of up to PIPE_BUF bytes (4096 on
     Linux) to a pipe is not interleaved with other writers' (POSIX; not for regular files or
     terminals), so lines stay whole in either mode.
     """
