@@ -8,9 +8,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_default_recipe_loads_and_every_recipe_validates():
+    from asr_parallel.bin.compare import check_pairs
+
     for path in sorted((REPO / "recipes").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.features.num_mel_bins == 80
+        check_pairs(cfg, path)  # stage 8's pairs name runs of the recipe (a base's pairs are inherited)
     large = load_config(REPO / "recipes/chime6_sim_large.yaml")
     # The larger preset inherits from the default and overrides sizes.
     assert large.corpus.simulation.train_minutes_per_session > load_config(

@@ -557,6 +557,17 @@ def plot(out: Path, rows: list[dict]) -> None:
         tmp.replace(out / name)
 
 
+def check_pairs(base: RecipeConfig, source) -> None:
+    """Every ``compare.pairs`` entry names two runs of ``compare.runs`` by their labels (a recipe
+    inherits its base's pairs: one that lists other runs must set its own, ``pairs: []`` for none)."""
+    labels = [run_label(r) for r in base.compare.runs]
+    for pair in base.compare.pairs:
+        unknown = [x for x in pair if x not in labels]
+        if len(pair) != 2 or unknown:
+            raise ConfigError(f"{source}: compare.pairs entry {pair} must name two runs by their labels; "
+                              f"runs: {', '.join(labels)}")
+
+
 def main(argv=None):
     p = experiment_parser(__doc__)
     p.add_argument("--collect-only", action="store_true", help="only gather finished runs (no training)")
@@ -567,12 +578,7 @@ def main(argv=None):
             raise ConfigError(f"{args.config}: compare.runs is empty; list the runs to compare")
         plans = plan_runs(args, base)
         baseline = baseline_label(base)
-        labels = [run_label(r) for r in base.compare.runs]
-        for pair in base.compare.pairs:
-            unknown = [x for x in pair if x not in labels]
-            if len(pair) != 2 or unknown:
-                raise ConfigError(f"{args.config}: compare.pairs entry {pair} must name two runs by their labels; "
-                                  f"runs: {', '.join(labels)}")
+        check_pairs(base, args.config)
     except ConfigError as e:
         print(f"ERROR: stage 8 (compare): {e}", file=sys.stderr)
         raise SystemExit(1)
