@@ -244,6 +244,31 @@ def test_a_stopped_rank_times_out_the_others_and_the_restart_takes_over(prepared
     print(f"stopped rank: run ended after {time.time() - t0:.0f} s")
 
 
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_hogwild_a_dead_or_hung_rank_is_noticed_at_the_next_pause(prepared, tmp_path, fault):
+    """Hogwild's ranks send nothing between pauses. Rank 1 killed after its step 5: torchrun's agent
+    sees it and restarts the group, which resumes from the checkpoint of the epoch's end (step 4).
+    Rank 1 stopped (SIGSTOP) after its step 5: rank 0 trains on alone until the checkpoint of step 6,
+    whose barrier fails within train.collective_timeout (5 s) with an error naming the pause; the
+    restart then takes over. Both runs end (resume from the shared vector, not exactly: the
+    interleaving is the machine's)."""
+    t0 = time.time()
+    r = stage5(prepared, tmp_path / "exp", "strategy.name=hogwild", "train.max_restarts=1",
+               "train.collective_timeout=5", env={"ASR_PARALLEL_FAULT": f"{fault}:1:5"}, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert f"fault injection: rank 1 at step 5: {fault}" in out
+    if fault == "stop":
+        assert re.search(r"checkpoint at step 6.{0,40} failed on rank 0|step 6's collectives \(hogwild\) failed on rank 0",
+                         out), out[-4000:]
+        assert "train.collective_timeout (5 s)" in out
+    assert re.search(r"resuming from \S+/checkpoint-0000000[46]: ", out), out[-3000:]
+    run = next((tmp_path / "exp").glob("mlp_*_w2"))
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 8
+    assert not list(Path("/dev/shm").glob("asr_parallel_hogwild_*"))  # no file left behind by the dead rank
+    print(f"{fault}: run ended after {time.time() - t0:.0f} s")
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(prepared, tmp_path, uninterrupted):
     """Killed after step 7 without restarts: checkpoints of steps 3, 4 (the epoch's end) and 6
     remain. Rank 1's file of the newest is truncated; the next run warns, naming the file, resumes

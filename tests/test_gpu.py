@@ -131,3 +131,22 @@ def test_strategies_with_their_own_step_give_ctc_lengths_on_the_host(strategy, t
     for it. Strategies that run their own step (gossip, pipelines) pass host lengths too."""
     seen = own_step_ctc_lengths(strategy, "cuda", tmp_path, monkeypatch)
     assert seen and all(devices == ("cpu", "cpu") for devices in seen), seen
+
+
+def test_the_parameter_server_on_gpu_ranks_equals_the_simulator(tmp_path):
+    """async_ps and DC-ASGD with every rank on the GPU (a server and 2 workers sharing it; their
+    messages staged through host memory over the strategy's gloo group) in the fixed round robin:
+    the master model equals the one-process delay simulator's, as on CPU ranks
+    (tests/test_async.py), to float32 rounding."""
+    from strategy_harness import gloo_ranks
+    from test_async import drive, simulated
+
+    scenarios = {"asgd": {"name": "async_ps", "schedule": "round_robin", "device": "cuda"},
+                 "dc": {"name": "dc_asgd", "schedule": "round_robin", "dc_lambda": 2.0, "device": "cuda"}}
+    ranks = gloo_ranks(3, drive, scenarios, tmp_path)
+    for name, kw in (("asgd", {}), ("dc", {"dc_lambda": 2.0})):
+        w, stale = simulated(**kw)
+        server = ranks[0][name]
+        assert torch.allclose(server["eval"], w, atol=1e-5), (name, (server["eval"] - w).abs().max())
+        assert server["summary"]["staleness_max"] == max(stale)
+        assert server["comm"]["by_label"] == server["predicted"]["by_label"]

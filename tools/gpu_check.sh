@@ -13,7 +13,8 @@
 #   (the data-parallel ones and the pipelines), and two ranks sharing the GPU through gloo
 #   (train.dist_backend=gloo; NCCL refuses two ranks on one GPU): synchronous SGD with and without
 #   compression (model averaging, BMUF and EASGD use the same collectives), and the pipelines. Not
-#   the asynchronous strategies (the parameter server and Hogwild refuse GPU ranks; AD-PSGD is untested there).
+#   the asynchronous strategies: the parameter server and DC-ASGD on GPU ranks are in tests/test_gpu.py
+#   (step 5 of "bench"), Hogwild refuses GPU ranks, AD-PSGD is untested there.
 # Usage: tools/gpu_check.sh [all|bench|strategies] (default all). Device time is short (15 minutes a
 # session, start-up included): run "bench" first with BUDGET=420, then "strategies" with what is left;
 # a check that would start past BUDGET seconds is skipped and says so.

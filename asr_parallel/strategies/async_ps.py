@@ -33,10 +33,13 @@ mu_explicit = max(0, mu - (1 - 1/K)) (our first-order reading of the paper's res
 way to tune it).
 
 Engine: point-to-point ``torch.distributed`` calls (``isend``/``irecv``) on a gloo process group of
-their own, with CPU tensors (NCCL has no receive from any source). CPU ranks only: the servers keep
-the master copy and its optimiser on the CPU, and ``train.device`` is one setting for all ranks, so a
-GPU run stops at the start with an error saying so. Models with BatchNorm running statistics are
-refused too (workers push gradients only, so the master model's statistics would never move).
+their own, with CPU tensors (NCCL has no receive from any source). On GPU ranks (``train.device``
+cuda; the trainer's other calls then go over NCCL) every message is staged through host memory: a
+worker copies its gradient shards to the CPU to push them and the fetched parameters back to its
+GPU, a server keeps its master shard and optimiser on its GPU and copies each received gradient
+there and its parameters to the CPU to send them (tests/test_gpu.py checks the round robin against
+the simulator on a GPU; not yet run on one). Models with BatchNorm running statistics are
+refused (workers push gradients only, so the master model's statistics would never move).
 Servers receive from any source in arrival order (``schedule: arrival``), from the workers in a
 fixed rotation (``round_robin``), or in a seeded random order (``seeded``: each update's worker
 drawn with ``random.Random(schedule_seed).randrange(K)``, so staleness varies from update to update; while a pause is called, the workers not yet told are taken
@@ -63,7 +66,9 @@ passes it on to the other servers, and then
 all ranks evaluate (rank 0, the master model) or write a checkpoint (per rank: the server's master
 copy, optimiser, version and per-worker bookkeeping; the worker's copy, accumulator and data
 position), so a resumed run continues from a consistent state. Exact resume holds for the
-deterministic schedules (``round_robin``, ``seeded``); in arrival order the order after a resume is the machine's.
+deterministic schedules: tested through a stop and resume with ``round_robin``; ``seeded`` keeps its
+generator's state in the checkpoint the same way (not tested through a resume). In arrival order
+the order after a resume is the machine's.
 
 Faults: every wait for a message has ``timeout`` seconds; a worker that hears nothing from a server
 stops with an error naming the server, and a server stops with an error naming the worker that has
@@ -248,9 +253,6 @@ class AsyncPS(Strategy):
         self.shards = deal(params, self.servers)
         self.shard_params = [[params[i] for i in idx] for idx in self.shards]
         self.shard_numel = [sum(p.numel() for p in ps) for ps in self.shard_params]
-        if self.dist.device.type != "cpu":
-            raise ValueError(f"strategy {self.name}: the server ranks keep the master copy and its optimiser on the "
-                             "CPU, and train.device is one setting for every rank; run it with train.device cpu")
         running = sorted({n.rsplit(".", 1)[0] for n, b in model.named_buffers() if n.endswith("running_mean")})
         if running:
             raise ValueError(f"strategy {self.name}: the model has running statistics ({', '.join(running[:3])}"
@@ -611,8 +613,10 @@ class AsyncPS(Strategy):
             n = p.numel()
             p.grad = flat[o:o + n].view_as(p).to(p.device, p.dtype).clone()
             o += n
+        device = self.shard_params[self.dist.rank][0].device
         ctx.clip(self.shard_params[self.dist.rank], torch.tensor(norm, dtype=torch.float32))
-        bad = torch.zeros(1) if math.isfinite(norm) else torch.ones(1)
+        # on the parameters' device: a fused optimiser (GPU) reads its skip flag there
+        bad = torch.full((1,), 0.0 if math.isfinite(norm) else 1.0, device=device)
         ctx.apply(bad)
         ctx.advance()
         self.version += 1
@@ -707,7 +711,7 @@ class AsyncPS(Strategy):
     def predicted_comm(self) -> dict:
         """The cost model's calls and bytes for the messages this rank's events imply (a worker's
         contacts, pushes, parameter receives and passes; a server's headers, gradients, replies, parameter sends
-        and evaluation gathers), from the shard sizes: headers of 8 float64, float32 values."""
+        and evaluation gathers), from the shard sizes: headers of HEADER (10) float64, 80 bytes; float32 values."""
         e, S, h = self.events, self.servers, HEADER * 8
         numel = self.shard_numel
         by_label: dict[str, list[int]] = {}

@@ -22,6 +22,10 @@ Between the trainer's common pauses (checkpoints, epoch ends) no rank waits for 
 is made; before a checkpoint every rank stops at a barrier (label ``hogwild``), so the state saved
 is one moment's. The evaluated and saved model is the shared one. Resume continues from the saved
 parameters, but not exactly: the interleaving of updates is the machine's.
+
+Faults: with no message between pauses, a hung rank is noticed by the others at the next pause's
+barrier, which fails after ``train.collective_timeout``; a rank that dies is seen by torchrun's
+agent, which stops (or, with ``train.max_restarts``, restarts) the whole group, as for every strategy.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Hogwild(Strategy):
     def __init__(self, params, dist):
         super().__init__(params, dist)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        self.barriers = 0  # the barriers of the set-up and the pauses, for predicted_comm
         if dist.device.type != "cpu":
             raise ValueError("strategy hogwild shares CPU memory between processes: set train.device cpu")
         if local != dist.world_size:
@@ -59,6 +64,7 @@ class Hogwild(Strategy):
 
         if self.dist.world_size > 1:
             self.comm.control(1, 0, "hogwild")
+            self.barriers += 1
             tdist.barrier()
 
     def _file(self, token: int) -> Path:
@@ -117,9 +123,13 @@ class Hogwild(Strategy):
         self._barrier()
 
     def predicted_comm(self) -> dict:
-        """Nothing travels: the ranks share memory (the barriers at the set-up, checkpoints and epoch
-        ends are counted as coordination, label ``hogwild``, and not modelled)."""
-        return {"bytes_sent": 0, "calls": 0, "by_label": {}}
+        """No parameter or gradient travels: the ranks share memory. The calls (label ``hogwild``) are
+        the set-up's broadcast of the file's name (8 bytes from rank 0) and a barrier at the set-up and
+        at every pause (checkpoint, epoch end, the end), from the number of barriers this rank met."""
+        if self.dist.world_size == 1:
+            return {"bytes_sent": 0, "calls": 0, "by_label": {}}
+        nbytes, calls = (8 if self.dist.rank == 0 else 0), 1 + self.barriers
+        return {"bytes_sent": nbytes, "calls": calls, "by_label": {"hogwild": [nbytes, calls]}}
 
     def summary_figures(self) -> dict:
         return {"shared_bytes": int(self.shared.numel() * 4) if self.path is not None else 0}
