@@ -66,8 +66,8 @@ passes it on to the other servers, and then
 all ranks evaluate (rank 0, the master model) or write a checkpoint (per rank: the server's master
 copy, optimiser, version and per-worker bookkeeping; the worker's copy, accumulator and data
 position), so a resumed run continues from a consistent state. Exact resume holds for the
-deterministic schedules: tested through a stop and resume with ``round_robin``; ``seeded`` keeps its
-generator's state in the checkpoint the same way (not tested through a resume). In arrival order
+deterministic schedules: tested through a stop and resume with ``round_robin`` and with ``seeded``
+(its generator's state is in the server's checkpoint). In arrival order
 the order after a resume is the machine's.
 
 Faults: every wait for a message has ``timeout`` seconds; a worker that hears nothing from a server
