@@ -304,6 +304,10 @@ class CompareConfig:
     pairs: list[list[str]] = field(default_factory=list)
     confidence_level: float = 0.95
     bootstrap_unit: Literal["utterance", "speaker", "session"] = "utterance"
+    # Train and tabulate only these runs of ``runs`` (by label), with the pairs among them, e.g.
+    # --overrides "compare.only=[tdnn_single,tdnn_gpipe]"; [] = every run. Each run trains into the
+    # directory it would have in the whole list, so a later selection (or the whole list) reuses it.
+    only: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,7 +23,8 @@ CONFORMER = ["model.name=conformer", "model.conformer.block=torchaudio", "model.
 CONFORMER_BN = CONFORMER + ["model.conformer.conv_norm=batch"]  # batch-norm buffers in the conv module
 CONFORMER_ROTARY = CONFORMER + ["model.conformer.block=rotary"]  # the project's block
 SGD = ["train.optimizer=sgd", "train.momentum=0.0", "train.weight_decay=0.0", f"train.lr={LR}",
-       "train.scheduler=constant", "train.grad_clip=1e9", "train.spec_augment=false", "train.device=cpu"]
+       "train.scheduler=constant", "train.grad_clip=1e9", "train.spec_augment=false", "train.device=cpu",
+       "train.bf16=false"]  # float32 on every device: the references are float32
 
 
 def config(strategy: dict, model=MLP, train=SGD):

@@ -379,7 +379,8 @@ def _fault_rank(rank, store, section: dict):
 
 def _failing_rank(rank, store, out, mode):
     """Server 0, workers 1 and 2. ``worker_dies``: rank 2 exits after its first push; ``server_dies``:
-    the server exits after 3 updates; ``worker_hangs``: rank 2 stops sending but stays alive."""
+    the server exits after 3 updates; ``worker_hangs``: rank 2 stops sending but stays alive;
+    ``server_hangs``: the server stops serving after 3 updates but stays alive."""
     import os
 
     # 6 s: the surviving worker pushes every few milliseconds, so the dead or hung one is the one
@@ -391,13 +392,19 @@ def _failing_rank(rank, store, out, mode):
     message = "no error"
     try:
         if st.is_server:
-            if mode == "server_dies":
+            def stop():
+                if st.version >= 3:
+                    if mode == "server_hangs":  # alive, its connections open, silent past the timeout
+                        time.sleep(15)
+                    os._exit(3)
+
+            if mode.startswith("server"):
                 while st.version < 3:
-                    st.serve(ctx, on_update=lambda: None if st.version < 3 else os._exit(3))
+                    st.serve(ctx, on_update=stop)
             st.serve(ctx)
         else:
             for i in range(1, 1000):
-                if rank == 2 and i == 2 and mode != "server_dies":
+                if rank == 2 and i == 2 and not mode.startswith("server"):
                     if mode == "worker_dies":
                         os._exit(3)
                     time.sleep(20)
@@ -410,11 +417,11 @@ def _failing_rank(rank, store, out, mode):
     os._exit(0)
 
 
-@pytest.mark.parametrize("mode", ["worker_dies", "worker_hangs", "server_dies"])
+@pytest.mark.parametrize("mode", ["worker_dies", "worker_hangs", "server_dies", "server_hangs"])
 def test_a_dead_or_hung_rank_stops_the_others_with_an_error_naming_it(tmp_path, mode):
     out = tmp_path / "message"
     spawn_and_reap(_failing_rank, (str(tmp_path / "store"), str(out), mode), 3)
-    if mode == "server_dies":
+    if mode.startswith("server"):
         for rank in (1, 2):  # every worker: no reply from the server within the timeout
             elapsed, message = (tmp_path / f"message-{rank}").read_text().split("\n", 1)
             assert "async_ps worker" in message and "from server (rank 0) within 6 s" in message, message

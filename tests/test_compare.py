@@ -222,3 +222,34 @@ def test_runs_that_differ_only_in_training_overrides_get_directories_of_their_ow
                                       "label: 'x/y'}]", "compare.pairs=[]"])
     with pytest.raises(ConfigError, match="would train different configs into"):
         plan_runs(args, clash)
+
+
+def test_compare_only_trains_a_subset_where_the_whole_list_would():
+    """``compare.only`` keeps the named runs and the pairs between them; each trains into the
+    directory it has in the whole list (so the rest can follow later and be collected together); an
+    unknown label, or a named baseline left out, stops the comparison."""
+    import argparse
+
+    from asr_parallel.bin.compare import baseline_label, plan_runs, select_runs
+    from asr_parallel.bin.train import experiment_dir
+    from asr_parallel.config import ConfigError, load_config
+
+    config = str(REPO / "recipes/chime6_sim_pipeline_variants.yaml")
+    args = argparse.Namespace(config=config, overrides=[])
+    whole = {p.run_label: experiment_dir(p.cfg) for p in plan_runs(args, load_config(config))}
+    wanted = ["tdnn_gpipe", "tdnn_single", "tdnn_gpipe_hybrid"]
+    base = load_config(config, ["compare.only=[" + ",".join(wanted) + "]"])
+    select_runs(base, config)
+    plans = plan_runs(args, base)
+    assert [p.run_label for p in plans] == ["tdnn_single", "tdnn_gpipe", "tdnn_gpipe_hybrid"]  # the recipe's order
+    assert all(experiment_dir(p.cfg) == whole[p.run_label] for p in plans)
+    assert sorted(map(tuple, base.compare.pairs)) == [("tdnn_gpipe", "tdnn_gpipe_hybrid"),
+                                                      ("tdnn_single", "tdnn_gpipe"),
+                                                      ("tdnn_single", "tdnn_gpipe_hybrid")]
+    assert baseline_label(base) == "tdnn_single"
+    bad = load_config(config, ["compare.only=[tdnn_single,tdnn_gpip]"])
+    with pytest.raises(ConfigError, match="tdnn_gpip, not a run label"):
+        select_runs(bad, config)
+    left_out = load_config(config, ["compare.only=[tdnn_gpipe]", "compare.baseline=tdnn_single"])
+    with pytest.raises(ConfigError, match="not among compare.only"):
+        select_runs(left_out, config)

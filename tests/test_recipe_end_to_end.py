@@ -238,6 +238,10 @@ def test_async_ps_under_torchrun_pauses_and_resumes_exactly(prepared, tmp_path, 
         assert figures["staleness_max"] <= 2 and sum(hist[:3]) == 8 and hist[1] >= 4, hist
     assert summary["calls_this_process"]["counted"] == summary["calls_this_process"]["process_group"]
     assert summary["predicted"]["by_label"] == {k: v for k, v in summary["bytes_by_label"].items() if k != "trainer"}
+    # the server's traffic and each worker's, counted on every rank, equal the cost model's
+    per = summary["per_rank"]
+    assert per["bytes_sent"] == per["predicted_bytes_sent"] and min(per["bytes_sent"]) > 0, per
+    assert per["bytes_sent"][0] == summary["predicted"]["bytes_sent"]
     # checkpoints after updates 3 and 6, and one at every end of an epoch of updates (2 workers x their
     # batches per epoch), where rank 0 also evaluates the master model
     epoch_ends = [h["step"] for h in summary["history"]]

@@ -568,6 +568,24 @@ def check_pairs(base: RecipeConfig, source) -> None:
                               f"runs: {', '.join(labels)}")
 
 
+def select_runs(base: RecipeConfig, source) -> None:
+    """Keep the runs that ``compare.only`` names (all when it is empty) and the pairs between them;
+    a baseline left out must be named anew."""
+    cc = base.compare
+    if not cc.only:
+        return
+    labels = [run_label(r) for r in cc.runs]
+    unknown = [x for x in cc.only if x not in labels]
+    if unknown:
+        raise ConfigError(f"{source}: compare.only names {', '.join(unknown)}, not a run label; "
+                          f"runs: {', '.join(labels)}")
+    if cc.baseline and baseline_label(base) not in cc.only:
+        raise ConfigError(f"{source}: compare.baseline '{cc.baseline}' is not among compare.only; "
+                          "add it, or set compare.baseline to one of them")
+    cc.runs = [r for label, r in zip(labels, cc.runs) if label in cc.only]
+    cc.pairs = [p for p in cc.pairs if all(x in cc.only for x in p)]
+
+
 def main(argv=None):
     p = experiment_parser(__doc__)
     p.add_argument("--collect-only", action="store_true", help="only gather finished runs (no training)")
@@ -576,6 +594,8 @@ def main(argv=None):
         base = load_config(args.config, args.overrides)
         if not base.compare.runs:
             raise ConfigError(f"{args.config}: compare.runs is empty; list the runs to compare")
+        check_pairs(base, args.config)
+        select_runs(base, args.config)
         plans = plan_runs(args, base)
         baseline = baseline_label(base)
         check_pairs(base, args.config)

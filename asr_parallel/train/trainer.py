@@ -993,29 +993,35 @@ class Trainer:
         groups' own sequence numbers (default group since the trainer started, plus the strategy's
         subgroups) -- the same number when every call is counted; ``node``: the node (torchrun's
         ``GROUP_RANK``) each rank ran on; ``slow_seconds``: what each rank slept as a straggler
-        (``train.slow_ranks``)."""
-        k = self.dist.world_size
+        (``train.slow_ranks``); ``strategy_bytes_sent``: the bytes of the strategy's own counted calls
+        (the trainer's excluded), each call's size from its tensors (modelled), and
+        ``predicted_bytes_sent``: the cost model's figure for the same rank -- a parameter server's
+        and its workers' traffic side by side."""
+        k, n = self.dist.world_size, 8
         tx, rx = self._wire_now()
         counted = self.strategy.comm.calls - self.calls_offset + 1  # + this gather
+        sent = sum(v[0] for label, v in self.strategy.comm.by_label.items() if label != "trainer")
+        predicted = self.predicted_comm()["bytes_sent"]
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors only
         node = int(os.environ.get("GROUP_RANK", 0))
-        v = torch.zeros(6 * k, dtype=torch.float64, device=dev)
-        v[6 * self.dist.rank:6 * self.dist.rank + 6] = torch.tensor([tx, rx, counted, 0, node, self.slow_seconds],
-                                                                     dtype=torch.float64, device=dev)
+        v = torch.zeros(n * k, dtype=torch.float64, device=dev)  # exact for integers below 2**53
+        v[n * self.dist.rank:n * self.dist.rank + n] = torch.tensor(
+            [tx, rx, counted, 0, node, self.slow_seconds, sent, predicted], dtype=torch.float64, device=dev)
         if self.dist.distributed and k > 1:
             import torch.distributed as tdist
 
             self._count_control(v)
             groups = [None] + list(self.strategy.process_groups())
             measured = process_group_calls(groups) - self.pg_calls_start + 1
-            v[6 * self.dist.rank + 3] = measured
+            v[n * self.dist.rank + 3] = measured
             tdist.all_reduce(v)
         else:
             v[3] = counted
-        rows = v.view(k, 6).tolist()
+        rows = v.view(k, n).tolist()
         return {"wire_tx": [int(r[0]) for r in rows], "wire_rx": [int(r[1]) for r in rows],
                 "calls": [int(r[2]) for r in rows], "process_group_calls": [int(r[3]) for r in rows],
-                "node": [int(r[4]) for r in rows], "slow_seconds": [round(r[5], 2) for r in rows]}
+                "node": [int(r[4]) for r in rows], "slow_seconds": [round(r[5], 2) for r in rows],
+                "strategy_bytes_sent": [int(r[6]) for r in rows], "predicted_bytes_sent": [int(r[7]) for r in rows]}
 
     def _finish(self) -> dict:
         summary = {}
@@ -1060,6 +1066,10 @@ class Trainer:
                 # modelled bytes (a formula per counted call), and what the link's counters saw
                 "bytes_sent_per_rank": self.strategy.comm.bytes_sent, "collective_calls": self.strategy.comm.calls,
                 "bytes_by_label": self.strategy.comm.by_label, "predicted": self.predicted_comm(),
+                # every rank's bytes sent by the strategy's counted calls, and the cost model's (a
+                # server's and each worker's traffic; rank 0's figures above are one of them)
+                "per_rank": {"bytes_sent": ranks["strategy_bytes_sent"],
+                             "predicted_bytes_sent": ranks["predicted_bytes_sent"]},
                 "wire": {"interface": self.wire_if, "bytes_sent_per_rank": ranks["wire_tx"],
                          "bytes_received_per_rank": ranks["wire_rx"]} if self.wire_if else None,
                 "calls_this_process": {"counted": ranks["calls"], "process_group": ranks["process_group_calls"]},
