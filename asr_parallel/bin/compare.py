@@ -598,7 +598,6 @@ def main(argv=None):
         select_runs(base, args.config)
         plans = plan_runs(args, base)
         baseline = baseline_label(base)
-        check_pairs(base, args.config)
     except ConfigError as e:
         print(f"ERROR: stage 8 (compare): {e}", file=sys.stderr)
         raise SystemExit(1)
