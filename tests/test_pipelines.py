@@ -10,6 +10,7 @@ The strategies are driven here through their own interface (``train_step(batch, 
 single-process loops.
 """
 
+import math
 import os
 import time
 
@@ -65,6 +66,15 @@ SCENARIOS = {
     "1f1b_conformer": {**S, "model": CONFORMER, "strategy": {"name": "one_f_one_b", "microbatches": 2}},
     # The project's conformer block (rotary positions, scaled_dot_product_attention).
     "gpipe_rotary": {**S, "model": CONFORMER_ROTARY, "strategy": {"name": "gpipe", "microbatches": 2}},
+    # bf16 autocast on the CPU ranks (train.bf16_cpu: the default recipe's where the CPU has it)
+    "gpipe_bf16": {**S, "train": SGD + ["train.bf16_cpu=true"],
+                   "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 1}},
+    # torchaudio's block with two layers, cut after the first (part 0 ends in a block, which runs
+    # time-first), and micro-batches of one utterance (batches of 2 and 3 in 3 micro-batches): a part's
+    # output of batch size 1 must still have the strides torch's stage recorded (the transposed
+    # (T, 1, D) buffer raised PipeliningShapeError before)
+    "gpipe_conformer_single": {**S, "model": CONFORMER + ["model.conformer.num_layers=2"],
+                               "strategy": {"name": "gpipe", "microbatches": 3, "boundaries": [2]}},
     # frames and micro-batch sizes padded up to a geometric ladder (4, 8, 16, 32, 64 frames: all 64)
     "gpipe_conformer_growth": {**S, "model": CONFORMER,
                                "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 4, "pad_growth": 2.0}},
@@ -632,7 +642,8 @@ def test_micro_batch_pipelines_equal_non_pipelined_training(two_stages, name):
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("name", ["gpipe_conformer", "1f1b_conformer", "gpipe_conformer_growth", "gpipe_rotary"])
+@pytest.mark.parametrize("name", ["gpipe_conformer", "1f1b_conformer", "gpipe_conformer_growth", "gpipe_rotary",
+                                  "gpipe_conformer_single"])
 def test_micro_batch_pipelines_equal_non_pipelined_training_on_the_conformer(two_stages, name):
     """The default conformer (conv_norm: layer) and the rotary block under GPipe and 1F1B, with a dummy
     utterance in every batch of 3 and the frames padded to 16 (the default), equal one process on the
@@ -644,6 +655,18 @@ def test_micro_batch_pipelines_equal_non_pipelined_training_on_the_conformer(two
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(got, flat(build(cfg)), atol=1e-3)  # it trained
     assert all(o["bad"] == 0 and o["loss"] is not None for o in two_stages[0][name]["outs"][:STEPS])
+
+
+def test_gpipe_trains_under_cpu_bf16_autocast(two_stages):
+    """Under bf16 autocast the last part's logits come out in bf16 where torch's stage recorded float32
+    (PipeliningShapeError before); they are handed on in float32 and GPipe trains: every step finite,
+    the weights near the float32 run's but not equal to them (autocast was on)."""
+    outs = two_stages[0]["gpipe_bf16"]["outs"][:STEPS]
+    assert all(o["bad"] == 0 and o["loss"] is not None and math.isfinite(o["loss"]) for o in outs), outs
+    got, ref = two_stages[0]["gpipe_bf16"]["eval"], two_stages[0]["gpipe"]["eval"]
+    assert sorted(got) == sorted(ref)
+    diff = max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref if ref[k].is_floating_point())
+    assert 0 < diff < 0.05, diff
 
 
 def test_padding_to_a_ladder_reuses_the_built_stages(two_stages):

@@ -106,7 +106,22 @@ class _PartModule(nn.Module):
         for stage in self.lead:
             lengths = stage.output_lengths(lengths)
         y, out_lens = self.part(x, lengths)
-        return (y, out_lens) if self.last else y.float().contiguous()
+        return (dense(y.float()), out_lens) if self.last else dense(y.float())
+
+
+def dense(y: torch.Tensor) -> torch.Tensor:
+    """``y`` with the row-major strides of its shape. ``contiguous()`` is not enough: a tensor with a
+    dimension of size 1 counts as contiguous whatever that dimension's stride, and torch's pipeline
+    stage compares the strides of every output with those it recorded when it was built (a conformer
+    part's output for a micro-batch of one utterance is a transposed (T, 1, D) buffer, strides
+    (D, D, 1) where (T*D, D, 1) was recorded: PipeliningShapeError, torch 2.11)."""
+    expected, step = [], 1
+    for size in reversed(y.shape):
+        expected.append(step)
+        step *= size
+    if tuple(reversed(expected)) == y.stride():
+        return y
+    return y.clone(memory_format=torch.contiguous_format)
 
 
 class MicroPipeline(PipelineStrategy):
