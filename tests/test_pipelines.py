@@ -657,6 +657,21 @@ def test_micro_batch_pipelines_equal_non_pipelined_training_on_the_conformer(two
     assert all(o["bad"] == 0 and o["loss"] is not None for o in two_stages[0][name]["outs"][:STEPS])
 
 
+def test_part_outputs_get_the_strides_of_a_fresh_tensor():
+    """``dense``: what torch's stage records for an output is a fresh tensor's layout; a batch-of-one
+    view of a time-first buffer (contiguous by torch's test) is copied into it, values kept, and a
+    tensor already laid out so (an empty one included) is handed on as it is."""
+    from asr_parallel.strategies.micro_pipeline import dense
+
+    for shape in ((1, 7, 5), (3, 7, 5), (2, 0, 5), (1,), ()):
+        fresh = torch.randn(shape)
+        assert dense(fresh) is fresh
+    view = torch.randn(7, 1, 5).transpose(0, 1)
+    assert view.is_contiguous() and view.stride() == (5, 5, 1)
+    out = dense(view)
+    assert out.stride() == torch.empty(1, 7, 5).stride() == (35, 5, 1) and torch.equal(out, view)
+
+
 def test_gpipe_trains_under_cpu_bf16_autocast(two_stages):
     """Under bf16 autocast the last part's logits come out in bf16 where torch's stage recorded float32
     (PipeliningShapeError before); they are handed on in float32 and GPipe trains: every step finite,

@@ -114,11 +114,12 @@ def dense(y: torch.Tensor) -> torch.Tensor:
     dimension of size 1 counts as contiguous whatever that dimension's stride, and torch's pipeline
     stage compares the strides of every output with those it recorded when it was built (a conformer
     part's output for a micro-batch of one utterance is a transposed (T, 1, D) buffer, strides
-    (D, D, 1) where (T*D, D, 1) was recorded: PipeliningShapeError, torch 2.11)."""
+    (D, D, 1) where (T*D, D, 1) was recorded: PipeliningShapeError, torch 2.11). The caller casts to
+    float32 first: under bf16 autocast the last part's logits would fail the stage's dtype check."""
     expected, step = [], 1
     for size in reversed(y.shape):
         expected.append(step)
-        step *= size
+        step *= max(size, 1)  # as torch lays out an empty tensor
     if tuple(reversed(expected)) == y.stride():
         return y
     return y.clone(memory_format=torch.contiguous_format)
