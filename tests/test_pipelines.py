@@ -58,6 +58,7 @@ SCENARIOS = {
     "ddg_resume": {**S, "strategy": {"name": "pipelined_bp", "schedule": "forward_locked",
                                      "weight_stashing": True}, "checkpoint": 3, "resume": True},
     "pbp_conformer": {**S, "model": CONFORMER, "strategy": {"name": "pipelined_bp"}},
+    "pbp_stash_conformer": {**S, "model": CONFORMER, "strategy": {"name": "pipelined_bp", "weight_stashing": True}},
     "gpipe": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 1}},
     "1f1b": {**S, "strategy": {"name": "one_f_one_b", "microbatches": 2, "pad_frames": 1}},
     "gpipe_padded": {**S, "strategy": {"name": "gpipe", "microbatches": 2, "pad_frames": 16}},
@@ -462,12 +463,17 @@ def test_synthetic_gradients_resume_exactly(two_stages):
             assert all(seq == counted for _, seq, counted in two_stages[rank][name]["calls"])
 
 
-def test_pipelined_bp_matches_clocked_simulation_on_the_conformer(two_stages):
+@pytest.mark.parametrize("name, stash", [("pbp_conformer", False), ("pbp_stash_conformer", True)])
+def test_pipelined_bp_matches_clocked_simulation_on_the_conformer(two_stages, name, stash):
+    """On torchaudio's conformer block too (attention, depthwise convolution, layer norms), with the
+    stashed weights going through ``torch.func.functional_call``: equal to the one-process simulation,
+    and not to the other form."""
     cfg = config({"name": "single"}, CONFORMER)
-    start = two_stages[0]["pbp_conformer"]["starts"][1]
-    expected = reference_pipelined_bp(cfg, STEPS, start, False)
-    got = flat_state(two_stages[0]["pbp_conformer"]["eval"], cfg)
+    start = two_stages[0][name]["starts"][1]
+    expected = reference_pipelined_bp(cfg, STEPS, start, stash)
+    got = flat_state(two_stages[0][name]["eval"], cfg)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert not torch.allclose(got, reference_pipelined_bp(cfg, STEPS, start, not stash), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["pbp", "pbp_stash"])
