@@ -678,6 +678,45 @@ def test_part_outputs_get_the_strides_of_a_fresh_tensor():
     assert out.stride() == torch.empty(1, 7, 5).stride() == (35, 5, 1) and torch.equal(out, view)
 
 
+def test_stashed_recompute_replays_dropout_at_the_stashed_weights():
+    """Weight stashing's recomputation (``PipelinedBP._recompute``) on a conformer part with dropout
+    (0.1, training mode): with the forward pass's random state and stashed weights, after the part's
+    weights have moved on, it gives the forward pass's output exactly and the gradients of a plain
+    backward pass at the stashed weights; the current weights are left untouched."""
+    import contextlib
+    import types
+
+    from asr_parallel.strategies.pipeline import Part
+    from asr_parallel.strategies.pipelined_bp import PipelinedBP, _InFlight
+
+    cfg = config({"name": "single"}, [o for o in CONFORMER if "dropout" not in o] + ["model.conformer.dropout=0.1"])
+    model = build(cfg)
+    part = Part(model, 0, len(model.stages) - 1)
+    part.train()
+    x, lengths = torch.randn(2, 40, 80), torch.tensor([40, 31])
+    rng = torch.get_rng_state()
+    y0, _ = part(x, lengths)  # the forward pass, at the weights to be stashed
+    stash = [p.detach().clone() for p in part.parameters()]
+    g = torch.randn_like(y0)
+    y0.backward(g)
+    expected = [p.grad.clone() for p in part.parameters()]
+    with torch.no_grad():  # the weights move on before the backward pass comes
+        for p in part.parameters():
+            p.add_(0.1)
+    moved = [p.detach().clone() for p in part.parameters()]
+    torch.rand(5)  # and the random state too
+    item = _InFlight(x, lengths, tuple(y0.shape), y0.dtype, 0, rng, None, stash)
+    ctx = types.SimpleNamespace(autocast=contextlib.nullcontext, device=torch.device("cpu"))
+    y, stashed = PipelinedBP._recompute(types.SimpleNamespace(part=part), item, x, ctx)
+    assert torch.equal(y, y0.detach())
+    torch.autograd.backward(y, g)
+    for e, w in zip(expected, stashed):
+        assert torch.allclose(w.grad, e, atol=1e-6)
+    assert all(torch.equal(p.detach(), m) for p, m in zip(part.parameters(), moved))
+    item.rng = torch.get_rng_state()  # another draw of the dropout masks gives another output
+    assert not torch.allclose(PipelinedBP._recompute(types.SimpleNamespace(part=part), item, x, ctx)[0], y0)
+
+
 def test_gpipe_trains_under_cpu_bf16_autocast(two_stages):
     """Under bf16 autocast the last part's logits come out in bf16 where torch's stage recorded float32
     (PipeliningShapeError before); they are handed on in float32 and GPipe trains: every step finite,
